@@ -1,0 +1,396 @@
+"""
+Save and load checkpoints in nanochat's on-disk layout, written atomically and verified on load.
+
+Layout of one checkpoint directory (e.g. <base>/base_checkpoints/d20/), per step:
+    model_{step:06d}.pt            model state_dict (rank 0)
+    optim_{step:06d}_rank{r}.pt    optimizer state of rank r (every rank that has one: ZeRO shards)
+    meta_{step:06d}.json           metadata, indent 2, written LAST by rank 0
+A step counts only once its meta file exists, so a crash mid-save leaves the previous checkpoint untouched.
+
+Integrity: save_checkpoint adds two keys to the meta: `world_size` (of the saving run) and `files`
+({name: {"size", "sha256"}} of every model/optimizer file of the step). Loading checks size and hash, so a truncated
+or corrupted file raises CheckpointError naming it. load_model(step=None) then falls back to the newest earlier step
+that is intact, with a warning. Meta files written by nanochat itself have no `files`: nothing to verify there.
+
+Atomic writes: on a local disk every file goes to a temp file in the same directory, is flushed and fsynced, then
+os.replace'd into place, and the directory is fsynced. Any other fsspec URI (s3://, gs://, memory://, ...) is written
+with one PUT of the whole file, which object stores apply atomically. file:// URIs count as local.
+
+Distributed: when a process group with >1 ranks is initialized, save_checkpoint is collective (every rank calls it,
+with optimizer_data=None if it has nothing to save): the ranks exchange their files' checksums, which also ensures
+every optimizer shard is written before rank 0 writes the meta, and a final barrier returns only once the step counts.
+
+Resume on a different world size: load_checkpoint(load_optimizer=True, rank=r, world_size=W) on a checkpoint saved
+by W_old != W ranks loads all W_old optimizer shards, merges them with nanochat.optim.consolidate_state_dicts and
+returns rank r's slice from nanochat.optim.shard_state_dict. This needs MuonAdamW's sharded state dicts; other
+optimizer states only load at their original world size.
+
+Checkpoints written by nanochat load too (build_model): `_orig_mod.` prefixes (torch.compile) are stripped, bf16
+tensors are upcast on cpu/mps, a config without window_pattern means "L", and the newer architecture pieces
+(smear, backout, value embeddings, resid/x0 lambdas) are switched off when the state dict has no weights for them.
+"""
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import tempfile
+
+import fsspec
+import torch
+import torch.distributed as dist
+from fsspec.implementations.local import LocalFileSystem
+
+from nanochat.common import get_base_dir, is_distributed
+
+logger = logging.getLogger("nanochat")
+
+SOURCE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
+               "rl": "chatrl_checkpoints"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, truncated or corrupt. `path` names the file."""
+
+    def __init__(self, message, path=None):
+        super().__init__(message)
+        self.path = path
+
+
+def model_name(step):
+    return f"model_{step:06d}.pt"
+
+
+def optim_name(step, rank):
+    return f"optim_{step:06d}_rank{rank:d}.pt"
+
+
+def meta_name(step):
+    return f"meta_{step:06d}.json"
+
+
+def _join(parent, child):
+    return f"{parent.rstrip('/')}/{child}" if "://" in str(parent) else os.path.join(parent, child)
+
+
+# -----------------------------------------------------------------------------
+# Storage: a directory on the local disk or on any fsspec filesystem
+
+class _HashingWriter:
+    """File-like wrapper that counts and hashes everything written through it."""
+
+    def __init__(self, f):
+        self.f, self.size, self.sha = f, 0, hashlib.sha256()
+
+    def write(self, b):
+        self.sha.update(b)
+        self.size += memoryview(b).nbytes
+        return self.f.write(b)
+
+    def flush(self):
+        self.f.flush()
+
+
+def _verify(f, expected, shown):
+    """Check an open file against the size and sha256 recorded in the meta; leaves it rewound."""
+    size = f.seek(0, os.SEEK_END)
+    if size != expected["size"]:  # the cheap check first: truncation is the common failure
+        raise CheckpointError(f"checkpoint file {shown} is truncated or padded: {size} bytes, "
+                              f"expected {expected['size']}", shown)
+    f.seek(0)
+    sha = hashlib.sha256()
+    while chunk := f.read(1 << 24):
+        sha.update(chunk)
+    if sha.hexdigest() != expected["sha256"]:
+        raise CheckpointError(f"checkpoint file {shown} is corrupt: sha256 mismatch", shown)
+    f.seek(0)
+
+
+class _Dir:
+    """A checkpoint directory: local (atomic temp + rename protocol) or any other fsspec filesystem (one PUT)."""
+
+    def __init__(self, path):
+        self.uri = str(path)
+        self.fs, self.root = fsspec.core.url_to_fs(self.uri)
+        self.local = isinstance(self.fs, LocalFileSystem)
+
+    def path(self, name):
+        return os.path.join(self.root, name) if self.local else f"{self.root.rstrip('/')}/{name}"
+
+    def listdir(self):
+        try:
+            if self.local:
+                return os.listdir(self.root)
+            return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def write(self, name, write_fn):
+        """Atomically create `name` from write_fn(file); returns {"size", "sha256"} of what was written."""
+        path = self.path(name)
+        if not self.local:  # serialize in memory, then one PUT: the object appears whole or not at all
+            buf = io.BytesIO()
+            w = _HashingWriter(buf)
+            write_fn(w)
+            self.fs.makedirs(self.root, exist_ok=True)
+            self.fs.pipe_file(path, buf.getvalue())
+            return {"size": w.size, "sha256": w.sha.hexdigest()}
+        os.makedirs(self.root, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                w = _HashingWriter(f)
+                write_fn(w)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        # make the rename itself durable (a crash right after could otherwise lose the new directory entry)
+        dir_fd = os.open(self.root, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return {"size": w.size, "sha256": w.sha.hexdigest()}
+
+    def remove(self, name):
+        try:
+            if self.local:
+                os.remove(self.path(name))
+            else:
+                self.fs.rm_file(self.path(name))
+        except FileNotFoundError:
+            pass
+
+    def read(self, name, expected=None):
+        """An open binary file for `name`, checked against expected {"size", "sha256"} when given."""
+        shown = _join(self.uri, name)
+        try:
+            f = open(self.path(name), "rb") if self.local else io.BytesIO(self.fs.cat_file(self.path(name)))
+        except FileNotFoundError:
+            raise CheckpointError(f"checkpoint file {shown} is missing", shown) from None
+        if expected is not None:
+            try:
+                _verify(f, expected, shown)
+            except BaseException:
+                f.close()
+                raise
+        return f
+
+    def subdirs(self):
+        """[(name, mtime)] of the subdirectories."""
+        if self.local:
+            if not os.path.isdir(self.root):
+                return []
+            with os.scandir(self.root) as entries:
+                return [(e.name, e.stat().st_mtime) for e in entries if e.is_dir()]
+        try:
+            infos = self.fs.ls(self.root, detail=True)
+        except FileNotFoundError:
+            return []
+        out = []
+        for info in infos:
+            if info.get("type") == "directory":
+                name = info["name"].rstrip("/").rsplit("/", 1)[-1]
+                try:
+                    mtime = self.fs.modified(info["name"]).timestamp()
+                except Exception:  # object stores have no directory mtimes
+                    mtime = 0.0
+                out.append((name, mtime))
+        return out
+
+
+def _torch_load(d, name, meta, map_location):
+    files = meta.get("files")
+    expected = None
+    if files is not None:  # a checkpoint we wrote: every file it relies on must be recorded
+        if name not in files:
+            shown = _join(d.uri, name)
+            raise CheckpointError(f"checkpoint file {shown} is not recorded in its meta file", shown)
+        expected = files[name]
+    with d.read(name, expected) as f:
+        try:
+            return torch.load(f, map_location=map_location, weights_only=True)
+        except Exception as e:  # unverified (nanochat-written) files can still be broken
+            shown = _join(d.uri, name)
+            raise CheckpointError(f"checkpoint file {shown} could not be loaded: {e}", shown) from e
+
+
+def _read_meta(d, step):
+    with d.read(meta_name(step)) as f:
+        try:
+            return json.loads(f.read())
+        except ValueError as e:
+            shown = _join(d.uri, meta_name(step))
+            raise CheckpointError(f"checkpoint meta {shown} is not valid JSON: {e}", shown) from e
+
+
+# -----------------------------------------------------------------------------
+# Save / load
+
+def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=0):
+    """Rank 0 writes the model, every rank its optimizer state (if any), then rank 0 the meta (the commit point).
+    Collective when a process group with >1 ranks is initialized (see the module docstring)."""
+    d = _Dir(checkpoint_dir)
+    files = {}
+    if rank == 0:  # re-saving a step: it stops counting until its new meta is written
+        d.remove(meta_name(step))
+    if rank == 0 and model_data is not None:
+        files[model_name(step)] = d.write(model_name(step), lambda f: torch.save(model_data, f))
+    if optimizer_data is not None:
+        files[optim_name(step, rank)] = d.write(optim_name(step, rank), lambda f: torch.save(optimizer_data, f))
+    world_size = 1
+    if is_distributed():
+        world_size = dist.get_world_size()
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, files)  # returns on rank 0 only once every rank's files are written
+        files = {name: info for g in gathered for name, info in g.items()}
+    if rank == 0:
+        meta = {**(meta_data or {}), "world_size": world_size, "files": dict(sorted(files.items()))}
+        d.write(meta_name(step), lambda f: f.write(json.dumps(meta, indent=2).encode()))
+        logger.info(f"saved checkpoint step {step} to {checkpoint_dir}")
+    if is_distributed():
+        dist.barrier()  # nobody moves on (e.g. to delete old steps or resume) before the step counts
+
+
+def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0, world_size=1):
+    """-> (model_data, optimizer_data or None, meta_data). Raises CheckpointError naming a bad file."""
+    d = _Dir(checkpoint_dir)
+    meta = _read_meta(d, step)
+    model_data = _torch_load(d, model_name(step), meta, device)
+    optimizer_data = _load_optimizer(d, step, device, meta, rank, world_size) if load_optimizer else None
+    return model_data, optimizer_data, meta
+
+
+def _load_optimizer(d, step, device, meta, rank, world_size):
+    saved_world = meta.get("world_size")
+    if saved_world is None:  # nanochat-written: infer from the shard files present
+        pattern = re.compile(rf"optim_{step:06d}_rank(\d+)\.pt")
+        saved_world = max(1, sum(bool(pattern.fullmatch(n)) for n in d.listdir()))
+    files = meta.get("files")
+    if files is not None and not any(n.startswith(f"optim_{step:06d}_") for n in files):
+        raise CheckpointError(f"checkpoint {d.uri} step {step} has no optimizer state")
+    if saved_world == world_size:
+        return _torch_load(d, optim_name(step, rank), meta, device)
+    # different world size: merge all old shards (on cpu, the full state may not fit one accelerator), re-cut
+    from nanochat.optim import consolidate_state_dicts, shard_state_dict
+    shards = [_torch_load(d, optim_name(step, r), meta, "cpu") for r in range(saved_world)]
+    if not all(isinstance(sd, dict) and sd.get("format") == "sharded" for sd in shards):
+        raise CheckpointError(f"optimizer state in {d.uri} step {step} was saved by {saved_world} ranks and is not a "
+                              f"MuonAdamW sharded state dict, so it cannot be re-sharded for {world_size} ranks")
+    full = consolidate_state_dicts(shards, saved_world)
+    return shard_state_dict(full, rank, world_size)
+
+
+# -----------------------------------------------------------------------------
+# Finding checkpoints
+
+def list_steps(checkpoint_dir):
+    """Sorted steps that count (their meta file exists)."""
+    steps = (re.fullmatch(r"meta_(\d+)\.json", n) for n in _Dir(checkpoint_dir).listdir())
+    return sorted(int(m.group(1)) for m in steps if m)
+
+
+def find_last_step(checkpoint_dir):
+    steps = list_steps(checkpoint_dir)
+    if not steps:
+        raise FileNotFoundError(f"no complete checkpoint (meta_*.json) in {checkpoint_dir}")
+    return steps[-1]
+
+
+def find_largest_model(checkpoints_dir):
+    """Model tag with the largest depth among subdirs named d<N>, else the most recently modified subdir."""
+    subdirs = _Dir(checkpoints_dir).subdirs()
+    if not subdirs:
+        raise FileNotFoundError(f"no checkpoints found in {checkpoints_dir}")
+    depths = [(int(m.group(1)), name) for name, _ in subdirs if (m := re.fullmatch(r"d(\d+)", name))]
+    if depths:
+        return max(depths)[1]
+    return max(subdirs, key=lambda s: s[1])[0]
+
+
+# -----------------------------------------------------------------------------
+# Building a model from a checkpoint
+
+def _patch_for_nanochat(model_config, state_dict):
+    """Fill in what nanochat-written checkpoints leave implicit (keys our own saves always contain)."""
+    cfg = dict(model_config)
+    cfg.setdefault("window_pattern", "L")  # OLD midtraining / ORIG configs had no windows: full attention
+    keys = set(state_dict)
+    if "use_smear" not in cfg:
+        cfg["use_smear"] = "smear_gate.weight" in keys or "smear_lambda" in keys
+    if "use_backout" not in cfg:
+        cfg["use_backout"] = "backout_lambda" in keys
+    if "use_value_embeds" not in cfg:
+        cfg["use_value_embeds"] = any(k.startswith("value_embeds.") for k in keys)
+    if "use_resid_lambdas" not in cfg:
+        cfg["use_resid_lambdas"] = "resid_lambdas" in keys or "x0_lambdas" in keys
+    if cfg["use_resid_lambdas"]:  # only one of the pair saved: the other at its no-op value (nanochat's patch)
+        n_layer = cfg["n_layer"]
+        ref = state_dict.get("resid_lambdas", state_dict.get("x0_lambdas"))
+        if ref is not None:
+            state_dict.setdefault("resid_lambdas", torch.ones(n_layer, dtype=ref.dtype, device=ref.device))
+            state_dict.setdefault("x0_lambdas", torch.zeros(n_layer, dtype=ref.dtype, device=ref.device))
+    return cfg
+
+
+def _get_tokenizer_if_any(base_dir):
+    from nanochat.tokenizer import TOKENIZER_PKL, get_tokenizer
+    if not os.path.exists(os.path.join(base_dir, "tokenizer", TOKENIZER_PKL)):
+        return None
+    return get_tokenizer(base_dir)
+
+
+def build_model(checkpoint_dir, step, device, phase, base_dir=None):
+    """-> (model, tokenizer or None, meta). The tokenizer comes from <base_dir>/tokenizer when there is one."""
+    from nanochat.gpt import GPTConfig, build_model as build_gpt
+    assert phase in ("train", "eval"), f"phase must be 'train' or 'eval', got {phase!r}"
+    device = torch.device(device)
+    model_data, _, meta = load_checkpoint(checkpoint_dir, step, device)
+    if device.type in ("cpu", "mps"):  # bf16 checkpoints from GPU runs: compute in fp32 here
+        model_data = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in model_data.items()}
+    model_data = {k.removeprefix("_orig_mod."): v for k, v in model_data.items()}
+    config = GPTConfig.from_dict(_patch_for_nanochat(meta["model_config"], model_data))
+    model = build_gpt(config, device)  # meta device -> to_empty -> init_weights (rotary buffers, dtypes)
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    model.load_state_dict(model_data, strict=True, assign=True)
+    # assign=True adopts the saved dtypes; restore the model's own policy (e.g. bf16 embeddings on CUDA)
+    for n, p in model.named_parameters():
+        if p.dtype != dtypes[n]:
+            p.data = p.data.to(dtypes[n])
+    if phase == "train":
+        model.train()
+    else:
+        model.eval()
+    tokenizer = _get_tokenizer_if_any(base_dir if base_dir is not None else get_base_dir())
+    if tokenizer is not None and tokenizer.get_vocab_size() != config.vocab_size:
+        raise ValueError(f"tokenizer vocab size {tokenizer.get_vocab_size()} does not match the checkpoint's "
+                         f"vocab_size {config.vocab_size} ({checkpoint_dir} step {step}): wrong base dir or tokenizer?")
+    return model, tokenizer, meta
+
+
+def load_model(source, device, phase, model_tag=None, step=None, base_dir=None):
+    """-> (model, tokenizer, meta) from <base_dir>/<source's checkpoints>/<model_tag>/. Defaults: the largest d<N>
+    tag and the newest step; with step=None a broken newest step falls back to the previous intact one."""
+    if source not in SOURCE_DIRS:
+        raise ValueError(f"source must be one of {sorted(SOURCE_DIRS)}, got {source!r}")
+    base_dir = base_dir if base_dir is not None else get_base_dir()
+    checkpoints_dir = _join(base_dir, SOURCE_DIRS[source])
+    model_tag = model_tag if model_tag is not None else find_largest_model(checkpoints_dir)
+    checkpoint_dir = _join(checkpoints_dir, model_tag)
+    if step is not None:
+        return build_model(checkpoint_dir, step, device, phase, base_dir)
+    steps = list_steps(checkpoint_dir)
+    if not steps:
+        raise FileNotFoundError(f"no complete checkpoint (meta_*.json) in {checkpoint_dir}")
+    for i, s in enumerate(reversed(steps)):
+        try:
+            return build_model(checkpoint_dir, s, device, phase, base_dir)
+        except CheckpointError as e:
+            if i == len(steps) - 1:
+                raise
+            logger.warning(f"skipping checkpoint step {s}: {e}; falling back to an earlier step")

@@ -1,0 +1,243 @@
+"""
+Inference engine: a preallocated KV cache, batched sampling, and the calculator tool.
+
+Engine.generate prefills the prompt once (batch 1), copies the cache to `num_samples` rows, then decodes all rows
+in parallel, streaming one column of tokens per step. Tool use: when a row emits <|python_end|>, the expression
+since <|python_start|> is evaluated by a restricted calculator and `<|output_start|>result<|output_end|>` is forced
+into that row (forced tokens carry mask 0, so training code can tell them from sampled ones).
+"""
+import ast
+import math
+import operator
+from collections import deque
+
+import torch
+import torch.nn.functional as F
+
+
+class KVCache:
+    """Keys/values for every layer, laid out (L, B, T_max, H_kv, D) as in nanochat. Each row keeps its own
+    position (cache_seqlens), so rows may sit at different positions (continuous batching)."""
+
+    def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device="cpu", dtype=torch.float32):
+        shape = (num_layers, batch_size, seq_len, num_heads, head_dim)
+        self.k_cache = torch.zeros(shape, device=device, dtype=dtype)
+        self.v_cache = torch.zeros(shape, device=device, dtype=dtype)
+        self.cache_seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        self.prev_embedding = None  # (B, 1, C): last token's normed embedding, needed by smear during decode
+        self.n_layers, self.batch_size, self.max_seq_len = num_layers, batch_size, seq_len
+
+    @classmethod
+    def for_model(cls, model, batch_size, seq_len):
+        cfg = model.config
+        return cls(batch_size, cfg.n_kv_head, seq_len, cfg.n_embd // cfg.n_head, cfg.n_layer,
+                   device=model.get_device(), dtype=model.cos.dtype)
+
+    def get_pos(self):
+        return int(self.cache_seqlens[0])
+
+    def get_layer_cache(self, layer_idx):
+        return self.k_cache[layer_idx], self.v_cache[layer_idx]
+
+    def insert(self, layer_idx, k, v):
+        """Write k, v (B, T, H, D) at each row's current position; return the layer's full cache."""
+        B, T = k.shape[:2]
+        pos = self.cache_seqlens.long()[:, None] + torch.arange(T, device=k.device)
+        if int(pos.max()) >= self.max_seq_len:
+            raise ValueError(f"KV cache overflow: position {int(pos.max())} >= cache length {self.max_seq_len}")
+        rows = torch.arange(B, device=k.device)[:, None]
+        self.k_cache[layer_idx][rows, pos] = k.to(self.k_cache.dtype)
+        self.v_cache[layer_idx][rows, pos] = v.to(self.v_cache.dtype)
+        return self.k_cache[layer_idx], self.v_cache[layer_idx]
+
+    def advance(self, n):
+        self.cache_seqlens += n
+
+    def reset(self):
+        self.cache_seqlens.zero_()
+        self.prev_embedding = None
+
+    def prefill(self, other):
+        """Copy a (batch-1) cache into every row of this one."""
+        assert other.n_layers == self.n_layers and other.k_cache.shape[3:] == self.k_cache.shape[3:]
+        pos = other.get_pos()
+        assert pos <= self.max_seq_len, f"prompt of {pos} tokens does not fit a cache of {self.max_seq_len}"
+        self.k_cache[:, :, :pos] = other.k_cache[:, :1, :pos]
+        self.v_cache[:, :, :pos] = other.v_cache[:, :1, :pos]
+        self.cache_seqlens.fill_(pos)
+        if other.prev_embedding is not None:
+            self.prev_embedding = other.prev_embedding[:1].expand(self.batch_size, -1, -1).clone()
+
+
+# -----------------------------------------------------------------------------
+# Calculator tool: a whitelisting evaluator over the AST instead of eval(). It runs fine off the main thread (no
+# signals), and every operation is bounded, so no expression can hang or exhaust memory.
+
+_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod}
+_UNOPS = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+_MAX_ABS = 10**15  # results beyond this are refused (no huge-integer blowups)
+_MAX_STR = 10_000
+_MAX_NODES = 100
+
+
+def _calc_eval(node):
+    if isinstance(node, ast.Expression):
+        return _calc_eval(node.body)
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float, str):
+        if isinstance(node.value, str) and len(node.value) > _MAX_STR:
+            raise ValueError("string too long")
+        return node.value
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+        left, right = _calc_eval(node.left), _calc_eval(node.right)
+        if not all(isinstance(x, (int, float)) for x in (left, right)):
+            raise ValueError("arithmetic on non-numbers")
+        result = _BINOPS[type(node.op)](left, right)
+        if isinstance(result, float) and not math.isfinite(result) or abs(result) > _MAX_ABS:
+            raise ValueError("result out of range")
+        return result
+    if isinstance(node, ast.UnaryOp) and type(node.op) in _UNOPS:
+        operand = _calc_eval(node.operand)
+        if not isinstance(operand, (int, float)):
+            raise ValueError("unary op on non-number")
+        return _UNOPS[type(node.op)](operand)
+    # the one string operation allowed: 'text'.count('x') (used by SpellingBee)
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "count"
+            and len(node.args) == 1 and not node.keywords):
+        target, arg = _calc_eval(node.func.value), _calc_eval(node.args[0])
+        if isinstance(target, str) and isinstance(arg, str):
+            return target.count(arg)
+    raise ValueError(f"disallowed expression: {type(node).__name__}")
+
+
+def use_calculator(expr):
+    """Evaluate a calculator expression from the model; None when it is not a safe, small arithmetic or
+    str.count expression. Never raises, never hangs."""
+    if not isinstance(expr, str) or len(expr) > 1000:
+        return None
+    expr = expr.replace(",", "")
+    if "**" in expr or "__" in expr:
+        return None
+    try:
+        tree = ast.parse(expr.strip(), mode="eval")
+        if sum(1 for _ in ast.walk(tree)) > _MAX_NODES:
+            return None
+        result = _calc_eval(tree)
+    except (SyntaxError, ValueError, TypeError, ZeroDivisionError, OverflowError, RecursionError, MemoryError):
+        return None
+    if isinstance(result, float) and result.is_integer():
+        result = int(result)
+    return result
+
+
+# -----------------------------------------------------------------------------
+# Sampling
+
+def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
+    """Sample one token per row from logits (B, V) -> (B, 1). temperature 0 = argmax."""
+    if temperature == 0.0:
+        return torch.argmax(logits, dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None and 0 < top_k < logits.size(-1):
+        vals, idx = torch.topk(logits, top_k, dim=-1)
+        choice = torch.multinomial(F.softmax(vals, dim=-1), 1, generator=rng)
+        return idx.gather(1, choice)
+    if top_p is not None and 0.0 < top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
+        probs = F.softmax(sorted_logits, dim=-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest prefix whose mass reaches top_p
+        probs = probs.masked_fill(drop, 0.0)
+        choice = torch.multinomial(probs, 1, generator=rng)
+        return sorted_idx.gather(1, choice)
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=rng)
+
+
+class RowState:
+    """Per-row decoding state: tokens so far, queued forced tokens, and the python-tool state machine."""
+
+    def __init__(self, tokens):
+        self.current_tokens = list(tokens)
+        self.forced_tokens = deque()
+        self.in_python_block = False
+        self.python_expr_tokens = []
+        self.completed = False
+
+
+class Engine:
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+
+    @torch.inference_mode()
+    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None, seed=42):
+        """Stream (token_column, mask_column) lists of length num_samples, one per decode step."""
+        assert isinstance(tokens, list) and len(tokens) > 0 and isinstance(tokens[0], int)
+        model, tok = self.model, self.tokenizer
+        device = model.get_device()
+        rng = torch.Generator(device=device).manual_seed(seed)
+        special = tok.encode_special
+        python_start, python_end = special("<|python_start|>"), special("<|python_end|>")
+        output_start, output_end = special("<|output_start|>"), special("<|output_end|>")
+        stop_tokens = {special("<|assistant_end|>"), tok.get_bos_token_id()}
+
+        # prefill once at batch 1, then fan the cache out to num_samples rows
+        prefill_cache = KVCache.for_model(model, 1, len(tokens))
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        logits = model(ids, kv_cache=prefill_cache)[:, -1, :].expand(num_samples, -1)
+        cache_len = len(tokens) + max_tokens if max_tokens is not None else model.config.sequence_len
+        kv_cache = KVCache.for_model(model, num_samples, max(cache_len, len(tokens) + 1))
+        kv_cache.prefill(prefill_cache)
+        del prefill_cache
+
+        rows = [RowState(tokens) for _ in range(num_samples)]
+        num_generated = 0
+        while True:
+            if max_tokens is not None and num_generated >= max_tokens:
+                break
+            if all(r.completed for r in rows):
+                break
+            if kv_cache.get_pos() >= kv_cache.max_seq_len:
+                break
+            sampled = sample_next_token(logits, rng, temperature, top_k, top_p)[:, 0].tolist()
+            column, masks = [], []
+            for row, sampled_token in zip(rows, sampled):
+                forced = bool(row.forced_tokens)
+                token = row.forced_tokens.popleft() if forced else sampled_token
+                column.append(token)
+                masks.append(0 if forced else 1)
+                row.current_tokens.append(token)
+                if token in stop_tokens:
+                    row.completed = True
+                if token == python_start:
+                    row.in_python_block, row.python_expr_tokens = True, []
+                elif token == python_end and row.in_python_block:
+                    row.in_python_block = False
+                    result = use_calculator(tok.decode(row.python_expr_tokens))
+                    if result is not None:
+                        row.forced_tokens.extend([output_start, *tok.encode(str(result)), output_end])
+                elif row.in_python_block:
+                    row.python_expr_tokens.append(token)
+            yield column, masks
+            num_generated += 1
+            ids = torch.tensor(column, dtype=torch.long, device=device)[:, None]
+            logits = model(ids, kv_cache=kv_cache)[:, -1, :]
+
+    def generate_batch(self, tokens, num_samples=1, **kwargs):
+        """Non-streaming: (sequences, masks), each a list of num_samples token lists including the prompt
+        (mask 0) and excluding the terminating token."""
+        stop_tokens = {self.tokenizer.encode_special("<|assistant_end|>"), self.tokenizer.get_bos_token_id()}
+        results = [list(tokens) for _ in range(num_samples)]
+        masks = [[0] * len(tokens) for _ in range(num_samples)]
+        done = [False] * num_samples
+        for column, mask_column in self.generate(tokens, num_samples, **kwargs):
+            for i, (token, mask) in enumerate(zip(column, mask_column)):
+                if done[i]:
+                    continue
+                if token in stop_tokens:
+                    done[i] = True
+                else:
+                    results[i].append(token)
+                    masks[i].append(mask)
+            if all(done):
+                break
+        return results, masks

@@ -1,0 +1,418 @@
+"""
+GPT model, nanochat's current reference architecture:
+- rotary embeddings (no positional embeddings), QK-norm after rotary with a QK scale
+- RMSNorm without parameters, no biases, ReLU^2 MLP, untied embedding / lm_head, logit softcap, padded vocab
+- GQA via n_kv_head
+- newer pieces, each switchable in GPTConfig: per-layer residual/x0 scalars, gated value embeddings on
+  alternating layers, sliding-window attention pattern, smear (previous-token mixing) and backout (subtract the
+  mid-network residual). With all of them off (GPTConfig.baseline()) this is the seed's baseline model.
+State-dict keys and shapes match nanochat's, so weights move both ways.
+"""
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanochat.common import get_compute_dtype
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 2048
+    vocab_size: int = 32768
+    n_layer: int = 12
+    n_head: int = 6
+    n_kv_head: int = 6
+    n_embd: int = 768
+    window_pattern: str = "SSSL"  # tiled over layers, L = full context, S = short window; last layer always L
+    # Newer architecture pieces (defaults = nanochat's current model). A nanochat meta file does not name these,
+    # so the defaults must stay equal to nanochat's behaviour.
+    use_resid_lambdas: bool = True  # x = resid_lambda[i] * x + x0_lambda[i] * x0 before each block
+    use_value_embeds: bool = True  # gated value embeddings on alternating layers (last layer included)
+    use_smear: bool = True  # mix the previous token's embedding into the current one
+    use_backout: bool = True  # subtract the mid-network residual before the final norm
+    qk_scale: float = 1.2  # multiply q and k after QK-norm (1.0 = off)
+    rope_base: float = 100000.0
+    softcap: float = 15.0
+
+    @classmethod
+    def baseline(cls, **kwargs):
+        """The seed's baseline: RoPE (base 10k), QK-norm, ReLU^2, GQA, untied, softcap; every newer piece off."""
+        base = dict(window_pattern="L", use_resid_lambdas=False, use_value_embeds=False, use_smear=False,
+                    use_backout=False, qk_scale=1.0, rope_base=10000.0)
+        return cls(**{**base, **kwargs})
+
+    @classmethod
+    def from_depth(cls, depth, aspect_ratio=64, head_dim=128, **kwargs):
+        """The single --depth dial: width = depth * aspect_ratio rounded up to a whole number of heads."""
+        n_embd = math.ceil(depth * aspect_ratio / head_dim) * head_dim
+        n_head = n_embd // head_dim
+        return cls(n_layer=depth, n_embd=n_embd, n_head=n_head, n_kv_head=n_head, **kwargs)
+
+    @classmethod
+    def from_dict(cls, d):
+        """Build from a meta file's model_config; unknown keys are an error, missing keys take the defaults."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown GPTConfig keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+def norm(x):
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def has_ve(layer_idx, n_layer):
+    """Value embeddings on alternating layers, always including the last one."""
+    return layer_idx % 2 == (n_layer - 1) % 2
+
+
+def apply_rotary_emb(x, cos, sin):
+    # split-halves rotation (not interleaved); x is (B, T, H, D), cos/sin broadcast as (B|1, T, 1, D/2)
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], dim=-1)
+
+
+class Linear(nn.Linear):
+    """Linear whose fp32 master weight is cast to the activation dtype: explicit mixed precision, no autocast."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(dtype=x.dtype))
+
+
+# -----------------------------------------------------------------------------
+# Attention masks. A key j is visible from a query at absolute position i iff j <= i and i - j <= window.
+
+def attention_mask(q_pos, k_len, window):
+    """Boolean mask (B|1, 1, Tq, k_len) for queries at absolute positions q_pos (B|1, Tq). With a KV cache, slots
+    past a row's own position are never visible, so stale or empty cache entries need no extra masking."""
+    diff = q_pos[:, :, None] - torch.arange(k_len, device=q_pos.device)[None, None, :]
+    mask = diff >= 0
+    if window is not None:
+        mask = mask & (diff <= window)
+    return mask[:, None]
+
+
+_flex_cache = {}
+
+
+def flex_sliding_window_attention(q, k, v, window):
+    """CUDA fast path for sliding windows: FlexAttention with a block-sparse mask, never materializing T x T."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    T = q.size(2)
+    key = (T, window, q.device)
+    if key not in _flex_cache:
+        def mask_mod(b, h, qi, ki):
+            return (qi >= ki) & (qi - ki <= window)
+        block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=T, KV_LEN=T, device=q.device)
+        _flex_cache[key] = (torch.compile(flex_attention, dynamic=False), block_mask)
+    fn, block_mask = _flex_cache[key]
+    return fn(q, k, v, block_mask=block_mask, enable_gqa=q.size(1) != k.size(1))
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
+        assert config.n_head % config.n_kv_head == 0, "n_head must be a multiple of n_kv_head (GQA)"
+        self.qk_scale = config.qk_scale
+        C, D = config.n_embd, self.head_dim
+        self.c_q = Linear(C, self.n_head * D, bias=False)
+        self.c_k = Linear(C, self.n_kv_head * D, bias=False)
+        self.c_v = Linear(C, self.n_kv_head * D, bias=False)
+        self.c_proj = Linear(C, C, bias=False)
+        self.ve_gate_channels = 12
+        use_ve = config.use_value_embeds and has_ve(layer_idx, config.n_layer)
+        self.ve_gate = Linear(self.ve_gate_channels, self.n_kv_head, bias=False) if use_ve else None
+
+    def forward(self, x, ve, cos_sin, window, mask, kv_cache):
+        B, T, C = x.size()
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:  # value residual with an input-dependent per-head gate in (0, 3)
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
+        cos, sin = cos_sin
+        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+        q, k = norm(q) * self.qk_scale, norm(k) * self.qk_scale
+        gqa = self.n_head != self.n_kv_head
+        if kv_cache is not None:  # attend over the cache up to the furthest position any row has reached
+            k, v = kv_cache.insert(self.layer_idx, k, v)
+            k, v = k[:, :mask.size(-1)], v[:, :mask.size(-1)]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D) for SDPA
+        if kv_cache is None and window is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif kv_cache is None and q.is_cuda and window < T:
+            y = flex_sliding_window_attention(q, k, v, window)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, ve, cos_sin, window, mask, kv_cache):
+        x = x + self.attn(norm(x), ve, cos_sin, window, mask, kv_cache)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config, pad_vocab_size_to=64):
+        """Runs on the meta device in normal use: shapes only. Real values come from init_weights()."""
+        super().__init__()
+        self.config = config
+        self.window_sizes = self._compute_window_sizes(config)
+        V = math.ceil(config.vocab_size / pad_vocab_size_to) * pad_vocab_size_to
+        self.padded_vocab_size = V
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(V, config.n_embd),
+            "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+        })
+        self.lm_head = Linear(config.n_embd, V, bias=False)
+        if config.use_resid_lambdas:
+            self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
+            self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
+        if config.use_smear:
+            self.smear_gate = Linear(24, 1, bias=False)
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+        if config.use_backout:
+            self.backout_lambda = nn.Parameter(0.2 * torch.ones(1))
+        kv_dim = config.n_kv_head * (config.n_embd // config.n_head)
+        self.value_embeds = nn.ModuleDict({
+            str(i): nn.Embedding(V, kv_dim)
+            for i in range(config.n_layer) if config.use_value_embeds and has_ve(i, config.n_layer)
+        })
+        # rotary tables over-computed 10x so eval prompts / long generations rarely need a rebuild
+        self.rotary_seq_len = config.sequence_len * 10
+        cos, sin = self._precompute_rotary(self.rotary_seq_len)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    @staticmethod
+    def _compute_window_sizes(config):
+        """Per-layer left window (None = full context). Short window = T/4 rounded up to a multiple of 128."""
+        pattern = config.window_pattern.upper()
+        assert pattern and set(pattern) <= {"S", "L"}, f"window_pattern must use only S and L, got {pattern!r}"
+        T = config.sequence_len
+        short = math.ceil(T / 4 / 128) * 128
+        sizes = [short if pattern[i % len(pattern)] == "S" and short < T else None for i in range(config.n_layer)]
+        sizes[-1] = None
+        return sizes
+
+    def _precompute_rotary(self, seq_len, device=None):
+        D = self.config.n_embd // self.config.n_head
+        inv_freq = 1.0 / (self.config.rope_base ** (torch.arange(0, D, 2, dtype=torch.float32, device=device) / D))
+        freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+        dtype = get_compute_dtype(torch.device(device).type if device is not None else "cpu")
+        return freqs.cos().to(dtype), freqs.sin().to(dtype)  # (seq_len, D/2)
+
+    @torch.no_grad()
+    def init_weights(self):
+        cfg = self.config
+        torch.nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=0.8)
+        torch.nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        s = 3**0.5 * cfg.n_embd**-0.5  # uniform bound with std 1/sqrt(C)
+        for block in self.transformer.h:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
+                torch.nn.init.uniform_(lin.weight, -s, s)
+            torch.nn.init.uniform_(block.mlp.c_fc.weight, -0.4 * s, 0.4 * s)
+            torch.nn.init.zeros_(block.attn.c_proj.weight)
+            torch.nn.init.zeros_(block.mlp.c_proj.weight)
+            if block.attn.ve_gate is not None:
+                torch.nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
+        if cfg.use_resid_lambdas:
+            depth_frac = torch.arange(cfg.n_layer, dtype=torch.float32) / max(cfg.n_layer - 1, 1)
+            self.resid_lambdas.copy_(1.15 - 0.10 * depth_frac)
+            self.x0_lambdas.copy_(0.20 - 0.15 * depth_frac)
+        if cfg.use_smear:
+            torch.nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+            torch.nn.init.zeros_(self.smear_lambda)
+        if cfg.use_backout:
+            torch.nn.init.constant_(self.backout_lambda, 0.2)
+        for ve in self.value_embeds.values():
+            torch.nn.init.uniform_(ve.weight, -s, s)
+        device = self.transformer.wte.weight.device
+        self.cos, self.sin = self._precompute_rotary(self.rotary_seq_len, device)
+        # embeddings live in the compute dtype (bf16 on GPU saves memory); fp16 keeps fp32 for the grad scaler
+        dtype = get_compute_dtype(device.type)
+        if dtype != torch.float16:
+            self.transformer.wte.to(dtype=dtype)
+            for ve in self.value_embeds.values():
+                ve.to(dtype=dtype)
+
+    def get_device(self):
+        return self.transformer.wte.weight.device
+
+    # -------------------------------------------------------------------------
+    # Sizing helpers
+
+    def num_scaling_params(self):
+        """Parameter counts by kind. Scaling params (Kaplan-style) = transformer matrices + lm_head."""
+        wte = self.transformer.wte.weight.numel()
+        ve = sum(p.numel() for p in self.value_embeds.parameters())
+        lm_head = self.lm_head.weight.numel()
+        matrices = sum(p.numel() for p in self.transformer.h.parameters())
+        total = sum(p.numel() for p in self.parameters())
+        return {"wte": wte, "value_embeds": ve, "lm_head": lm_head, "transformer_matrices": matrices,
+                "scalars": total - wte - ve - lm_head - matrices, "total": total,
+                "scaling": matrices + lm_head}
+
+    def estimate_flops(self):
+        """Training FLOPs per token (fwd + bwd): 6 per matmul weight plus the attention score/value matmuls."""
+        n_matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        cfg = self.config
+        H, D, T = cfg.n_head, cfg.n_embd // cfg.n_head, cfg.sequence_len
+        attn = sum(12 * H * D * min(w if w is not None else T, T) for w in self.window_sizes)
+        return 6 * n_matmul + attn
+
+    def setup_optimizer(self, unembedding_lr=0.008, embedding_lr=0.3, matrix_lr=0.02, weight_decay=0.0,
+                        scalar_lr=0.5):
+        """MuonAdamW with nanochat's groups: Muon for every transformer.h matrix (grouped by shape), AdamW for
+        embeddings, lm_head and scalars with lr scaled by (C/768)^-0.5."""
+        from nanochat.optim import MuonAdamW
+        scale = (self.config.n_embd / 768) ** -0.5
+        adam = dict(kind="adamw", eps=1e-10)
+        groups = [
+            dict(adam, params=[self.lm_head.weight], lr=unembedding_lr * scale, betas=(0.8, 0.96), weight_decay=0.01),
+            dict(adam, params=[self.transformer.wte.weight], lr=embedding_lr * scale, betas=(0.8, 0.995),
+                 weight_decay=0.001),
+        ]
+        if len(self.value_embeds):
+            groups.append(dict(adam, params=list(self.value_embeds.parameters()), lr=embedding_lr * scale * 0.5,
+                               betas=(0.8, 0.995), weight_decay=0.01))
+        if self.config.use_resid_lambdas:
+            groups.append(dict(adam, params=[self.resid_lambdas], lr=scalar_lr * 0.01, betas=(0.8, 0.95),
+                               weight_decay=0.05))
+            groups.append(dict(adam, params=[self.x0_lambdas], lr=scalar_lr, betas=(0.96, 0.95), weight_decay=0.0))
+        smear = [p for n, p in self.named_parameters() if n.split(".")[0] in ("smear_gate", "smear_lambda",
+                                                                               "backout_lambda")]
+        if smear:
+            groups.append(dict(adam, params=smear, lr=0.2, betas=(0.8, 0.95), weight_decay=0.0))
+        matrices = list(self.transformer.h.parameters())
+        for shape in sorted({tuple(p.shape) for p in matrices}):
+            groups.append(dict(kind="muon", params=[p for p in matrices if tuple(p.shape) == shape], lr=matrix_lr,
+                               momentum=0.95, ns_steps=5, beta2=0.9, weight_decay=weight_decay))
+        n_grouped = sum(len(g["params"]) for g in groups)
+        assert n_grouped == len(list(self.parameters())), "every parameter must belong to exactly one group"
+        return MuonAdamW(groups)
+
+    # -------------------------------------------------------------------------
+
+    def _rotary(self, positions):
+        """cos/sin for absolute positions (B|1, T) -> (B|1, T, 1, D/2), growing the tables if needed."""
+        need = int(positions.max()) + 1  # one host sync per forward, also used to size the cache window
+        if need > self.cos.size(0):
+            self.rotary_seq_len = need + 128
+            self.cos, self.sin = self._precompute_rotary(self.rotary_seq_len, self.cos.device)
+        return self.cos[positions][:, :, None], self.sin[positions][:, :, None]
+
+    def _smear(self, x, prev):
+        """x[t] += lambda * sigmoid(gate(x[t][:24])) * x[t-1]; prev is the embedding before x[0] (or None)."""
+        shifted = x[:, :-1] if prev is None else torch.cat([prev, x[:, :-1]], dim=1)
+        cur = x[:, 1:] if prev is None else x
+        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(cur[..., :24]))
+        mixed = cur + gate * shifted
+        return mixed if prev is not None else torch.cat([x[:, :1], mixed], dim=1)
+
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+        B, T = idx.size()
+        cfg = self.config
+        if kv_cache is None:
+            positions = torch.arange(T, device=idx.device)[None]
+        else:  # each row continues from its own cache position (rows may differ: continuous batching)
+            positions = kv_cache.cache_seqlens.to(idx.device).long()[:, None] + torch.arange(T, device=idx.device)
+        cos_sin = self._rotary(positions)
+        k_len = int(positions.max()) + 1
+
+        x = norm(self.transformer.wte(idx).to(self.cos.dtype))
+        if cfg.use_smear:
+            if kv_cache is None:
+                x = self._smear(x, None) if T > 1 else x
+            else:
+                prev = kv_cache.prev_embedding  # normed pre-smear embedding of each row's last token (or None)
+                kv_cache.prev_embedding = x[:, -1:]
+                x = self._smear(x, prev) if prev is not None else (self._smear(x, None) if T > 1 else x)
+
+        # one mask per distinct window, shared by the layers (not needed for full causal training attention)
+        masks = {}
+        for w in set(self.window_sizes):
+            if kv_cache is not None:
+                masks[w] = attention_mask(positions, k_len, w)
+            elif w is not None and not idx.is_cuda:
+                masks[w] = attention_mask(positions, T, w)
+
+        x0 = x
+        backout_layer = cfg.n_layer // 2
+        x_backout = None
+        for i, block in enumerate(self.transformer.h):
+            if cfg.use_resid_lambdas:
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
+            w = self.window_sizes[i]
+            x = block(x, ve, cos_sin, w, masks.get(w), kv_cache)
+            if cfg.use_backout and i == backout_layer:
+                x_backout = x
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        if x_backout is not None:
+            x = x - self.backout_lambda.to(x.dtype) * x_backout
+        x = norm(x)
+
+        logits = self.lm_head(x)[..., :cfg.vocab_size].float()
+        logits = cfg.softcap * torch.tanh(logits / cfg.softcap)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                               reduction=loss_reduction)
+
+    @torch.inference_mode()
+    def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
+        """Naive reference generation: batch 1, full re-forward every step. Yields token ids."""
+        assert isinstance(tokens, list)
+        device = self.get_device()
+        rng = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        for _ in range(max_tokens):
+            logits = self.forward(ids)[:, -1, :]
+            if top_k is not None and top_k > 0:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            if temperature > 0:
+                next_id = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=rng)
+            else:
+                next_id = torch.argmax(logits, dim=-1, keepdim=True)
+            ids = torch.cat([ids, next_id], dim=1)
+            yield next_id.item()
+
+
+def build_model(config, device="cpu"):
+    """Meta-device construction, then real storage on `device`, then init_weights()."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model
