@@ -229,6 +229,11 @@ def _read_meta(d, step):
             raise CheckpointError(f"checkpoint meta {shown} is not valid JSON: {e}", shown) from e
 
 
+def read_meta(checkpoint_dir, step):
+    """The meta dict of one step (CheckpointError if missing or invalid)."""
+    return _read_meta(_Dir(checkpoint_dir), step)
+
+
 # -----------------------------------------------------------------------------
 # Save / load
 

@@ -15,18 +15,20 @@ from nanochat.common import is_distributed
 
 @torch.no_grad()
 def evaluate_bpb(model, batches, steps, token_bytes):
-    """bpb over `steps` (x, y) batches from the iterator `batches`, summed over all ranks when distributed.
-    token_bytes: int tensor [V], bytes per token id (0 for specials), on the model's device."""
+    """bpb over up to `steps` (x, y) batches from the iterator `batches`, summed over all ranks when distributed.
+    A validation split smaller than steps batches is used whole (ranks may differ in count: only the sums are
+    reduced); no batch at all on every rank gives inf. token_bytes: int tensor [V], bytes per token id (0 for
+    specials), on the model's device."""
     device = model.get_device()
     acc_dtype = torch.float32 if device.type == "mps" else torch.float64  # mps has no float64
     total_nats = torch.zeros((), dtype=acc_dtype, device=device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=device)
     batch_iter = iter(batches)
-    for i in range(steps):
+    for _ in range(steps):
         try:
             x, y = next(batch_iter)
         except StopIteration:
-            raise ValueError(f"evaluate_bpb: batches ran out after {i} of {steps} steps") from None
+            break
         loss = model(x, y, loss_reduction="none").view(-1)  # nats per target, 0 where y == -1
         y = y.reshape(-1)
         nbytes = torch.where(y >= 0, token_bytes[y.clamp(min=0)], 0)

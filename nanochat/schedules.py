@@ -10,6 +10,7 @@ from nanochat.gpt import GPT, GPTConfig
 
 B_REF = 2**19  # reference total batch (tokens) of the d12 tuning runs
 REF_DEPTH = 12
+MAX_WEIGHT_DECAY = 1.0
 
 
 def scaling_params(config):
@@ -46,14 +47,16 @@ def derive_hyperparameters(config, target_param_data_ratio=12.0, total_batch_siz
     num_iterations = max(num_iterations, 1)
     batch_ratio = total_batch_size / B_REF
     tokens = num_iterations * total_batch_size
+    # weight decay follows the T_epoch rule: scale with sqrt(B) and inversely with the tokens seen. For toy runs
+    # (thousands of times fewer tokens than the reference) that rule explodes, so it is capped at MAX_WEIGHT_DECAY.
+    scaled_wd = min(weight_decay * batch_ratio ** 0.5 * (ref_tokens / tokens), MAX_WEIGHT_DECAY)
     return dict(
         num_scaling_params=n_scaling,
         total_batch_size=total_batch_size,
         num_iterations=num_iterations,
         total_tokens=tokens,
         batch_lr_scale=batch_ratio ** 0.5,
-        # weight decay follows the T_epoch rule: scale with sqrt(B) and inversely with the tokens seen
-        weight_decay=weight_decay * batch_ratio ** 0.5 * (ref_tokens / tokens),
+        weight_decay=scaled_wd,
     )
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny trained tokenizer and small models, built once per session."""
+"""Shared fixtures: a tiny trained tokenizer, small models, and the session's Ray instance."""
+import os
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,59 @@ def perturbed(model, scale=0.05, seed=0):
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * scale)
     return model
+
+
+# -----------------------------------------------------------------------------
+# Ray: one local instance shared by the whole session (started on first use, shut down at the end).
+# Tests that need a simulated multi-node cluster use `ray_cluster`, which shuts the shared instance down first;
+# the next `ray_local` user starts it again.
+
+REPO_ROOT = str(Path(__file__).resolve().parents[1])
+# workers import the package and, for objects defined in test modules (e.g. batch sources), the tests themselves
+WORKER_PYTHONPATH = os.pathsep.join([REPO_ROOT, str(Path(__file__).resolve().parent)])
+RAY_TEST_ENV = {
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",  # reports are drained every 2 s by default (RAY.md P2)
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "60",
+    "RAY_DEDUP_LOGS": "0",
+}
+
+
+def _ray_init(**kwargs):
+    import ray
+    os.environ.update(RAY_TEST_ENV)
+    ray.init(include_dashboard=False, object_store_memory=512 * 2**20, logging_level="ERROR",
+             runtime_env={"env_vars": {"PYTHONPATH": WORKER_PYTHONPATH, **RAY_TEST_ENV}}, **kwargs)
+    return ray
+
+
+@pytest.fixture(scope="session")
+def _ray_session_guard():
+    yield
+    import ray
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture
+def ray_local(_ray_session_guard):
+    """A local Ray with 8 logical CPUs (oversubscribed on purpose: trainers and Ray Data must not starve, RAY.md P1)."""
+    import ray
+    if not ray.is_initialized():
+        _ray_init(num_cpus=8)
+    return ray
+
+
+@pytest.fixture
+def ray_cluster(_ray_session_guard):
+    """A fresh simulated multi-node cluster: head with 0 CPUs; tests add nodes with cluster.add_node(num_cpus=...)."""
+    import ray
+    from ray.cluster_utils import Cluster
+    if ray.is_initialized():
+        ray.shutdown()
+    os.environ.update(RAY_TEST_ENV)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    ray.init(address=cluster.address, logging_level="ERROR",
+             runtime_env={"env_vars": {"PYTHONPATH": WORKER_PYTHONPATH, **RAY_TEST_ENV}})
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()

@@ -92,9 +92,10 @@ def test_zero_bytes_is_inf():
     assert evaluate_bpb(model, iter([(x, y)]), 1, TOKEN_BYTES) == float("inf")
 
 
-def test_too_few_batches_is_an_error():
-    with pytest.raises(ValueError, match="ran out after 3 of 4"):
-        evaluate_bpb(TableModel(), iter(make_batches(3)), 4, TOKEN_BYTES)
+def test_short_split_is_used_whole():
+    full = evaluate_bpb(TableModel(), iter(make_batches(3)), 3, TOKEN_BYTES)
+    assert evaluate_bpb(TableModel(), iter(make_batches(3)), 10, TOKEN_BYTES) == full
+    assert evaluate_bpb(TableModel(), iter([]), 10, TOKEN_BYTES) == float("inf")
 
 
 # -----------------------------------------------------------------------------

@@ -68,3 +68,10 @@ def test_apply_schedule_rewrites_from_initial_values():
         assert g["lr"] == pytest.approx(g["initial_lr"] * 0.5)
         if g["kind"] == "muon":
             assert g["momentum"] == 0.9 and g["weight_decay"] == 0.1
+
+
+def test_weight_decay_capped_for_toy_runs():
+    # regression: a 30-step toy run derived a Muon weight decay of ~300, wiping the weights every step
+    h = derive_hyperparameters(GPTConfig.from_depth(2, sequence_len=128, vocab_size=2048), total_batch_size=1024,
+                               num_iterations=30)
+    assert h["weight_decay"] == 1.0

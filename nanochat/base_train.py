@@ -1,0 +1,229 @@
+"""
+Base-model pretraining, one worker's view (SPEC §6). `base_train_worker(config, ctx)` is what every launcher runs:
+a plain process (`python -m nanochat.base_train ...`, tests, GPU benchmarks) or each Ray Train worker
+(ray_jobs/base_train.py). The process group, if any, is already initialized by the launcher.
+"""
+import argparse
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+from nanochat.checkpoint_manager import list_steps, load_checkpoint, read_meta
+from nanochat.common import autodetect_device_type, compute_init, device_peak_flops, get_base_dir, print0
+from nanochat.gpt import GPTConfig, build_model
+from nanochat.schedules import derive_hyperparameters, grad_accum_steps, lr_multiplier, muon_momentum, \
+    weight_decay_factor
+from nanochat.train import Eval, LoopState, WorkerContext, train_loop
+
+SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
+                  "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
+                  "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is"]
+
+
+@dataclass
+class BaseTrainConfig:
+    # model (the --depth dial derives width and heads)
+    depth: int = 20
+    aspect_ratio: int = 64
+    head_dim: int = 128
+    max_seq_len: int = 2048
+    window_pattern: str = "SSSL"
+    # horizon: explicit iterations > target FLOPs > data:param ratio
+    num_iterations: int = -1
+    target_flops: float = -1.0
+    target_param_data_ratio: float = 12.0
+    # batch: total_batch_size -1 = auto (power-lines rule); grad accumulation makes it world-size independent
+    device_batch_size: int = 32
+    total_batch_size: int = -1
+    # optimization (lrs are multiplied by the batch lr scale)
+    embedding_lr: float = 0.3
+    unembedding_lr: float = 0.008
+    matrix_lr: float = 0.02
+    scalar_lr: float = 0.5
+    weight_decay: float = 0.28
+    warmup_steps: int = 40
+    warmdown_ratio: float = 0.65
+    final_lr_frac: float = 0.05
+    # evaluation / logging / checkpoints
+    eval_every: int = 250
+    eval_tokens: int = 80 * 524288
+    sample_every: int = 2000
+    save_every: int = -1
+    report_every: int = 10
+    model_tag: str = ""  # default d{depth}
+    data: str = "auto"  # pretraining source: auto | hub | climbmix | fineweb | fallback | path / glob / URI
+    buffer_size: int = 1000
+    resume: bool = False
+    run: str = "dummy"  # wandb run name; "dummy" = off
+    device_type: str = ""  # autodetect
+    compile: int = -1  # -1: on for CUDA, off elsewhere
+    seed: int = 42
+
+    @classmethod
+    def add_args(cls, parser):
+        """One --flag per field (dashes), with the dataclass defaults."""
+        for f in fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            if f.type is bool or f.type == "bool":
+                parser.add_argument(flag, action="store_true", default=f.default)
+            else:
+                typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+                parser.add_argument(flag, type=typ, default=f.default)
+        return parser
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+def model_config(cfg, vocab_size):
+    return GPTConfig.from_depth(cfg.depth, aspect_ratio=cfg.aspect_ratio, head_dim=cfg.head_dim,
+                                sequence_len=cfg.max_seq_len, vocab_size=vocab_size, window_pattern=cfg.window_pattern)
+
+
+def checkpoint_dir(cfg, base_dir=None):
+    base_dir = base_dir or get_base_dir()
+    tag = cfg.model_tag or f"d{cfg.depth}"
+    return base_dir.rstrip("/") + f"/base_checkpoints/{tag}"
+
+
+def find_resume_step(ckpt_dir, run_id=None):
+    """Latest complete step in ckpt_dir (of run `run_id` if given: a restarted worker group resumes its own run,
+    never a stale checkpoint of an older run in the same directory)."""
+    try:
+        steps = list_steps(ckpt_dir)
+    except FileNotFoundError:
+        return None
+    for step in reversed(steps):
+        if run_id is None or read_meta(ckpt_dir, step).get("run_id") == run_id:
+            return step
+    return None
+
+
+class BatchSource:
+    """Makes this worker's micro-batch iterators. The default reads the pretraining data with the plain loader;
+    launchers may swap in the Ray Data stream (same state format), tests a fixed list of batches."""
+
+    def __init__(self, cfg, tokenizer):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        from nanochat.dataset import resolve_source
+        self.source = resolve_source(cfg.data)
+
+    def train(self, rank, world_size, device, resume_state):
+        from nanochat.dataloader import tokenizing_distributed_data_loader_with_state_bos_bestfit as loader
+        return loader(self.tokenizer, self.cfg.device_batch_size, self.cfg.max_seq_len, "train", device=device,
+                      resume_state_dict=resume_state, source=self.source, rank=rank, world_size=world_size,
+                      buffer_size=self.cfg.buffer_size)
+
+    def val(self, rank, world_size, device):
+        from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit as loader
+        return loader(self.tokenizer, self.cfg.device_batch_size, self.cfg.max_seq_len, "val", device=device,
+                      source=self.source, rank=rank, world_size=world_size, buffer_size=self.cfg.buffer_size)
+
+
+def base_train_worker(cfg, ctx=None, batch_source=None, tokenizer=None, run_id=None, resume_step=None):
+    """Train a base model on this worker; returns a summary dict (rank 0's is the one launchers report).
+    resume_step: continue from this checkpoint step (launchers pass it on --resume or after a restart)."""
+    from nanochat.tokenizer import get_token_bytes, get_tokenizer
+    ctx = ctx or WorkerContext()
+    device = ctx.device
+    torch.manual_seed(cfg.seed)
+    tokenizer = tokenizer or get_tokenizer()
+    token_bytes = get_token_bytes(device=device)
+    batch_source = batch_source or BatchSource(cfg, tokenizer)
+
+    config = model_config(cfg, tokenizer.get_vocab_size())
+    B, T, W = cfg.device_batch_size, cfg.max_seq_len, ctx.world_size
+    hp = derive_hyperparameters(config, cfg.target_param_data_ratio, cfg.total_batch_size, cfg.num_iterations,
+                                cfg.target_flops, cfg.weight_decay, tokens_per_fwdbwd=B * T * W)
+    total_batch, num_iterations = hp["total_batch_size"], hp["num_iterations"]
+    accum = grad_accum_steps(total_batch, B, T, W)
+    lr_scale = hp["batch_lr_scale"]
+
+    model = build_model(config, device)
+    optimizer = model.setup_optimizer(unembedding_lr=cfg.unembedding_lr * lr_scale,
+                                      embedding_lr=cfg.embedding_lr * lr_scale, matrix_lr=cfg.matrix_lr * lr_scale,
+                                      weight_decay=hp["weight_decay"], scalar_lr=cfg.scalar_lr * lr_scale)
+    loop_state, loader_state = LoopState(), None
+    if resume_step is not None:
+        model_data, optim_data, meta = load_checkpoint(ctx.checkpoint_dir, resume_step, device, load_optimizer=True,
+                                                       rank=ctx.rank, world_size=W)
+        model.load_state_dict(model_data)
+        optimizer.load_state_dict(optim_data)
+        loop_state = LoopState(**meta["loop_state"])
+        loader_state = meta["loader_states"]
+        print0(f"resumed from step {resume_step} of {num_iterations} ({ctx.checkpoint_dir})")
+    compile_model = cfg.compile if cfg.compile >= 0 else int(device.type == "cuda")
+    compiled = torch.compile(model, dynamic=False) if compile_model else None
+
+    n_params = model.num_scaling_params()
+    flops_per_token = model.estimate_flops()
+    print0(f"model: depth {cfg.depth}, n_embd {config.n_embd}, heads {config.n_head}, "
+           f"params {n_params['total']:,} (scaling {n_params['scaling']:,}), FLOPs/token {flops_per_token:.3e}")
+    print0(f"batch: {total_batch:,} tokens = {B} x {T} x {W} workers x {accum} accumulation steps; "
+           f"{num_iterations} steps, {num_iterations * total_batch:,} tokens; lr scale {lr_scale:.3f}, "
+           f"weight decay {hp['weight_decay']:.4f}")
+
+    train_batches = batch_source.train(ctx.rank, W, device, loader_state)
+    eval_steps = max(1, cfg.eval_tokens // (B * T * W))
+
+    def val_bpb(step):
+        from nanochat.loss_eval import evaluate_bpb
+        batches = ((x, y) for x, y in batch_source.val(ctx.rank, W, device))
+        return {"val_bpb": evaluate_bpb(model, batches, eval_steps, token_bytes)}
+
+    def sample(step):
+        from nanochat.engine import Engine
+        engine = Engine(model, tokenizer)
+        for prompt in SAMPLE_PROMPTS:
+            tokens = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+            out, _ = engine.generate_batch(tokens, num_samples=1, max_tokens=16, temperature=0.0)
+            print0(tokenizer.decode(out[0]))
+
+    def schedule(step):
+        lrm = lr_multiplier(step, num_iterations, cfg.warmup_steps, cfg.warmdown_ratio, cfg.final_lr_frac)
+        return (lrm, muon_momentum(step, num_iterations, cfg.warmdown_ratio),
+                hp["weight_decay"] * weight_decay_factor(step, num_iterations))
+
+    meta = dict(model_config=asdict(config), user_config=asdict(cfg), device_batch_size=B, max_seq_len=T,
+                total_batch_size=total_batch, num_iterations=num_iterations, run_id=run_id)
+    evals = [Eval("val_bpb", cfg.eval_every, val_bpb)]
+    t0 = time.time()
+    state = train_loop(model, optimizer, train_batches, num_iterations=num_iterations, grad_accum_steps=accum,
+                       schedule=schedule, ctx=ctx, tokens_per_step=total_batch, flops_per_token=flops_per_token,
+                       evals=evals, sample_fn=sample, sample_every=cfg.sample_every, save_every=cfg.save_every,
+                       report_every=cfg.report_every, meta=meta, loop_state=loop_state, loader_state=loader_state,
+                       compiled_model=compiled)
+    summary = dict(step=state.step, num_iterations=num_iterations, val_bpb=state.best_eval.get("val_bpb"),
+                   smooth_train_loss=state.smooth_train_loss / (1 - 0.9 ** max(state.step, 1)),
+                   total_training_time=state.total_training_time, wall_time=time.time() - t0,
+                   data_wait_time=state.total_data_wait, total_batch_size=total_batch,
+                   num_params=n_params["total"], checkpoint_dir=ctx.checkpoint_dir)
+    print0(f"done: {summary}")
+    return summary
+
+
+def local_context(cfg, base_dir=None):
+    """WorkerContext for a plain process (or one torchrun rank)."""
+    _, rank, _, world, device = compute_init(cfg.device_type or autodetect_device_type(), seed=cfg.seed)
+    ckpt = checkpoint_dir(cfg, base_dir)
+    if "://" not in ckpt:
+        os.makedirs(ckpt, exist_ok=True)
+    return WorkerContext(rank=rank, world_size=world, device=device, checkpoint_dir=ckpt,
+                         metrics_path=ckpt + "/metrics.jsonl" if "://" not in ckpt else None,
+                         peak_flops=device_peak_flops(device))
+
+
+def main(argv=None):
+    parser = BaseTrainConfig.add_args(argparse.ArgumentParser(description="base pretraining in one process"))
+    cfg = BaseTrainConfig.from_args(parser.parse_args(argv))
+    ctx = local_context(cfg)
+    resume_step = find_resume_step(ctx.checkpoint_dir) if cfg.resume else None
+    return base_train_worker(cfg, ctx, run_id=uuid.uuid4().hex, resume_step=resume_step)
+
+
+if __name__ == "__main__":
+    main()

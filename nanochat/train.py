@@ -1,0 +1,193 @@
+"""
+The per-worker training loop shared by base, mid and SFT training (DESIGN §3).
+
+`train_loop` is a plain function: it takes the model, the optimizer, an iterator of (inputs, targets, loader_state)
+micro-batches, the schedules, the evals and a `WorkerContext`. Launchers differ only in the context they pass:
+a plain process (tests, GPU benchmarks, torchrun) uses WorkerContext as is; Ray Train passes one whose
+`on_checkpoint` / `on_metrics` call `ray.train.report` (see ray_jobs/common.py). Nothing here imports Ray.
+
+Loop (SPEC §6.3): it runs num_iterations + 1 iterations so the final eval and save see step N; per iteration:
+evals (all ranks), samples (rank 0), save, stop if last, then one optimizer step over grad_accum micro-batches.
+"""
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from nanochat.checkpoint_manager import save_checkpoint
+from nanochat.common import is_distributed, print0
+
+
+@dataclass
+class LoopState:
+    """What the loop needs to continue exactly where it stopped (saved in the checkpoint meta)."""
+    step: int = 0
+    smooth_train_loss: float = 0.0
+    total_training_time: float = 0.0
+    total_data_wait: float = 0.0
+    best_eval: dict = field(default_factory=dict)
+
+
+@dataclass
+class Eval:
+    """A periodic evaluation run by all ranks: fn(step) -> dict of metrics (floats). every <= 0: last step only."""
+    name: str
+    every: int
+    fn: object
+
+
+@dataclass
+class WorkerContext:
+    """Where this worker is and where its outputs go. Subclassed by launchers (Ray Train) to report upstream."""
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    checkpoint_dir: str = None  # nanochat layout: model_*.pt, optim_*_rank*.pt, meta_*.json
+    metrics_path: str = None  # JSONL written by rank 0
+    peak_flops: float = float("inf")  # per worker, for MFU
+
+    def on_metrics(self, step, metrics):
+        """Called on every rank every `report_every` steps (Ray Train's report is a barrier: all ranks call it)."""
+
+    def on_checkpoint(self, step, metrics):
+        """Called on every rank right after a checkpoint of `step` is complete on storage."""
+
+
+def gather_loader_states(state):
+    """Every rank's loader state, on every rank (the checkpoint needs all of them to resume on any world size)."""
+    if not is_distributed():
+        return [state]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def all_reduce_max_flag(flag, device):
+    """True on every rank if any rank says True (e.g. one rank's data ran out)."""
+    if not is_distributed():
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def save_training_checkpoint(ctx, step, model, optimizer, loader_state, loop_state, meta):
+    """Collective: model (rank 0) + each rank's optimizer shard + meta with every rank's loader state."""
+    loader_states = gather_loader_states(loader_state)
+    meta = {**meta, "step": step, "loader_states": loader_states, "loop_state": asdict(loop_state)}
+    model_data = model.state_dict() if ctx.rank == 0 else None
+    save_checkpoint(ctx.checkpoint_dir, step, model_data, optimizer.state_dict(), meta, rank=ctx.rank)
+
+
+def _is_due(step, every, last_step):
+    return last_step or (every > 0 and step % every == 0)
+
+
+def train_loop(model, optimizer, batches, *, num_iterations, grad_accum_steps, schedule, ctx, tokens_per_step,
+               flops_per_token, evals=(), sample_fn=None, sample_every=-1, save_every=-1, report_every=10,
+               meta=None, loop_state=None, loader_state=None, compiled_model=None):
+    """Train to step num_iterations. `batches` yields (x, y, loader_state) micro-batches forever (or until the data
+    is exhausted: then training stops at the next step boundary on all ranks). `schedule(step)` returns
+    (lr_multiplier, muon_momentum or None, muon_weight_decay or None). `loader_state` is the state to checkpoint
+    before any batch is drawn (on resume: the restored one). Returns the final LoopState."""
+    from nanochat.schedules import apply_schedule
+    state = loop_state or LoopState()
+    start_step = state.step
+    fwd = compiled_model or model
+    meta = meta or {}
+    metrics_file = open(ctx.metrics_path, "a") if (ctx.rank == 0 and ctx.metrics_path) else None
+    step = start_step
+    try:
+        while True:
+            last_step = step == num_iterations
+            metrics = {}
+            for ev in evals:
+                if _is_due(step, ev.every, last_step):
+                    model.eval()
+                    result = ev.fn(step)
+                    model.train()
+                    metrics.update(result)
+                    for k, v in result.items():
+                        state.best_eval[k] = min(v, state.best_eval.get(k, math.inf)) if "loss" in k or "bpb" in k \
+                            else max(v, state.best_eval.get(k, -math.inf))
+            if metrics:
+                print0(f"step {step:05d} | " + " | ".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
+            if sample_fn is not None and ctx.rank == 0 and sample_every > 0 and (step % sample_every == 0 or last_step):
+                model.eval()
+                sample_fn(step)
+                model.train()
+            if step > start_step and (last_step or (save_every > 0 and step % save_every == 0)):
+                state.step = step
+                save_training_checkpoint(ctx, step, model, optimizer, loader_state, state, meta)
+                ctx.on_checkpoint(step, {"step": step, **metrics})
+            elif metrics:
+                ctx.on_metrics(step, {"step": step, **metrics})
+            if metrics_file is not None and metrics:
+                metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
+                metrics_file.flush()
+            if last_step:
+                break
+
+            # ---- one optimization step ----
+            t0 = time.perf_counter()
+            data_wait = 0.0
+            exhausted = False
+            loss_sum = 0.0
+            for _ in range(grad_accum_steps):
+                td = time.perf_counter()
+                try:
+                    x, y, loader_state = next(batches)
+                except StopIteration:
+                    exhausted = True
+                    break
+                data_wait += time.perf_counter() - td
+                loss = fwd(x, y)
+                (loss / grad_accum_steps).backward()
+                loss_sum += loss.detach()
+            if all_reduce_max_flag(exhausted, ctx.device):
+                print0(f"data exhausted at step {step}: stopping")
+                num_iterations = step  # the next iteration is the last: eval + save
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            lrm, momentum, wd = schedule(step)
+            apply_schedule(optimizer, lrm, momentum, wd)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            train_loss = loss_sum / grad_accum_steps
+            if is_distributed():  # log the global batch's loss, not rank 0's share of it
+                dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
+            train_loss = train_loss.item()  # the host sync that makes dt honest
+            dt = time.perf_counter() - t0
+
+            step += 1
+            # debiased EMA of the loss (beta 0.9), as nanochat prints
+            state.smooth_train_loss = 0.9 * state.smooth_train_loss + 0.1 * train_loss
+            debiased = state.smooth_train_loss / (1 - 0.9 ** step)
+            if step > 10:  # the first steps include compilation / warm-up
+                state.total_training_time += dt
+            state.total_data_wait += data_wait
+            tok_per_sec = tokens_per_step / dt
+            mfu = 100 * flops_per_token * tokens_per_step / dt / (ctx.peak_flops * ctx.world_size)
+            remaining = (num_iterations - step) * dt
+            line = dict(step=step, loss=debiased, raw_loss=train_loss, lrm=lrm, dt_ms=dt * 1000,
+                        tok_per_sec=tok_per_sec, mfu=mfu, data_wait_pct=100 * data_wait / dt,
+                        total_time=state.total_training_time)
+            print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | loss: {debiased:.6f}"
+                   f" | lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,.0f} | mfu: {mfu:.2f}"
+                   f" | data wait: {100 * data_wait / dt:.1f}% | total time: {state.total_training_time / 60:.2f}m"
+                   f" | eta: {remaining / 60:.1f}m")
+            if metrics_file is not None:
+                metrics_file.write(json.dumps(line) + "\n")
+                if step % report_every == 0:
+                    metrics_file.flush()
+            if step % report_every == 0 and step != num_iterations:
+                ctx.on_metrics(step, line)
+    finally:
+        if metrics_file is not None:
+            metrics_file.close()
+    state.step = step
+    return state

@@ -1,0 +1,121 @@
+"""
+Running a nanochat worker function under Ray Train (shared by base_train, mid_train, chat_sft, chat_rl).
+
+Ray Train starts the process group, places the workers, restarts them after a failure and keeps a record of the
+checkpoints. The checkpoints themselves are written by nanochat.checkpoint_manager straight into the storage root
+in nanochat's layout; what we report to Ray is a tiny pointer ({"step", "run_id"}) so a restarted worker group
+knows which run to continue. On restart the workers resume from the newest *complete* step of their run in the
+checkpoint dir, which may be newer than the last pointer Ray registered (a hard crash can drop the in-flight
+report, RAY.md P4).
+"""
+import json
+import os
+import tempfile
+import uuid
+
+import torch
+
+from nanochat.checkpoint_manager import read_meta
+from nanochat.train import WorkerContext
+
+
+class RayWorkerContext(WorkerContext):
+    """Metrics and checkpoints go to ray.train.report (a barrier: every rank calls it the same number of times)."""
+
+    def __init__(self, run_id, **kwargs):
+        super().__init__(**kwargs)
+        self.run_id = run_id
+
+    def on_metrics(self, step, metrics):
+        import ray.train
+        ray.train.report(_floats(metrics))
+
+    def on_checkpoint(self, step, metrics):
+        import ray.train
+        if self.rank != 0:
+            ray.train.report(_floats(metrics), checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            with open(os.path.join(d, "pointer.json"), "w") as f:
+                json.dump({"step": step, "run_id": self.run_id, "checkpoint_dir": self.checkpoint_dir}, f)
+            ray.train.report(_floats(metrics), checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _floats(metrics):
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def _restart_pointer():
+    """The pointer of the latest checkpoint Ray registered for this run (None on a first start)."""
+    import ray.train
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        with open(os.path.join(d, "pointer.json")) as f:
+            return json.load(f)
+
+
+def worker_entry(train_config):
+    """Runs in every Ray Train worker: build the context, work out where to resume, call the nanochat worker."""
+    import ray.train
+    from nanochat.base_train import find_resume_step
+    from nanochat.common import device_peak_flops
+    tc = dict(train_config)
+    os.environ["NANOCHAT_BASE_DIR"] = tc["base_dir"]  # the storage root, whatever this node's environment says
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    if tc["use_gpu"]:
+        device = ray.train.torch.get_device()
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    torch.set_num_threads(max(1, tc.get("threads_per_worker") or torch.get_num_threads()))
+    ckpt_dir = tc["checkpoint_dir"]
+    run_id, resume_step = tc["run_id"], tc["resume_step"]
+    pointer = _restart_pointer()
+    if pointer is not None:  # a restarted worker group: continue this run from its newest complete step
+        run_id = pointer["run_id"]
+        resume_step = find_resume_step(ckpt_dir, run_id)
+        if rank == 0:
+            print(f"restarted: resuming run {run_id[:8]} from step {resume_step}", flush=True)
+    ctx = RayWorkerContext(run_id, rank=rank, world_size=world, device=device, checkpoint_dir=ckpt_dir,
+                           metrics_path=tc.get("metrics_path") if rank == 0 else None,
+                           peak_flops=device_peak_flops(device))
+    return tc["worker_fn"](tc["cfg"], ctx, run_id=run_id, resume_step=resume_step, **tc.get("worker_kwargs", {}))
+
+
+def run_trainer(worker_fn, cfg, *, name, checkpoint_dir, storage, num_workers, use_gpu, resume_step=None,
+                cpus_per_worker=1, max_failures=3, worker_kwargs=None, metrics_path=None):
+    """Launch `worker_fn(cfg, ctx, run_id=, resume_step=, **worker_kwargs)` on num_workers Ray Train workers and
+    return the final checkpoint's meta (step, loop_state, ...) merged with its reported metrics. Each call is a new
+    Ray run (fresh name); resuming a previous run is explicit (resume_step), restarts after failures are automatic
+    (max_failures)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    run_id = uuid.uuid4().hex
+    resources = {"CPU": cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = 1
+    ray_storage = storage.rstrip("/") + "/ray_runs" if "://" in storage else os.path.join(storage, "ray_runs")
+    trainer = TorchTrainer(
+        worker_entry,
+        train_loop_config=dict(worker_fn=worker_fn, cfg=cfg, run_id=run_id, resume_step=resume_step,
+                               checkpoint_dir=checkpoint_dir, base_dir=storage, use_gpu=use_gpu,
+                               metrics_path=metrics_path,
+                               threads_per_worker=cpus_per_worker, worker_kwargs=worker_kwargs or {}),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=f"{name}-{run_id[:8]}", storage_path=ray_storage,
+            # finite limits: a lost node must not hang the job forever (RAY.md P5)
+            failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    result = trainer.fit()
+    final = {}
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as d:
+            with open(os.path.join(d, "pointer.json")) as f:
+                pointer = json.load(f)
+        final = {**read_meta(checkpoint_dir, pointer["step"]).get("loop_state", {}), **(result.metrics or {})}
+    return final
