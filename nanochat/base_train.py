@@ -7,7 +7,7 @@ import argparse
 import os
 import time
 import uuid
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -16,7 +16,7 @@ from nanochat.common import autodetect_device_type, compute_init, device_peak_fl
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.schedules import derive_hyperparameters, grad_accum_steps, lr_multiplier, muon_momentum, \
     weight_decay_factor
-from nanochat.train import Eval, LoopState, WorkerContext, train_loop
+from nanochat.train import ArgsMixin, Eval, LoopState, WorkerContext, train_loop
 
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
                   "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
@@ -24,7 +24,7 @@ SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
 
 
 @dataclass
-class BaseTrainConfig:
+class BaseTrainConfig(ArgsMixin):
     # model (the --depth dial derives width and heads)
     depth: int = 20
     aspect_ratio: int = 64
@@ -61,22 +61,6 @@ class BaseTrainConfig:
     device_type: str = ""  # autodetect
     compile: int = -1  # -1: on for CUDA, off elsewhere
     seed: int = 42
-
-    @classmethod
-    def add_args(cls, parser):
-        """One --flag per field (dashes), with the dataclass defaults."""
-        for f in fields(cls):
-            flag = "--" + f.name.replace("_", "-")
-            if f.type is bool or f.type == "bool":
-                parser.add_argument(flag, action="store_true", default=f.default)
-            else:
-                typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-                parser.add_argument(flag, type=typ, default=f.default)
-        return parser
-
-    @classmethod
-    def from_args(cls, args):
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
 def model_config(cfg, vocab_size):

@@ -13,13 +13,32 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.common import is_distributed, print0
+
+
+class ArgsMixin:
+    """argparse for plain dataclass configs: one --flag per field (dashes), with the dataclass defaults."""
+
+    @classmethod
+    def add_args(cls, parser):
+        for f in fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            if f.type in (bool, "bool"):
+                parser.add_argument(flag, action="store_true", default=f.default)
+            else:
+                parser.add_argument(flag, type={"int": int, "float": float, "str": str}.get(f.type, f.type),
+                                    default=f.default)
+        return parser
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
 @dataclass
@@ -90,8 +109,8 @@ def _is_due(step, every, last_step):
 def train_loop(model, optimizer, batches, *, num_iterations, grad_accum_steps, schedule, ctx, tokens_per_step,
                flops_per_token, evals=(), sample_fn=None, sample_every=-1, save_every=-1, report_every=10,
                meta=None, loop_state=None, loader_state=None, compiled_model=None):
-    """Train to step num_iterations. `batches` yields (x, y, loader_state) micro-batches forever (or until the data
-    is exhausted: then training stops at the next step boundary on all ranks). `schedule(step)` returns
+    """Train to step num_iterations. tokens_per_step=None counts the tokens of the actual batches (for variable
+    lengths). `batches` yields (x, y, loader_state) micro-batches forever (or until the data is exhausted: then training stops at the next step boundary on all ranks). `schedule(step)` returns
     (lr_multiplier, muon_momentum or None, muon_weight_decay or None). `loader_state` is the state to checkpoint
     before any batch is drawn (on resume: the restored one). Returns the final LoopState."""
     from nanochat.schedules import apply_schedule
@@ -99,6 +118,7 @@ def train_loop(model, optimizer, batches, *, num_iterations, grad_accum_steps, s
     start_step = state.step
     fwd = compiled_model or model
     meta = meta or {}
+    count_tokens = tokens_per_step is None  # variable-length batches (SFT): count what was actually trained on
     metrics_file = open(ctx.metrics_path, "a") if (ctx.rank == 0 and ctx.metrics_path) else None
     step = start_step
     try:
@@ -136,7 +156,7 @@ def train_loop(model, optimizer, batches, *, num_iterations, grad_accum_steps, s
             t0 = time.perf_counter()
             data_wait = 0.0
             exhausted = False
-            loss_sum = 0.0
+            loss_sum, step_tokens = 0.0, 0
             for _ in range(grad_accum_steps):
                 td = time.perf_counter()
                 try:
@@ -148,6 +168,7 @@ def train_loop(model, optimizer, batches, *, num_iterations, grad_accum_steps, s
                 loss = fwd(x, y)
                 (loss / grad_accum_steps).backward()
                 loss_sum += loss.detach()
+                step_tokens += x.numel() * ctx.world_size
             if all_reduce_max_flag(exhausted, ctx.device):
                 print0(f"data exhausted at step {step}: stopping")
                 num_iterations = step  # the next iteration is the last: eval + save
@@ -170,8 +191,9 @@ def train_loop(model, optimizer, batches, *, num_iterations, grad_accum_steps, s
             if step > 10:  # the first steps include compilation / warm-up
                 state.total_training_time += dt
             state.total_data_wait += data_wait
-            tok_per_sec = tokens_per_step / dt
-            mfu = 100 * flops_per_token * tokens_per_step / dt / (ctx.peak_flops * ctx.world_size)
+            step_tokens = step_tokens if count_tokens else tokens_per_step
+            tok_per_sec = step_tokens / dt
+            mfu = 100 * flops_per_token * step_tokens / dt / (ctx.peak_flops * ctx.world_size)
             remaining = (num_iterations - step) * dt
             line = dict(step=step, loss=debiased, raw_loss=train_loss, lrm=lrm, dt_ms=dt * 1000,
                         tok_per_sec=tok_per_sec, mfu=mfu, data_wait_pct=100 * data_wait / dt,

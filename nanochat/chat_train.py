@@ -1,0 +1,268 @@
+"""
+Midtraining (SPEC §9) and chat SFT (SPEC §10, OLD recipe), one worker's view. Same loop, same launchers and
+checkpoint contract as base training (nanochat/train.py); what differs is the data and the schedule:
+- mid: conversations rendered to token ids and packed best-fit into full rows; the loss is on every token (the
+  model learns the chat format itself); one epoch of the mixture; lr flat then linear to 0 over the last 20%.
+- sft: one conversation per row, padded; loss only on what the assistant writes (render_conversation's mask);
+  lr linear to 0 from init_lr_frac.
+"""
+import argparse
+import math
+import os
+import random
+import uuid
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+from nanochat.checkpoint_manager import SOURCE_DIRS, find_largest_model, load_checkpoint, load_model
+from nanochat.common import get_base_dir, is_distributed, print0
+from nanochat.dataloader import BestFitPacker
+from nanochat.train import ArgsMixin, Eval, LoopState, WorkerContext, train_loop
+
+
+@dataclass
+class ChatTrainConfig(ArgsMixin):
+    stage: str = "mid"  # mid | sft
+    source: str = ""  # checkpoint to start from: base|mid (default: base for mid, mid for sft)
+    model_tag: str = ""  # default: the largest d<N> of the source
+    model_step: int = -1  # default: the source's last step
+    max_seq_len: int = 2048
+    device_batch_size: int = -1  # mid: rows per micro-batch (32); sft: conversations per micro-batch (4)
+    total_batch_size: int = 524288  # mid: tokens per step
+    target_examples_per_step: int = 32  # sft: conversations per step
+    num_epochs: int = 1  # sft
+    num_iterations: int = -1  # -1: one epoch (mid) / num_epochs (sft)
+    unembedding_lr: float = 0.004
+    embedding_lr: float = 0.2
+    matrix_lr: float = 0.02
+    scalar_lr: float = 0.5
+    weight_decay: float = 0.0
+    init_lr_frac: float = -1.0  # -1: 1.0 for mid, 0.02 for sft
+    eval_every: int = -1  # -1: 150 (mid) / 100 (sft)
+    eval_tokens: int = 20 * 524288  # mid: val bpb tokens
+    eval_steps: int = 100  # sft: val loss batches
+    save_every: int = -1
+    report_every: int = 10
+    task_data: str = ""  # offline task files laid out like ../shared/data (default $NANOCHAT_TASK_DATA)
+    identity: str = ""  # identity conversations JSONL (default <storage>/identity_conversations.jsonl if present)
+    mixture_scale: float = 1.0  # shrink the synthetic spelling tasks for small runs
+    buffer_size: int = 100
+    resume: bool = False
+    run: str = "dummy"
+    device_type: str = ""
+    seed: int = 42
+
+    def resolved(self):
+        """Fill the stage-dependent defaults."""
+        mid = self.stage == "mid"
+        out = dict(source=self.source or ("base" if mid else "mid"),
+                   device_batch_size=self.device_batch_size if self.device_batch_size > 0 else (32 if mid else 4),
+                   init_lr_frac=self.init_lr_frac if self.init_lr_frac >= 0 else (1.0 if mid else 0.02),
+                   eval_every=self.eval_every if self.eval_every >= 0 else (150 if mid else 100),
+                   task_data=self.task_data or os.environ.get("NANOCHAT_TASK_DATA", ""),
+                   identity=self.identity or os.path.join(get_base_dir(), "identity_conversations.jsonl"))
+        return ChatTrainConfig(**{**asdict(self), **out})
+
+
+def output_dir(cfg, base_dir=None):
+    """<storage>/mid_checkpoints/<tag> or <storage>/chatsft_checkpoints/<tag>; tag = the source model's tag."""
+    base_dir = base_dir or get_base_dir()
+    tag = cfg.model_tag or find_largest_model(base_dir.rstrip("/") + "/" + SOURCE_DIRS[cfg.source])
+    return base_dir.rstrip("/") + f"/{SOURCE_DIRS[cfg.stage]}/{tag}"
+
+
+def build_mixture(cfg, split):
+    from tasks.mixtures import mid_mixture, sft_mixture
+    make = mid_mixture if cfg.stage == "mid" else sft_mixture
+    return make(split, task_data=cfg.task_data or None, identity=cfg.identity, scale=cfg.mixture_scale)
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+def _start_index(resume_state, rank, world_size):
+    """Conversations are strided over ranks (rank r reads r, r+W, ...). On resume (any W), restart from the
+    smallest next-index of the old ranks: at most W-1 conversations per rank are seen twice, the packing buffers'
+    contents are skipped."""
+    if not resume_state:
+        return rank
+    base = min(s["next"] - s["rank"] for s in resume_state)
+    return base + rank
+
+
+def packed_conversations(dataset, tokenizer, B, T, rank, world_size, device, resume_state=None, buffer_size=100):
+    """Midtraining batches: rendered conversations (ids only) packed best-fit into (B, T+1) rows; targets on every
+    token. One pass over the dataset, then StopIteration. Yields (inputs, targets, state)."""
+    packer = BestFitPacker(B, T, buffer_size, bos_token_id=tokenizer.get_bos_token_id())
+    index = _start_index(resume_state, rank, world_size)
+
+    def refill():
+        nonlocal index
+        if index >= len(dataset):
+            return False
+        ids, _ = tokenizer.render_conversation(dataset[index], max_tokens=T + 1)
+        packer.add([ids])
+        index += world_size
+        return True
+
+    while True:
+        rows = packer.pack_batch(refill)
+        if rows is None:
+            return
+        full = torch.tensor(rows, dtype=torch.long)
+        state = {"rank": rank, "world_size": world_size, "next": index, "buffered": len(packer)}
+        yield full[:, :-1].to(device), full[:, 1:].to(device), state
+
+
+def padded_conversations(dataset, tokenizer, B, T, rank, world_size, device, resume_state=None, num_epochs=None):
+    """SFT batches: B conversations per micro-batch, right-padded with <|assistant_end|> to the longest; targets are
+    -1 where the mask is 0 (prompt, tool output) and at padding. Rank-strided, repeats for num_epochs (None =
+    forever). Yields (inputs, targets, state)."""
+    pad = tokenizer.encode_special("<|assistant_end|>")
+    index = _start_index(resume_state, rank, world_size)
+    while True:
+        batch = []
+        while len(batch) < B:
+            epoch, i = divmod(index, len(dataset))
+            if num_epochs is not None and epoch >= num_epochs:
+                return
+            batch.append(tokenizer.render_conversation(dataset[i], max_tokens=T + 1))
+            index += world_size
+        width = max(len(ids) for ids, _ in batch) - 1
+        inputs = torch.full((B, width), pad, dtype=torch.long)
+        targets = torch.full((B, width), -1, dtype=torch.long)
+        for row, (ids, mask) in enumerate(batch):
+            ids_t, mask_t = torch.tensor(ids), torch.tensor(mask)
+            n = len(ids) - 1
+            inputs[row, :n] = ids_t[:-1]
+            targets[row, :n] = torch.where(mask_t[1:] == 1, ids_t[1:], -1)
+        yield inputs.to(device), targets.to(device), {"rank": rank, "world_size": world_size, "next": index}
+
+
+def estimate_epoch_tokens(dataset, tokenizer, T, samples=1000):
+    """Rendered tokens in one pass of the dataset, from a fixed sample (the same on every rank)."""
+    rng = random.Random(0)
+    idx = [rng.randrange(len(dataset)) for _ in range(min(samples, len(dataset)))]
+    lengths = [min(len(tokenizer.render_conversation(dataset[i], max_tokens=T + 1)[0]), T + 1) for i in idx]
+    return sum(lengths) / len(lengths) * len(dataset)
+
+
+# -----------------------------------------------------------------------------
+# The worker
+
+def chat_train_worker(cfg, ctx=None, run_id=None, resume_step=None, tokenizer=None):
+    """Midtrain or SFT on this worker; returns a summary dict. resume_step: continue this stage's checkpoint."""
+    cfg = cfg.resolved()
+    ctx = ctx or WorkerContext()
+    device, rank, W = ctx.device, ctx.rank, ctx.world_size
+    torch.manual_seed(cfg.seed)
+    tag = os.path.basename(ctx.checkpoint_dir.rstrip("/"))
+    model, loaded_tokenizer, source_meta = load_model(cfg.source, device, "train", model_tag=tag,
+                                                      step=cfg.model_step if cfg.model_step >= 0 else None)
+    tokenizer = tokenizer or loaded_tokenizer
+    config = model.config
+    T = min(cfg.max_seq_len, config.sequence_len)
+    B = cfg.device_batch_size
+    optimizer = model.setup_optimizer(unembedding_lr=cfg.unembedding_lr, embedding_lr=cfg.embedding_lr,
+                                      matrix_lr=cfg.matrix_lr, weight_decay=cfg.weight_decay,
+                                      scalar_lr=cfg.scalar_lr)
+    for group in optimizer.param_groups:  # start from a fraction of the lrs (SFT: 2%)
+        group["lr"] = group["initial_lr"] = group["initial_lr"] * cfg.init_lr_frac
+
+    train_set, val_set = build_mixture(cfg, "train"), build_mixture(cfg, "val")
+    if cfg.stage == "mid":
+        total_batch = cfg.total_batch_size
+        accum = max(1, total_batch // (B * T * W))
+        if total_batch % (B * T * W):
+            raise ValueError(f"total batch {total_batch} is not a multiple of {B}*{T}*{W}")
+        epoch_steps = math.ceil(estimate_epoch_tokens(train_set, tokenizer, T) / total_batch)
+        num_iterations = cfg.num_iterations if cfg.num_iterations > 0 else epoch_steps
+
+        def batches(resume_state):
+            return packed_conversations(train_set, tokenizer, B, T, rank, W, device, resume_state, cfg.buffer_size)
+
+        def schedule(step):
+            progress = step / num_iterations
+            lrm = 1.0 if progress < 0.8 else 1 - (progress - 0.8) / 0.2
+            return lrm, 0.85 + 0.10 * min(step / 300, 1.0), None
+    else:
+        if cfg.target_examples_per_step % (B * W):
+            raise ValueError(f"target_examples_per_step {cfg.target_examples_per_step} is not a multiple of "
+                             f"device_batch_size*workers = {B}*{W}")
+        accum = cfg.target_examples_per_step // (B * W)
+        total_batch = None  # variable-length rows: the loop counts tokens
+        num_iterations = cfg.num_iterations if cfg.num_iterations > 0 else \
+            max(1, len(train_set) // cfg.target_examples_per_step * cfg.num_epochs)
+
+        def batches(resume_state):
+            return padded_conversations(train_set, tokenizer, B, T, rank, W, device, resume_state)
+
+        def schedule(step):
+            return 1.0 - step / num_iterations, None, None
+
+    loop_state, loader_state = LoopState(), None
+    if resume_step is not None:
+        model_data, optim_data, meta = load_checkpoint(ctx.checkpoint_dir, resume_step, device, load_optimizer=True,
+                                                       rank=rank, world_size=W)
+        model.load_state_dict(model_data)
+        optimizer.load_state_dict(optim_data)
+        loop_state, loader_state = LoopState(**meta["loop_state"]), meta["loader_states"]
+        print0(f"resumed {cfg.stage} from step {resume_step} ({ctx.checkpoint_dir})")
+    print0(f"{cfg.stage}: {len(train_set):,} train conversations, {num_iterations} steps, "
+           f"{accum} accumulation steps x {B} rows x {W} workers, from {cfg.source} {tag}")
+
+    if cfg.stage == "mid":
+        from nanochat.loss_eval import evaluate_bpb
+        from nanochat.tokenizer import get_token_bytes
+        token_bytes = get_token_bytes(device=device)
+        eval_steps = max(1, cfg.eval_tokens // (B * T * W))
+
+        def evaluate(step):
+            val = ((x, y) for x, y, _ in packed_conversations(val_set, tokenizer, B, T, rank, W, device))
+            return {"val_bpb": evaluate_bpb(model, val, eval_steps, token_bytes)}
+    else:
+        @torch.no_grad()
+        def evaluate(step):
+            total, count = torch.zeros((), device=device), torch.zeros((), device=device)
+            val = padded_conversations(val_set, tokenizer, B, T, rank, W, device, num_epochs=1)
+            for _, (x, y, _) in zip(range(cfg.eval_steps), val):
+                total += model(x, y, loss_reduction="sum")
+                count += (y >= 0).sum()
+            if is_distributed():
+                dist.all_reduce(total)
+                dist.all_reduce(count)
+            return {"val_loss": (total / count.clamp(min=1)).item()}
+
+    meta = dict(model_config=asdict(config), user_config=asdict(cfg), stage=cfg.stage, source=cfg.source,
+                source_step=source_meta.get("step"), run_id=run_id, device_batch_size=B, max_seq_len=T)
+    state = train_loop(model, optimizer, batches(loader_state), num_iterations=num_iterations, grad_accum_steps=accum,
+                       schedule=schedule, ctx=ctx, tokens_per_step=total_batch,
+                       flops_per_token=model.estimate_flops(), evals=[Eval("val", cfg.eval_every, evaluate)],
+                       save_every=cfg.save_every, report_every=cfg.report_every, meta=meta, loop_state=loop_state,
+                       loader_state=loader_state)
+    summary = dict(step=state.step, num_iterations=num_iterations, stage=cfg.stage,
+                   total_training_time=state.total_training_time, checkpoint_dir=ctx.checkpoint_dir,
+                   **state.best_eval)
+    print0(f"done: {summary}")
+    return summary
+
+
+def main(argv=None):
+    """One process (or one torchrun rank)."""
+    from nanochat.base_train import find_resume_step
+    from nanochat.common import autodetect_device_type, compute_init, device_peak_flops
+    parser = ChatTrainConfig.add_args(argparse.ArgumentParser(description="midtraining / SFT in one process"))
+    cfg = ChatTrainConfig.from_args(parser.parse_args(argv)).resolved()
+    _, rank, _, world, device = compute_init(cfg.device_type or autodetect_device_type(), seed=cfg.seed)
+    ckpt = output_dir(cfg)
+    os.makedirs(ckpt, exist_ok=True)
+    ctx = WorkerContext(rank=rank, world_size=world, device=device, checkpoint_dir=ckpt,
+                        metrics_path=ckpt + "/metrics.jsonl", peak_flops=device_peak_flops(device))
+    resume_step = find_resume_step(ckpt) if cfg.resume else None
+    return chat_train_worker(cfg, ctx, run_id=uuid.uuid4().hex, resume_step=resume_step)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Midtraining and SFT: batch construction (packing, masks, padding, striding, resume) and end-to-end stages."""
+import gzip
+import json
+import os
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from conftest import SHARED_DATA
+from nanochat.chat_train import ChatTrainConfig, chat_train_worker, output_dir, packed_conversations, \
+    padded_conversations
+from nanochat.checkpoint_manager import list_steps, read_meta, save_checkpoint
+from nanochat.gpt import GPTConfig, build_model
+from nanochat.train import WorkerContext
+
+CONVS = [{"messages": [{"role": "user", "content": f"question number {i}?"},
+                       {"role": "assistant", "content": f"answer {i} " * (1 + i % 5)}]} for i in range(40)]
+
+
+def test_packed_conversations_cover_each_once_with_all_tokens_as_targets(tiny_tokenizer):
+    seen = []
+    for rank in range(2):
+        for x, y, state in packed_conversations(CONVS, tiny_tokenizer, 2, 24, rank, 2, "cpu", buffer_size=4):
+            assert x.shape == y.shape == (2, 24)
+            assert (x[:, 0] == tiny_tokenizer.get_bos_token_id()).all()  # rows start at a conversation
+            assert (y >= 0).all()  # midtraining: every token is a target
+            assert torch.equal(x[:, 1:], y[:, :-1])
+        seen.append(state["next"])
+    assert seen[0] >= 40 and seen[1] >= 40  # each rank walked to the end of its stride
+
+
+def test_padded_conversations_mask_and_padding(tiny_tokenizer):
+    tok = tiny_tokenizer
+    x, y, state = next(padded_conversations(CONVS, tok, 3, 64, 0, 1, "cpu"))
+    pad = tok.encode_special("<|assistant_end|>")
+    for row in range(3):
+        ids, mask = tok.render_conversation(CONVS[row], max_tokens=65)
+        n = len(ids) - 1
+        assert x[row, :n].tolist() == ids[:-1] and (x[row, n:] == pad).all()
+        expect = [t if m else -1 for t, m in zip(ids[1:], mask[1:])]
+        assert y[row, :n].tolist() == expect and (y[row, n:] == -1).all()
+        assert any(t >= 0 for t in expect) and expect[0] == -1  # only the assistant's tokens are supervised
+    assert state == {"rank": 0, "world_size": 1, "next": 3}
+
+
+def test_sft_striding_and_resume_on_another_world_size(tiny_tokenizer):
+    def rows(rank, world, resume=None, n=2):
+        gen = padded_conversations(CONVS, tiny_tokenizer, 2, 64, rank, world, "cpu", resume)
+        return [next(gen) for _ in range(n)]
+    r0, r1 = rows(0, 2), rows(1, 2)
+    assert r0[-1][2]["next"] == 8 and r1[-1][2]["next"] == 9
+    resumed = rows(0, 1, [r0[-1][2], r1[-1][2]], n=1)
+    first, _ = tiny_tokenizer.render_conversation(CONVS[8], max_tokens=65)
+    assert resumed[0][0][0, :len(first) - 1].tolist() == first[:-1]  # continues at conversation 8
+
+
+def test_sft_num_epochs_stops(tiny_tokenizer):
+    batches = list(padded_conversations(CONVS[:6], tiny_tokenizer, 2, 64, 0, 1, "cpu", num_epochs=2))
+    assert len(batches) == 6
+
+
+@pytest.fixture(scope="module")
+def stage_storage(tmp_path_factory, tiny_tokenizer):
+    """A storage root with the tiny tokenizer, a tiny base checkpoint and small offline task files."""
+    root = tmp_path_factory.mktemp("chat_storage")
+    tiny_tokenizer.save(str(root / "tokenizer"))
+    config = GPTConfig(sequence_len=64, vocab_size=tiny_tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2,
+                       n_embd=64)
+    torch.manual_seed(0)
+    model = build_model(config)
+    save_checkpoint(str(root / "base_checkpoints" / "d2"), 5, model.state_dict(), None,
+                    {"model_config": asdict(config), "step": 5})
+    data = root / "task_data"
+    if SHARED_DATA.exists():
+        os.symlink(SHARED_DATA, data)
+    else:  # the offline layout, with a few rows of our own
+        for sub, name, rows in [
+            ("chat", "chatterbot_english_conversations.jsonl.gz", CONVS),
+            ("chat", "fastchat_reference_conversations.jsonl.gz", CONVS[:10]),
+            ("gsm8k", "train.jsonl.gz", [{"question": "What is 2+3?", "answer": "2+3=<<2+3=5>>5\n#### 5"}] * 20),
+            ("gsm8k", "test.jsonl.gz", [{"question": "What is 1+1?", "answer": "<<1+1=2>>2\n#### 2"}] * 5),
+            ("mmlu", "test.jsonl.gz", [{"question": "Pick A", "subject": "x", "choices": ["a", "b", "c", "d"],
+                                        "answer": 0}] * 5),
+            ("arc/ARC-Easy", "train.jsonl.gz", [{"id": "1", "question": "Pick A", "answerKey": "A",
+                                                 "choices": {"text": ["a", "b"], "label": ["A", "B"]}}] * 10),
+            ("arc/ARC-Challenge", "train.jsonl.gz", [{"id": "2", "question": "Pick B", "answerKey": "B",
+                                                      "choices": {"text": ["a", "b"], "label": ["A", "B"]}}] * 10),
+        ]:
+            os.makedirs(data / sub, exist_ok=True)
+            with gzip.open(data / sub / name, "wt") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(root)
+
+
+def run_stage(stage, storage, monkeypatch, tokenizer, **overrides):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", storage)
+    cfg = ChatTrainConfig(stage=stage, max_seq_len=64, device_batch_size=2, total_batch_size=256,
+                          target_examples_per_step=4, num_iterations=6, eval_every=3, eval_tokens=256, eval_steps=2,
+                          save_every=3, task_data=os.path.join(storage, "task_data"), mixture_scale=0.0005,
+                          **overrides).resolved()
+    ckpt = output_dir(cfg, storage)
+    os.makedirs(ckpt, exist_ok=True)
+    ctx = WorkerContext(checkpoint_dir=ckpt, metrics_path=ckpt + "/metrics.jsonl")
+    return chat_train_worker(cfg, ctx, run_id="test", tokenizer=tokenizer), ckpt
+
+
+def test_mid_then_sft_plain_process(stage_storage, tiny_tokenizer, monkeypatch):
+    summary, mid_dir = run_stage("mid", stage_storage, monkeypatch, tiny_tokenizer)
+    assert summary["step"] == 6 and list_steps(mid_dir) == [3, 6] and mid_dir.endswith("mid_checkpoints/d2")
+    meta = read_meta(mid_dir, 6)
+    assert meta["stage"] == "mid" and meta["source"] == "base" and meta["source_step"] == 5
+    assert 0 < summary["val_bpb"] < 20
+    summary, sft_dir = run_stage("sft", stage_storage, monkeypatch, tiny_tokenizer)
+    assert summary["step"] == 6 and sft_dir.endswith("chatsft_checkpoints/d2")
+    assert read_meta(sft_dir, 6)["source"] == "mid" and 0 < summary["val_loss"] < 20
+    losses = [json.loads(line) for line in open(os.path.join(sft_dir, "metrics.jsonl"))]
+    assert [r["step"] for r in losses if "raw_loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_sft_on_ray_two_workers(stage_storage, tiny_tokenizer, ray_local):
+    from ray_jobs.ray_train import run_trainer
+    cfg = ChatTrainConfig(stage="sft", source="base", max_seq_len=64, device_batch_size=2,
+                          target_examples_per_step=4, num_iterations=4, eval_every=2, eval_steps=2, save_every=2,
+                          task_data=os.path.join(stage_storage, "task_data"), mixture_scale=0.0005)
+    ckpt = os.path.join(stage_storage, "chatsft_checkpoints", "ray")
+    os.makedirs(ckpt, exist_ok=True)
+    # the output tag decides the source tag: use a copy of the base checkpoint under the same name
+    base = os.path.join(stage_storage, "base_checkpoints")
+    if not os.path.exists(os.path.join(base, "ray")):
+        os.symlink(os.path.join(base, "d2"), os.path.join(base, "ray"))
+    final = run_trainer(chat_train_worker, cfg, name="sft-ray", checkpoint_dir=ckpt, storage=stage_storage,
+                        num_workers=2, use_gpu=False, max_failures=0, worker_kwargs=dict(tokenizer=tiny_tokenizer))
+    assert final["step"] == 4 and list_steps(ckpt) == [2, 4]
+    meta = read_meta(ckpt, 4)
+    assert meta["world_size"] == 2 and [s["rank"] for s in meta["loader_states"]] == [0, 1]
