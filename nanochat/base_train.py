@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from nanochat.checkpoint_manager import list_steps, load_checkpoint, read_meta
-from nanochat.common import autodetect_device_type, compute_init, device_peak_flops, get_base_dir, print0
+from nanochat.common import (autodetect_device_type, compute_init, device_peak_flops, get_base_dir, init_wandb,
+                             print0)
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.schedules import derive_hyperparameters, grad_accum_steps, lr_multiplier, muon_momentum, \
     weight_decay_factor
@@ -113,6 +114,7 @@ def base_train_worker(cfg, ctx=None, batch_source=None, tokenizer=None, run_id=N
     resume_step: continue from this checkpoint step (launchers pass it on --resume or after a restart)."""
     from nanochat.tokenizer import get_token_bytes, get_tokenizer
     ctx = ctx or WorkerContext()
+    ctx.wandb = init_wandb(cfg.run, "nanochat", asdict(cfg), ctx.rank)
     device = ctx.device
     torch.manual_seed(cfg.seed)
     tokenizer = tokenizer or get_tokenizer()

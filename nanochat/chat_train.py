@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint_manager import SOURCE_DIRS, find_largest_model, load_checkpoint, load_model
-from nanochat.common import get_base_dir, is_distributed, print0
+from nanochat.common import get_base_dir, init_wandb, is_distributed, print0
 from nanochat.dataloader import BestFitPacker
 from nanochat.train import ArgsMixin, Eval, LoopState, WorkerContext, train_loop
 
@@ -156,6 +156,7 @@ def chat_train_worker(cfg, ctx=None, run_id=None, resume_step=None, tokenizer=No
     """Midtrain or SFT on this worker; returns a summary dict. resume_step: continue this stage's checkpoint."""
     cfg = cfg.resolved()
     ctx = ctx or WorkerContext()
+    ctx.wandb = init_wandb(cfg.run, f"nanochat-{cfg.stage}", asdict(cfg), ctx.rank)
     device, rank, W = ctx.device, ctx.rank, ctx.world_size
     torch.manual_seed(cfg.seed)
     tag = os.path.basename(ctx.checkpoint_dir.rstrip("/"))

@@ -148,3 +148,15 @@ class DummyWandb:
 
     def finish(self):
         pass
+
+
+def init_wandb(run_name, project, config, rank=0):
+    """A wandb run on rank 0 when run_name is set (not 'dummy'), else a no-op logger."""
+    if rank != 0 or not run_name or run_name == "dummy":
+        return DummyWandb()
+    try:
+        import wandb
+    except ImportError as e:
+        raise ImportError(f"--run {run_name} asks for wandb logging, but wandb is not installed: pip install wandb "
+                          f"(or leave --run at 'dummy')") from e
+    return wandb.init(project=project, name=run_name, config=config)

@@ -459,6 +459,7 @@ def hub_shards_present(name=DEFAULT_HUB, data_dir=None):
 FALLBACK_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 FALLBACK_TRAIN = os.path.join(FALLBACK_DIR, "gutenberg_train.jsonl.gz")
 FALLBACK_VAL = os.path.join(FALLBACK_DIR, "gutenberg_val.jsonl.gz")
+PACKAGE_TASK_DATA = os.path.join(FALLBACK_DIR, "tasks")  # small offline task pack (chat, GSM8K, ARC, MMLU, CORE)
 FALLBACK_BLOCK_DOCS = 8  # small units so the 73-doc val file still has 10 units to stripe over workers
 
 

@@ -68,6 +68,7 @@ class WorkerContext:
     checkpoint_dir: str = None  # nanochat layout: model_*.pt, optim_*_rank*.pt, meta_*.json
     metrics_path: str = None  # JSONL written by rank 0
     peak_flops: float = float("inf")  # per worker, for MFU
+    wandb: object = None  # rank 0's wandb run (or None): gets every logged line
 
     def on_metrics(self, step, metrics):
         """Called on every rank every `report_every` steps (Ray Train's report is a barrier: all ranks call it)."""
@@ -149,6 +150,8 @@ def train_loop(model, optimizer, batches, *, num_iterations, grad_accum_steps, s
             if metrics_file is not None and metrics:
                 metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
                 metrics_file.flush()
+            if ctx.wandb is not None and metrics:
+                ctx.wandb.log({"step": step, **metrics})
             if last_step:
                 break
 
@@ -202,6 +205,8 @@ def train_loop(model, optimizer, batches, *, num_iterations, grad_accum_steps, s
                    f" | lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,.0f} | mfu: {mfu:.2f}"
                    f" | data wait: {100 * data_wait / dt:.1f}% | total time: {state.total_training_time / 60:.2f}m"
                    f" | eta: {remaining / 60:.1f}m")
+            if ctx.wandb is not None:
+                ctx.wandb.log({f"train/{k}": v for k, v in line.items()})
             if metrics_file is not None:
                 metrics_file.write(json.dumps(line) + "\n")
                 if step % report_every == 0:

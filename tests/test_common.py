@@ -63,3 +63,20 @@ def test_dist_info_from_env(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert common.get_dist_info() == (True, 3, 1, 4)
     assert not common.is_distributed()  # env vars alone do not make collectives run
+
+
+def test_wandb_off_by_default_and_clear_error_when_missing(monkeypatch):
+    import builtins
+
+    from nanochat.common import DummyWandb, init_wandb
+    assert isinstance(init_wandb("dummy", "nanochat", {}), DummyWandb)
+    assert isinstance(init_wandb("myrun", "nanochat", {}, rank=1), DummyWandb)  # only rank 0 logs
+    real_import = builtins.__import__
+
+    def no_wandb(name, *args, **kwargs):
+        if name == "wandb":
+            raise ImportError("No module named 'wandb'")
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    with pytest.raises(ImportError, match="pip install wandb"):
+        init_wandb("myrun", "nanochat", {})

@@ -1,0 +1,200 @@
+"""
+The whole pipeline as one Ray job: data -> tokenizer -> base -> base eval -> mid -> chat eval -> SFT -> chat eval
+-> (RL -> eval) -> report -> (serve). Each stage is its own Ray workload (Ray Data / Ray Train / actor pools)
+sized to the cluster it finds.
+
+    python ray_jobs/speedrun.py [--preset demo|d20|d24] [--storage ROOT] [--num-workers N] [--use-gpu] [--serve]
+        [--set STAGE.FLAG=VALUE ...] [--skip STAGE ...]
+    ray job submit --working-dir . -- python ray_jobs/speedrun.py --preset d20 --storage s3://bucket/run --use-gpu
+
+Re-running the same command resumes: finished stages (recorded in ROOT/speedrun/stages.json) are skipped, an
+interrupted training stage continues from its last checkpoint. `--set base_train.num-iterations=50` overrides
+any stage flag (stage names below). The last line printed is the path of the report.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
+
+from ray_jobs import common  # noqa: E402
+
+STAGES = ["data", "tok_train", "tok_eval", "base_train", "base_eval", "mid_train", "chat_eval_mid", "chat_sft",
+          "chat_eval_sft", "chat_rl", "chat_eval_rl", "report"]
+TRAINING = {"base_train", "mid_train", "chat_sft", "chat_rl"}
+
+# Per preset: flags of each stage (as on that stage's command line). "data" is handled here.
+PRESETS = {
+    # a tiny model that runs the whole pipeline on a 2-core CPU box, offline (shipped corpus and task files)
+    "demo": {
+        "data": {"num-shards": 0},
+        "tok_train": {"data": "auto", "vocab-size": 4096, "max-chars": 3_000_000},
+        "tok_eval": {"data": "auto"},
+        "base_train": {"data": "auto", "depth": 4, "max-seq-len": 256, "window-pattern": "L", "device-batch-size": 8,
+                       "total-batch-size": 2048, "num-iterations": 300, "warmup-steps": 10, "eval-every": 100,
+                       "eval-tokens": 16384, "sample-every": 300, "save-every": 100, "matrix-lr": 0.16,
+                       "embedding-lr": 2.4, "unembedding-lr": 0.064, "scalar-lr": 4.0},
+        "base_eval": {"data": "auto", "max-per-task": 40, "split-tokens": 16384, "device-batch-size": 8,
+                      "core-bundle": "{task_data}/core"},
+        "mid_train": {"max-seq-len": 256, "device-batch-size": 8, "total-batch-size": 2048, "num-iterations": 120,
+                      "eval-every": 60, "eval-tokens": 8192, "save-every": 60, "mixture-scale": 0.005,
+                      "matrix-lr": 0.04, "embedding-lr": 0.4, "unembedding-lr": 0.008},
+        "chat_eval_mid": {"max-problems": 40, "max-new-tokens": 64},
+        "chat_sft": {"max-seq-len": 256, "device-batch-size": 4, "target-examples-per-step": 8,
+                     "num-iterations": 60, "eval-every": 30, "eval-steps": 8, "save-every": 30,
+                     "mixture-scale": 0.1, "init-lr-frac": 0.2},
+        "chat_eval_sft": {"max-problems": 40, "max-new-tokens": 64},
+        "chat_rl": {"num-iterations": 4, "examples-per-step": 2, "num-samples": 4, "device-batch-size": 4,
+                    "max-new-tokens": 48, "eval-every": 4, "eval-examples": 8, "save-every": 4},
+        "chat_eval_rl": {"task-name": "GSM8K", "max-problems": 40, "max-new-tokens": 64},
+    },
+    # nanochat's ~$100 tier: d20 on one 8xH100 node (OLD speedrun, data:param ratio 20)
+    "d20": {
+        "data": {"num-shards": 370},
+        "tok_train": {"data": "hub"},
+        "tok_eval": {"data": "hub"},
+        "base_train": {"data": "hub", "depth": 20, "target-param-data-ratio": 20, "device-batch-size": 32},
+        "base_eval": {"data": "hub"},
+        "mid_train": {}, "chat_eval_mid": {}, "chat_sft": {}, "chat_eval_sft": {},
+        "chat_rl": {}, "chat_eval_rl": {"task-name": "GSM8K"},
+    },
+    # GPT-2 grade: d24 at data:param ratio 8 (NEW speedrun)
+    "d24": {
+        "data": {"num-shards": 170},
+        "tok_train": {"data": "hub"},
+        "tok_eval": {"data": "hub"},
+        "base_train": {"data": "hub", "depth": 24, "target-param-data-ratio": 8, "device-batch-size": 16},
+        "base_eval": {"data": "hub", "device-batch-size": 16},
+        "mid_train": {"device-batch-size": 16}, "chat_eval_mid": {}, "chat_sft": {}, "chat_eval_sft": {},
+        "chat_rl": {}, "chat_eval_rl": {"task-name": "GSM8K"},
+    },
+}
+
+
+def bundled_task_data():
+    """Offline task files: ../shared/data beside the checkout if present, else the small copy in the package."""
+    shared = os.path.join(os.path.dirname(common.REPO_ROOT), "shared", "data")
+    if os.path.isdir(os.path.join(shared, "gsm8k")):
+        return shared
+    from nanochat.dataset import PACKAGE_TASK_DATA
+    return PACKAGE_TASK_DATA
+
+
+def to_argv(flags):
+    argv = []
+    for key, value in flags.items():
+        if value is True:
+            argv.append(f"--{key}")
+        elif value is not False and value is not None:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+class StageLog:
+    """ROOT/speedrun/stages.json: which stages finished, with their results."""
+
+    def __init__(self, root):
+        self.dir = os.path.join(root, "speedrun")
+        os.makedirs(self.dir, exist_ok=True)
+        self.path = os.path.join(self.dir, "stages.json")
+        self.stages = json.load(open(self.path)) if os.path.exists(self.path) else {}
+
+    def done(self, stage):
+        return self.stages.get(stage, {}).get("done", False)
+
+    def started(self, stage):
+        return stage in self.stages
+
+    def record(self, stage, done, result=None):
+        self.stages[stage] = {"done": done, "time": time.time(), "result": result}
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.stages, f, indent=2, default=str)
+        os.replace(tmp, self.path)
+
+
+def run_stage(stage, flags, args, task_data):
+    """Run one stage in this driver (sharing its Ray connection) and return its result."""
+    common_flags = {"storage": args.storage}
+    if stage == "data":
+        from nanochat.dataset import download_or_fallback
+        n = flags.get("num-shards", 0)
+        if n <= 0:
+            return {"source": "auto (downloaded shards if present, else the shipped corpus)"}
+        src = download_or_fallback(n)
+        return {"source": src.description}
+    if stage in TRAINING:
+        common_flags.update({"num-workers": args.num_workers, "use-gpu": args.use_gpu})
+        if stage != "base_train":
+            common_flags["task-data"] = task_data
+    if stage.startswith("chat_eval") or stage == "base_eval":
+        common_flags["num-actors"] = args.num_actors
+    if stage.startswith("chat_eval"):
+        common_flags.update({"source": stage.rsplit("_", 1)[1], "task-data": task_data})
+    module = {"chat_eval_mid": "chat_eval", "chat_eval_sft": "chat_eval", "chat_eval_rl": "chat_eval"}.get(stage, stage)
+    main = __import__(f"ray_jobs.{module}", fromlist=["main"]).main
+    flags = {k: v.format(task_data=task_data) if isinstance(v, str) else v for k, v in flags.items()}
+    return main(to_argv({**common_flags, **flags}))
+
+
+def parse_overrides(items):
+    """['base_train.num-iterations=50', ...] -> {'base_train': {'num-iterations': '50'}}"""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        stage, dot, flag = key.partition(".")
+        if not sep or not dot or stage not in STAGES:
+            raise SystemExit(f"--set wants STAGE.FLAG=VALUE with STAGE in {STAGES}, got {item!r}")
+        out.setdefault(stage, {})[flag] = {"true": True, "false": False}.get(value.lower(), value)
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="demo", choices=sorted(PRESETS))
+    common.add_common_args(parser)
+    parser.add_argument("--num-actors", type=int, default=None, help="evaluation actors (default: all GPUs / 2)")
+    parser.add_argument("--serve", action="store_true", help="serve the final model at the end (blocks)")
+    parser.add_argument("--set", action="append", default=[], metavar="STAGE.FLAG=VALUE", help="override a flag")
+    parser.add_argument("--skip", action="append", default=[], choices=STAGES, help="leave a stage out")
+    parser.add_argument("--task-data", default=None, help="offline task files (default: shipped/../shared copy)")
+    args = parser.parse_args(argv)
+    root = common.storage_root(args.storage)
+    args.storage = root
+    task_data = args.task_data or os.environ.get("NANOCHAT_TASK_DATA") or bundled_task_data()
+    os.environ["NANOCHAT_TASK_DATA"] = task_data
+    common.init_ray()
+    overrides = parse_overrides(args.set)
+    log = StageLog(root)
+    t0 = time.time()
+    if not log.stages:
+        from ray_jobs.report import main as report_main
+        report_main(["reset", "--storage", root])
+    for stage in STAGES:
+        if stage in args.skip or stage == "report":
+            continue
+        if log.done(stage):
+            print(f"== {stage}: done already, skipping")
+            continue
+        flags = {**PRESETS[args.preset].get(stage, {}), **overrides.get(stage, {})}
+        if stage in TRAINING and log.started(stage):
+            flags["resume"] = True  # interrupted last time: continue from its newest checkpoint
+        print(f"== {stage} ({time.time() - t0:.0f}s into the run)", flush=True)
+        log.record(stage, done=False)
+        result = run_stage(stage, flags, args, task_data)
+        log.record(stage, done=True, result=result)
+    from ray_jobs.report import main as report_main
+    report_path = report_main(["generate", "--storage", root])
+    log.record("report", done=True, result=str(report_path))
+    print(f"speedrun finished in {(time.time() - t0) / 60:.1f} min")
+    if args.serve:
+        from serve.app import main as serve_main
+        serve_main(["--storage", root, "--source", "rl" if "chat_rl" not in args.skip else "sft"])
+    print(report_path)
+    return report_path
+
+
+if __name__ == "__main__":
+    main()
