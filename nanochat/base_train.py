@@ -189,6 +189,9 @@ def base_train_worker(cfg, ctx=None, batch_source=None, tokenizer=None, run_id=N
                    data_wait_time=state.total_data_wait, total_batch_size=total_batch,
                    num_params=n_params["total"], checkpoint_dir=ctx.checkpoint_dir)
     print0(f"done: {summary}")
+    from nanochat.report import get_report
+    get_report().log("Base model training", {**asdict(cfg), **{k: v for k, v in summary.items() if v is not None},
+                                             "num_iterations": num_iterations, "world_size": W})
     return summary
 
 

@@ -247,6 +247,8 @@ def chat_train_worker(cfg, ctx=None, run_id=None, resume_step=None, tokenizer=No
                    total_training_time=state.total_training_time, checkpoint_dir=ctx.checkpoint_dir,
                    **state.best_eval)
     print0(f"done: {summary}")
+    from nanochat.report import get_report
+    get_report().log("Midtraining" if cfg.stage == "mid" else "Chat SFT", {**asdict(cfg), **summary, "world_size": W})
     return summary
 
 

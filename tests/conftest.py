@@ -7,6 +7,10 @@ import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
+# Tiny models gain nothing from intra-op threads, and on a loaded 2-core box (Ray workers of other tests, other
+# jobs) oversubscribed threads make them tens of times slower.
+torch.set_num_threads(1)
+
 TOY_CORPUS = [
     "The quick brown fox jumps over the lazy dog. The dog sleeps in the sun.",
     "Hello world! Hello there, how are you doing today? I am doing well, thank you.",

@@ -1,0 +1,161 @@
+"""
+Base-model evaluation: CORE, train/val bits per byte and samples, fanned out over a pool of model replicas.
+
+    python ray_jobs/base_eval.py [--eval core,bpb,sample] [--max-per-task 500] [--num-actors 8] [--core-bundle DIR]
+
+CORE: every example of every task is independent (its few-shot examples come from Random(1234 + idx)), so the
+examples are cut into shards, all shards of all tasks go to the pool at once, and the per-example results are
+gathered in order: the numbers are exactly those of a single-process run. bpb: replica k of A reads stripe k of the
+split (nanochat's rank striding) and the (nats, bytes) sums are added up. Samples: one replica.
+Writes <storage>/base_eval/<tag>.csv and a report section; the last line printed is the CORE score.
+"""
+import argparse
+import math
+import os
+import sys
+import time
+
+if __package__ in (None, ""):  # run as a script: make the repo root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from nanochat.core_eval import (EVAL_BUNDLE_URL, centered, core_metric, download_eval_bundle,  # noqa: E402
+                                load_bundle, load_task_data, write_results_csv)
+from ray_jobs.common import init_ray, storage_root  # noqa: E402
+from ray_jobs.eval_pool import EvalPool, bpb_work, core_work, resolve_checkpoint, sample_work, shards_for  # noqa: E402
+
+SAMPLE_PROMPTS = [
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+]
+EVALS = ("core", "bpb", "sample")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Base model evaluation: CORE, bits per byte, samples")
+    p.add_argument("--storage", default=None, help="storage root (default $NANOCHAT_BASE_DIR or ~/.cache/nanochat)")
+    p.add_argument("--source", default="base", choices=["base", "mid", "sft", "rl"], help="which checkpoints")
+    p.add_argument("--model-tag", default=None, help="default: the largest d<N>")
+    p.add_argument("--step", type=int, default=None, help="default: the last step")
+    p.add_argument("--eval", default="core,bpb,sample", help="comma-separated subset of core,bpb,sample")
+    p.add_argument("--core-bundle", default=None,
+                   help="CORE bundle dir (core.yaml, eval_meta_data.csv, eval_data/); default <storage>/eval_bundle, "
+                        "downloaded when absent")
+    p.add_argument("--bundle-url", default=EVAL_BUNDLE_URL, help="where the bundle zip is downloaded from")
+    p.add_argument("--max-per-task", type=int, default=-1, help="examples per CORE task (-1 = all)")
+    p.add_argument("--num-actors", type=int, default=None,
+                   help="model replicas (default: one per GPU in the cluster, else a few CPU ones)")
+    p.add_argument("--data", default="auto", help="pretraining data source for bpb (see nanochat.dataset)")
+    p.add_argument("--split-tokens", type=int, default=40 * 524288, help="tokens per split for bpb")
+    p.add_argument("--device-batch-size", type=int, default=32, help="rows per bpb batch")
+    p.add_argument("--num-unconditioned", type=int, default=8, help="unconditioned samples (temperature 1)")
+    args = p.parse_args(argv)
+    args.evals = [e.strip() for e in args.eval.split(",") if e.strip()]
+    bad = [e for e in args.evals if e not in EVALS]
+    if bad:
+        p.error(f"--eval: unknown {bad}; choose from {','.join(EVALS)}")
+    return args
+
+
+def core_on_pool(pool, bundle_dir, max_per_task=-1, progress=True):
+    """CORE over the bundle's tasks whose files are present. -> {"results", "centered_results", "core_metric",
+    "missing", "correct" ({label: per-example bools, in example order})}."""
+    import ray
+    jobs, labels, baselines, missing = [], [], {}, []
+    for task in load_bundle(bundle_dir):
+        label = task["label"]
+        if task["data_path"] is None:
+            missing.append(label)
+            continue
+        data = load_task_data(task["data_path"], max_per_task)
+        ref = ray.put(data)  # shipped once; every shard of the task shares it
+        labels.append(label)
+        baselines[label] = task["random_baseline"]
+        for shard in shards_for(len(data), pool.num_actors):
+            jobs.append((f"{label}[{shard[0]}:{shard[-1] + 1}]", core_work, (ref, task["task_meta"], shard),
+                         len(shard)))
+    if missing:
+        print(f"WARNING: CORE task file(s) missing from {bundle_dir}: {', '.join(missing)}; CORE is over "
+              f"{len(labels)} tasks and not comparable to the published number", flush=True)
+    correct = {label: [] for label in labels}
+    for (name, _, _, _), result in zip(jobs, pool.map(jobs, desc="CORE", progress=progress)):
+        correct[name.split("[")[0]].extend(result)
+    results = {label: sum(c) / len(c) for label, c in correct.items()}
+    centered_results = {label: centered(acc, baselines[label]) for label, acc in results.items()}
+    return {"results": results, "centered_results": centered_results, "core_metric": core_metric(centered_results),
+            "missing": missing, "correct": correct}
+
+
+def bpb_on_pool(pool, split, data, batch_size, split_tokens):
+    """Bits per byte of the split, each replica reading its stripe."""
+    A = pool.num_actors
+    jobs = [(f"bpb-{split}[{k}/{A}]", bpb_work, (split, data, batch_size, split_tokens, k, A), 1) for k in range(A)]
+    sums = pool.map(jobs, desc=f"{split} bpb", progress=False)
+    nats, nbytes = sum(s[0] for s in sums), sum(s[1] for s in sums)
+    return nats / (math.log(2) * nbytes) if nbytes else float("inf")
+
+
+def main(argv=None, pool=None):
+    """Run the job; `pool` (optional) is a warm EvalPool to reuse: it is pointed at this checkpoint and left open."""
+    args = parse_args(argv)
+    base_dir = storage_root(args.storage)
+    init_ray()
+    tag, step = resolve_checkpoint(args.source, args.model_tag, args.step, base_dir)
+    bundle_dir = None
+    if "core" in args.evals:  # before starting replicas: a missing bundle should fail (or download) first
+        bundle_dir = args.core_bundle or download_eval_bundle(base_dir, args.bundle_url)
+    out = {"tag": tag, "step": step}
+    t0 = time.time()
+    own_pool = pool is None
+    if own_pool:
+        pool = EvalPool(args.source, tag, step, args.num_actors, base_dir)
+    else:
+        pool.load(args.source, tag, step, base_dir)
+    try:
+        pool.ready()
+        print(f"evaluating {args.source}/{tag} step {step} on {pool.num_actors} replica(s)"
+              f" ({'GPU' if pool.use_gpu else 'CPU'})", flush=True)
+        if "bpb" in args.evals:
+            for split in ("train", "val"):
+                out[f"{split}_bpb"] = bpb_on_pool(pool, split, args.data, args.device_batch_size, args.split_tokens)
+                print(f"{split} bpb: {out[f'{split}_bpb']:.4f}", flush=True)
+        if "sample" in args.evals:
+            job = ("samples", sample_work, (SAMPLE_PROMPTS, 16, args.num_unconditioned), len(SAMPLE_PROMPTS))
+            out["samples"], out["unconditioned"] = pool.map([job], progress=False)[0]
+            for s in out["samples"] + out["unconditioned"]:
+                print(repr(s))
+        if "core" in args.evals:
+            out["core"] = core_on_pool(pool, bundle_dir, args.max_per_task)
+    finally:
+        if own_pool:
+            pool.shutdown()
+    out["eval_time_s"] = time.time() - t0
+
+    section = [{"model": f"{args.source}/{tag}", "step": step, "num_actors": pool.num_actors,
+                "eval_time_s": round(out["eval_time_s"], 1)}]
+    if "train_bpb" in out:
+        section.append({"train bpb": out["train_bpb"], "val bpb": out["val_bpb"]})
+    if "core" in out:
+        core = out["core"]
+        csv_path = os.path.join(base_dir, "base_eval", f"{tag}.csv")
+        write_results_csv(csv_path, core["results"], core["centered_results"], core["core_metric"])
+        out["csv"] = csv_path
+        section.append({"CORE": core["core_metric"], "max_per_task": args.max_per_task,
+                        "missing tasks": ", ".join(core["missing"]) or "none"})
+        section.append({f"{label} (centered)": v for label, v in core["centered_results"].items()})
+    if "samples" in out:
+        block = "\n".join(["samples:", "```"] + [repr(s) for s in out["samples"] + out["unconditioned"]] + ["```"])
+        section.append(block)
+    from nanochat.report import get_report
+    get_report(base_dir).log("Base model evaluation", section)
+    if "core" in out:
+        print(f"CORE metric: {out['core']['core_metric']:.6f}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""
+The report card: `python ray_jobs/report.py [--storage ROOT] [reset|generate]` -> ROOT/report/report.md.
+
+reset (at the start of a run) writes the header; when a Ray cluster is reachable (RAY_ADDRESS set, or --ray) its
+nodes, GPUs and CPUs go into the header too, and the hourly rate counts the cluster's GPUs. generate (default, at the
+end) stitches the sections every stage logged into report.md. The work is done by nanochat/report.py.
+"""
+import argparse
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: make the repo root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from nanochat.report import Report  # noqa: E402
+from ray_jobs.common import storage_root  # noqa: E402
+
+
+def cluster_info():
+    """Nodes, GPUs (with accelerator types), CPUs and memory of the connected Ray cluster."""
+    import ray
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    res = ray.cluster_resources()
+    gpu_names = sorted({k.split(":", 1)[1] for n in nodes for k in n.get("Resources", {})
+                        if k.startswith("accelerator_type:")})
+    return {"nodes": len(nodes), "gpus": int(res.get("GPU", 0)), "gpu_names": gpu_names,
+            "cpus": int(res.get("CPU", 0)), "memory_gb": res.get("memory", 0) / 1024**3}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", nargs="?", default="generate", choices=["generate", "reset"])
+    parser.add_argument("--storage", default=None,
+                        help="storage root (default $NANOCHAT_BASE_DIR or ~/.cache/nanochat)")
+    parser.add_argument("--ray", action="store_true", help="reset: include the Ray cluster's facts (connects to it)")
+    args = parser.parse_args(argv)
+    report = Report(os.path.join(storage_root(args.storage), "report"))
+    if args.command == "reset":
+        cluster = None
+        if args.ray or os.environ.get("RAY_ADDRESS"):
+            from ray_jobs.common import init_ray
+            init_ray()
+            cluster = cluster_info()
+        else:
+            import ray
+            cluster = cluster_info() if ray.is_initialized() else None
+        path = report.reset(cluster)
+    else:
+        path = report.generate()
+    print(path)
+    return path
+
+
+if __name__ == "__main__":
+    main()
