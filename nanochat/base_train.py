@@ -52,6 +52,9 @@ class BaseTrainConfig(ArgsMixin):
     eval_every: int = 250
     eval_tokens: int = 80 * 524288
     sample_every: int = 2000
+    core_metric_every: int = 2000  # CORE on the eval bundle (-1 = never, also not at the end)
+    core_metric_max_per_task: int = 500
+    core_bundle: str = ""  # CORE bundle dir (default <storage>/eval_bundle, downloaded when absent)
     save_every: int = -1
     report_every: int = 10
     model_tag: str = ""  # default d{depth}
@@ -176,7 +179,15 @@ def base_train_worker(cfg, ctx=None, batch_source=None, tokenizer=None, run_id=N
 
     meta = dict(model_config=asdict(config), user_config=asdict(cfg), device_batch_size=B, max_seq_len=T,
                 total_batch_size=total_batch, num_iterations=num_iterations, run_id=run_id)
+    def core(step):
+        from nanochat.core_eval import download_eval_bundle, evaluate_model
+        bundle = cfg.core_bundle or download_eval_bundle()
+        return {"core_metric": evaluate_model(model, tokenizer, device, bundle, cfg.core_metric_max_per_task)[
+            "core_metric"]}
+
     evals = [Eval("val_bpb", cfg.eval_every, val_bpb)]
+    if cfg.core_metric_every > 0:
+        evals.append(Eval("core", cfg.core_metric_every, core))
     t0 = time.time()
     state = train_loop(model, optimizer, train_batches, num_iterations=num_iterations, grad_accum_steps=accum,
                        schedule=schedule, ctx=ctx, tokens_per_step=total_batch, flops_per_token=flops_per_token,

@@ -43,6 +43,8 @@ class ChatTrainConfig(ArgsMixin):
     eval_every: int = -1  # -1: 150 (mid) / 100 (sft)
     eval_tokens: int = 20 * 524288  # mid: val bpb tokens
     eval_steps: int = 100  # sft: val loss batches
+    eval_metrics_every: int = 200  # sft: MMLU and ARC-Easy accuracy (-1 = never)
+    eval_metrics_max_problems: int = 1024
     save_every: int = -1
     report_every: int = 10
     task_data: str = ""  # offline task files laid out like ../shared/data (default $NANOCHAT_TASK_DATA)
@@ -149,6 +151,24 @@ def estimate_epoch_tokens(dataset, tokenizer, T, samples=1000):
     return sum(lengths) / len(lengths) * len(dataset)
 
 
+@torch.no_grad()
+def chat_accuracies(model, tokenizer, cfg, rank, world_size, device, batch_size=8):
+    """MMLU and ARC-Easy categorical accuracy on up to eval_metrics_max_problems problems, batches strided over the
+    ranks, counts summed."""
+    from nanochat.chat_eval import build_task, evaluate_categorical
+    out = {}
+    for name, key in (("MMLU", "mmlu_acc"), ("ARC-Easy", "arc_easy_acc")):
+        task = build_task(name, cfg.task_data or None)
+        n = min(len(task), cfg.eval_metrics_max_problems)
+        mine = [i for i in range(n) if (i // batch_size) % world_size == rank]
+        records = evaluate_categorical(task, model, tokenizer, mine, batch_size)
+        counts = torch.tensor([sum(r["correct"] for r in records), len(records)], dtype=torch.float64, device=device)
+        if is_distributed():
+            dist.all_reduce(counts)
+        out[key] = (counts[0] / counts[1].clamp(min=1)).item()
+    return out
+
+
 # -----------------------------------------------------------------------------
 # The worker
 
@@ -236,11 +256,15 @@ def chat_train_worker(cfg, ctx=None, run_id=None, resume_step=None, tokenizer=No
                 dist.all_reduce(count)
             return {"val_loss": (total / count.clamp(min=1)).item()}
 
+    evals = [Eval("val", cfg.eval_every, evaluate)]
+    if cfg.stage == "sft" and cfg.eval_metrics_every > 0:
+        evals.append(Eval("metrics", cfg.eval_metrics_every,
+                          lambda step: chat_accuracies(model, tokenizer, cfg, rank, W, device)))
     meta = dict(model_config=asdict(config), user_config=asdict(cfg), stage=cfg.stage, source=cfg.source,
                 source_step=source_meta.get("step"), run_id=run_id, device_batch_size=B, max_seq_len=T)
     state = train_loop(model, optimizer, batches(loader_state), num_iterations=num_iterations, grad_accum_steps=accum,
                        schedule=schedule, ctx=ctx, tokens_per_step=total_batch,
-                       flops_per_token=model.estimate_flops(), evals=[Eval("val", cfg.eval_every, evaluate)],
+                       flops_per_token=model.estimate_flops(), evals=evals,
                        save_every=cfg.save_every, report_every=cfg.report_every, meta=meta, loop_state=loop_state,
                        loader_state=loader_state)
     summary = dict(step=state.step, num_iterations=num_iterations, stage=cfg.stage,

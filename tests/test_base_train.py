@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from conftest import SHARED_DATA
 from nanochat.base_train import BaseTrainConfig, base_train_worker, checkpoint_dir, find_resume_step
 from nanochat.checkpoint_manager import list_steps, load_checkpoint, read_meta
 from nanochat.train import WorkerContext
@@ -14,6 +15,7 @@ from nanochat.train import WorkerContext
 TINY = BaseTrainConfig(depth=2, aspect_ratio=32, head_dim=32, max_seq_len=32, window_pattern="SL", device_batch_size=2,
                        total_batch_size=256, num_iterations=12, warmup_steps=2, eval_every=6, eval_tokens=256,
                        sample_every=-1, save_every=6, report_every=4, data="fallback", buffer_size=50,
+                       core_metric_every=-1,
                        matrix_lr=0.05, embedding_lr=0.5, unembedding_lr=0.02)
 
 
@@ -82,7 +84,10 @@ def final_weights(ckpt):
 
 
 def test_plain_process_trains_saves_and_resumes(storage, tiny_tokenizer, monkeypatch):
-    summary, ckpt = plain_run(TINY, storage, tiny_tokenizer, monkeypatch, "plain")
+    core_bundle = SHARED_DATA / "core"
+    cfg = replace(TINY, core_metric_every=12, core_metric_max_per_task=4, core_bundle=str(core_bundle)) \
+        if core_bundle.exists() else TINY
+    summary, ckpt = plain_run(cfg, storage, tiny_tokenizer, monkeypatch, "plain")
     assert summary["step"] == 12 and list_steps(ckpt) == [6, 12]
     losses = step_losses(ckpt)
     assert sorted(losses) == list(range(1, 13)) and losses[12] < losses[1]
@@ -90,6 +95,8 @@ def test_plain_process_trains_saves_and_resumes(storage, tiny_tokenizer, monkeyp
     assert meta["loop_state"]["step"] == 12 and meta["model_config"]["n_layer"] == 2
     assert len(meta["loader_states"]) == 1 and meta["loader_states"][0]["kind"] == "worker"
     assert meta["total_batch_size"] == 256 and "val_bpb" in meta["loop_state"]["best_eval"]
+    if cfg.core_metric_every > 0:  # CORE during training (on the shared bundle copy)
+        assert -1 <= meta["loop_state"]["best_eval"]["core_metric"] <= 1
     # resume to a longer horizon: continues at step 12, step count exact
     longer = replace(TINY, num_iterations=18)
     summary, _ = plain_run(longer, storage, tiny_tokenizer, monkeypatch, "plain",

@@ -98,7 +98,7 @@ def run_stage(stage, storage, monkeypatch, tokenizer, **overrides):
     cfg = ChatTrainConfig(stage=stage, max_seq_len=64, device_batch_size=2, total_batch_size=256,
                           target_examples_per_step=4, num_iterations=6, eval_every=3, eval_tokens=256, eval_steps=2,
                           save_every=3, task_data=os.path.join(storage, "task_data"), mixture_scale=0.0005,
-                          **overrides).resolved()
+                          eval_metrics_every=6, eval_metrics_max_problems=16, **overrides).resolved()
     ckpt = output_dir(cfg, storage)
     os.makedirs(ckpt, exist_ok=True)
     ctx = WorkerContext(checkpoint_dir=ckpt, metrics_path=ckpt + "/metrics.jsonl")
@@ -114,6 +114,7 @@ def test_mid_then_sft_plain_process(stage_storage, tiny_tokenizer, monkeypatch):
     summary, sft_dir = run_stage("sft", stage_storage, monkeypatch, tiny_tokenizer)
     assert summary["step"] == 6 and sft_dir.endswith("chatsft_checkpoints/d2")
     assert read_meta(sft_dir, 6)["source"] == "mid" and 0 < summary["val_loss"] < 20
+    assert 0 <= summary["mmlu_acc"] <= 1 and 0 <= summary["arc_easy_acc"] <= 1
     losses = [json.loads(line) for line in open(os.path.join(sft_dir, "metrics.jsonl"))]
     assert [r["step"] for r in losses if "raw_loss" in r] == [1, 2, 3, 4, 5, 6]
 
@@ -122,6 +123,7 @@ def test_sft_on_ray_two_workers(stage_storage, tiny_tokenizer, ray_local):
     from ray_jobs.ray_train import run_trainer
     cfg = ChatTrainConfig(stage="sft", source="base", max_seq_len=64, device_batch_size=2,
                           target_examples_per_step=4, num_iterations=4, eval_every=2, eval_steps=2, save_every=2,
+                          eval_metrics_every=4, eval_metrics_max_problems=16,
                           task_data=os.path.join(stage_storage, "task_data"), mixture_scale=0.0005)
     ckpt = os.path.join(stage_storage, "chatsft_checkpoints", "ray")
     os.makedirs(ckpt, exist_ok=True)
