@@ -41,8 +41,9 @@ def init_ray(num_cpus=None, **kwargs):
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env={"env_vars": env_vars}, logging_level=logging.WARNING, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env_vars}, logging_level=logging.WARNING,
-                 include_dashboard=False, **kwargs)
+        # address="local": a fresh Ray of our own, never some other cluster that happens to run on this machine
+        ray.init(address="local", num_cpus=num_cpus, runtime_env={"env_vars": env_vars},
+                 logging_level=logging.WARNING, include_dashboard=False, **kwargs)
     return ray
 
 

@@ -56,7 +56,8 @@ RAY_TEST_ENV = {
 def _ray_init(**kwargs):
     import ray
     os.environ.update(RAY_TEST_ENV)
-    ray.init(include_dashboard=False, object_store_memory=512 * 2**20, logging_level="ERROR",
+    # address="local": always our own instance, never a cluster someone else started on this machine
+    ray.init(address="local", include_dashboard=False, object_store_memory=512 * 2**20, logging_level="ERROR",
              runtime_env={"env_vars": {"PYTHONPATH": WORKER_PYTHONPATH, **RAY_TEST_ENV}}, **kwargs)
     return ray
 

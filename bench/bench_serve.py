@@ -1,0 +1,208 @@
+"""
+Serving load test: requests/s, output tokens/s, time to first token and inter-token latency (p50/p99) at several
+concurrency levels, and the throughput ratio of the highest level to 1 client (continuous batching at work).
+
+    python bench/bench_serve.py                          # in-process scheduler, random-weight model
+    python bench/bench_serve.py --depth 6 --max-tokens 128 --concurrency 1,4,16
+    python bench/bench_serve.py --url http://127.0.0.1:8000 [--api-key KEY]   # a running server, over HTTP (SSE)
+
+Each client sends its requests one after another (streaming) until the level's request count is done, so the
+load is bounded; --url must be a loopback address. The in-process model has random weights with special tokens
+masked, so every reply runs to --max-tokens. Last line: one JSON object.
+"""
+import argparse
+import asyncio
+import ipaddress
+import json
+import socket
+import threading
+import time
+from urllib.parse import urlparse
+
+
+def percentile(values, q):
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+def summarize(concurrency, records, wall):
+    """records: [(ttft_s, [inter-token gaps], completion_tokens)] of one level."""
+    ttft = [r[0] for r in records]
+    itl = [gap for r in records for gap in r[1]]
+    tokens = sum(r[2] for r in records)
+    ms = lambda v: None if v is None else round(v * 1000, 2)  # noqa: E731
+    return dict(concurrency=concurrency, requests=len(records), seconds=round(wall, 2),
+                requests_per_s=round(len(records) / wall, 2), output_tok_per_s=round(tokens / wall, 1),
+                ttft_ms_p50=ms(percentile(ttft, 50)), ttft_ms_p99=ms(percentile(ttft, 99)),
+                itl_ms_p50=ms(percentile(itl, 50)), itl_ms_p99=ms(percentile(itl, 99)))
+
+
+# -----------------------------------------------------------------------------
+# in-process: the scheduler alone, no HTTP
+
+def build_local(args):
+    import pydoc_data.topics
+    import torch
+    from nanochat.common import autodetect_device_type
+    from nanochat.gpt import GPTConfig, build_model
+    from nanochat.tokenizer import RustBPETokenizer
+    from serve.scheduler import Scheduler
+    device = torch.device(args.device or autodetect_device_type())
+    tokenizer = RustBPETokenizer.train_from_iterator(iter(pydoc_data.topics.topics.values()), args.vocab_size)
+    config = GPTConfig.from_depth(args.depth, sequence_len=1024, vocab_size=tokenizer.get_vocab_size())
+    torch.manual_seed(0)
+    model = build_model(config, device).eval()
+    with torch.no_grad():  # random weights: some signal in the projections, and never a special token
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+        model.lm_head.weight[min(tokenizer.encode_special(s) for s in tokenizer.get_special_tokens()):] = 0
+    scheduler = Scheduler(model, tokenizer, max_batch=max(args.concurrency), max_waiting=4 * max(args.concurrency))
+    return scheduler.start(), tokenizer, str(device), config
+
+
+def run_local_level(scheduler, prompts, args, concurrency, n_requests):
+    from serve.scheduler import AsyncRequests, SamplingParams
+
+    async def one(prompt):
+        batch = AsyncRequests(scheduler, prompt, [SamplingParams(max_tokens=args.max_tokens,
+                                                                 temperature=args.temperature)])
+        start, last, ttft, gaps, tokens = time.perf_counter(), None, None, [], 0
+        async for _, ev in batch:
+            now = time.perf_counter()
+            if "text" in ev and ev["tokens"]:  # (a final flush of held-back text carries no new token)
+                if last is None:
+                    ttft = now - start
+                else:
+                    gaps.extend([(now - last) / ev["tokens"]] * ev["tokens"])
+                last = now
+            else:
+                tokens = ev["completion_tokens"]
+        return ttft, gaps, tokens
+
+    async def level():
+        todo = list(range(n_requests))
+        records = []
+
+        async def client():
+            while todo:
+                i = todo.pop()
+                records.append(await one(prompts[i % len(prompts)]))
+        t0 = time.perf_counter()
+        await asyncio.gather(*[client() for _ in range(concurrency)])
+        return records, time.perf_counter() - t0
+    return asyncio.run(level())
+
+
+# -----------------------------------------------------------------------------
+# over HTTP: a running server's OpenAI route, streamed
+
+def check_loopback(url):
+    host = urlparse(url).hostname
+    addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    if not all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses):
+        raise SystemExit(f"--url must point at this machine (loopback), got {host} -> {sorted(addresses)}")
+
+
+def run_http_level(args, prompts, concurrency, n_requests):
+    import requests
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    lock, todo, records = threading.Lock(), list(range(n_requests)), []
+
+    def one(session, text):
+        body = {"messages": [{"role": "user", "content": text}], "max_tokens": args.max_tokens,
+                "temperature": args.temperature, "stream": True, "stream_options": {"include_usage": True}}
+        start, last, ttft, gaps, tokens = time.perf_counter(), None, None, [], 0
+        with session.post(args.url.rstrip("/") + "/v1/chat/completions", json=body, headers=headers, stream=True,
+                          timeout=300) as r:
+            r.raise_for_status()
+            for line in r.iter_lines():
+                if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if event.get("usage"):
+                    tokens = event["usage"]["completion_tokens"]
+                if any(c["delta"].get("content") for c in event["choices"]):
+                    now = time.perf_counter()
+                    if last is None:
+                        ttft = now - start
+                    else:
+                        gaps.append(now - last)
+                    last = now
+        return ttft, gaps, tokens
+
+    def client():
+        session = requests.Session()
+        while True:
+            with lock:
+                if not todo:
+                    return
+                i = todo.pop()
+            record = one(session, prompts[i % len(prompts)])
+            with lock:
+                records.append(record)
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return records, time.perf_counter() - t0
+
+
+PROMPTS = ["Why is the sky blue?", "Write a haiku about the sea.", "What is 12*34?", "Tell me a joke.",
+           "Explain recursion in one sentence.", "List three prime numbers.", "What is the capital of France?",
+           "Summarize the plot of Hamlet."]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts")
+    parser.add_argument("--requests-per-client", type=int, default=3, help="requests per client at each level")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--depth", type=int, default=4, help="in-process model depth")
+    parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--url", default=None, help="benchmark a running server instead (loopback only)")
+    parser.add_argument("--api-key", default=None)
+    args = parser.parse_args()
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+
+    if args.url:
+        check_loopback(args.url)
+        target = dict(mode="http", url=args.url)
+        run_level = lambda c, n: run_http_level(args, PROMPTS, c, n)  # noqa: E731
+    else:
+        scheduler, tokenizer, device, config = build_local(args)
+        prompts = [tokenizer.render_for_completion([{"role": "user", "content": p},
+                                                    {"role": "assistant", "content": ""}]) for p in PROMPTS]
+        target = dict(mode="in-process", device=device, depth=config.n_layer, n_embd=config.n_embd,
+                      max_batch=scheduler.max_batch)
+        run_local_level(scheduler, prompts, args, 1, 1)  # warm-up
+        run_level = lambda c, n: run_local_level(scheduler, prompts, args, c, n)  # noqa: E731
+
+    levels = []
+    for c in args.concurrency:
+        records, wall = run_level(c, c * args.requests_per_client)
+        levels.append(summarize(c, records, wall))
+        s = levels[-1]
+        print(f"concurrency {c:3d}: {s['requests']:3d} requests in {s['seconds']:6.2f}s  "
+              f"{s['requests_per_s']:6.2f} req/s  {s['output_tok_per_s']:8.1f} tok/s  "
+              f"TTFT p50/p99 {s['ttft_ms_p50']}/{s['ttft_ms_p99']} ms  "
+              f"ITL p50/p99 {s['itl_ms_p50']}/{s['itl_ms_p99']} ms", flush=True)
+    if not args.url:
+        stats = scheduler.snapshot()
+        target.update(max_active=stats["max_active"], mean_occupancy=round(stats["mean_occupancy"], 2))
+        scheduler.stop()
+    base = next((s for s in levels if s["concurrency"] == 1), levels[0])
+    top = levels[-1]
+    ratio = round(top["output_tok_per_s"] / base["output_tok_per_s"], 2)
+    print(f"throughput at concurrency {top['concurrency']} vs {base['concurrency']}: {ratio}x")
+    print(json.dumps(dict(bench="serve", **target, max_tokens=args.max_tokens, levels=levels,
+                          throughput_ratio=ratio, ratio_levels=[top["concurrency"], base["concurrency"]])))
+
+
+if __name__ == "__main__":
+    main()

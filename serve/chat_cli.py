@@ -1,0 +1,168 @@
+"""
+Chat with a model in the terminal: a local checkpoint (default) or a running server (--url).
+
+    python -m serve.chat_cli                              # interactive, newest sft checkpoint
+    python -m serve.chat_cli -i sft -g d20 -s 700 -t 0.6 -k 50
+    python -m serve.chat_cli -p "Why is the sky blue?"     # one-shot: print the reply and exit
+    python -m serve.chat_cli --url http://127.0.0.1:8000 [--api-key KEY]
+
+Interactive commands: clear (or /clear) starts a new conversation; quit, exit (or /exit, /quit) leave.
+The reply streams as it is generated; bytes of a character split across tokens are held until complete.
+"""
+import argparse
+import codecs
+import json
+import os
+import sys
+
+CLEAR, EXIT = {"clear", "/clear"}, {"quit", "exit", "/quit", "/exit"}
+
+
+class LocalChat:
+    """Multi-turn chat over a checkpoint, as nanochat's chat_cli: the conversation is kept as tokens."""
+
+    def __init__(self, args):
+        from nanochat.checkpoint_manager import load_model
+        from nanochat.common import autodetect_device_type
+        from nanochat.engine import Engine
+        device = args.device_type or autodetect_device_type()
+        base_dir = os.path.abspath(args.storage) if args.storage else None
+        self.model, self.tokenizer, _ = load_model(args.source, device, "eval", args.model_tag, args.step,
+                                                   base_dir=base_dir)
+        if self.tokenizer is None:
+            raise SystemExit(f"no tokenizer found under the storage root ({base_dir or '$NANOCHAT_BASE_DIR'})")
+        self.engine = Engine(self.model, self.tokenizer)
+        self.args = args
+        S = self.tokenizer.encode_special
+        self.user_start, self.user_end = S("<|user_start|>"), S("<|user_end|>")
+        self.assistant_start, self.assistant_end = S("<|assistant_start|>"), S("<|assistant_end|>")
+        self.stop_tokens = {self.assistant_end, self.tokenizer.get_bos_token_id()}
+        self.clear()
+
+    def clear(self):
+        self.tokens = [self.tokenizer.get_bos_token_id()]
+
+    def reply(self, text, write):
+        turn = [self.user_start, *self.tokenizer.encode(text), self.user_end, self.assistant_start]
+        room = self.model.config.sequence_len - len(self.tokens) - len(turn)
+        if room < 1:  # the context is full: start over rather than overflow it
+            write("(context full: starting a new conversation)\n")
+            self.clear()
+            room = self.model.config.sequence_len - len(self.tokens) - len(turn)
+            if room < 1:
+                raise ValueError("message is longer than the model's context")
+        self.tokens += turn
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        for column, _ in self.engine.generate(self.tokens, num_samples=1, max_tokens=min(self.args.max_tokens, room),
+                                              temperature=self.args.temperature, top_k=self.args.top_k,
+                                              seed=self.args.seed):
+            token = column[0]
+            if token in self.stop_tokens:
+                break
+            self.tokens.append(token)
+            write(decoder.decode(self.tokenizer.decode_single_token_bytes(token)))
+        write(decoder.decode(b"", final=True))
+        self.tokens.append(self.assistant_end)  # also when the turn stopped at max_tokens
+
+
+class RemoteChat:
+    """The same over HTTP: the conversation is kept as messages and sent whole each turn (OpenAI route)."""
+
+    def __init__(self, args):
+        self.args = args
+        self.url = args.url.rstrip("/") + "/v1/chat/completions"
+        self.clear()
+
+    def clear(self):
+        self.messages = []
+
+    def reply(self, text, write):
+        import requests
+        self.messages.append({"role": "user", "content": text})
+        body = {"messages": self.messages, "stream": True, "temperature": self.args.temperature,
+                "top_k": self.args.top_k, "max_tokens": self.args.max_tokens}
+        if self.args.seed is not None:
+            body["seed"] = self.args.seed
+        key = self.args.api_key or os.environ.get("NANOCHAT_API_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        parts = []
+        with requests.post(self.url, json=body, headers=headers, stream=True, timeout=600) as r:
+            if r.status_code != 200:
+                self.messages.pop()
+                try:
+                    message = r.json()["error"]["message"]
+                except ValueError:
+                    message = r.text
+                raise RuntimeError(f"server said {r.status_code}: {message}")
+            for line in r.iter_lines(decode_unicode=False):
+                if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    raise RuntimeError(event["error"]["message"])
+                for choice in event.get("choices", []):
+                    piece = choice["delta"].get("content")
+                    if piece:
+                        parts.append(piece)
+                        write(piece)
+        self.messages.append({"role": "assistant", "content": "".join(parts) or " "})
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Chat with a nanochat model in the terminal.")
+    parser.add_argument("-i", "--source", default="sft", choices=["sft", "rl", "mid", "base"])
+    parser.add_argument("-g", "--model-tag", default=None)
+    parser.add_argument("-s", "--step", type=int, default=None)
+    parser.add_argument("-p", "--prompt", default="", help="one-shot: answer this prompt and exit")
+    parser.add_argument("-t", "--temperature", type=float, default=0.6)
+    parser.add_argument("-k", "--top-k", type=int, default=50)
+    parser.add_argument("-m", "--max-tokens", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: a random one per session)")
+    parser.add_argument("--storage", default=None,
+                        help="storage root (default $NANOCHAT_BASE_DIR or ~/.cache/nanochat)")
+    parser.add_argument("--device-type", default=None, help="cuda | cpu | mps (default: autodetect)")
+    parser.add_argument("--url", default=None, help="talk to a running server (python -m serve.app) instead")
+    parser.add_argument("--api-key", default=None, help="Bearer key for --url (default $NANOCHAT_API_KEY)")
+    args = parser.parse_args(argv)
+    if args.seed is None and not args.url:
+        import random
+        args.seed = random.getrandbits(31)
+
+    chat = RemoteChat(args) if args.url else LocalChat(args)
+
+    def write(text):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    if args.prompt:
+        try:
+            chat.reply(args.prompt, write)
+        except (RuntimeError, ValueError, OSError) as e:
+            sys.exit(f"error: {e}")
+        write("\n")
+        return
+    print("nanochat: type a message; 'clear' starts over, 'exit' quits.", flush=True)
+    while True:
+        try:
+            text = input("\nUser: ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            break
+        if not text:
+            continue
+        if text.lower() in EXIT:
+            break
+        if text.lower() in CLEAR:
+            chat.clear()
+            print("(conversation cleared)", flush=True)
+            continue
+        write("Assistant: ")
+        try:
+            chat.reply(text, write)
+        except (RuntimeError, ValueError, OSError) as e:
+            write(f"[error: {e}]")
+        write("\n")
+
+
+if __name__ == "__main__":
+    main()

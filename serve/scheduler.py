@@ -1,0 +1,389 @@
+"""
+Continuous batching for serving: many requests decoded together, each at its own position.
+
+One background thread owns the model and a KV cache with `max_batch` rows. Active requests occupy rows
+0..n-1 (kept contiguous, so a decode step runs on a (n, 1) batch over a view of the first n rows). Between
+decode steps the loop
+  1. retires finished and cancelled requests (the last row moves into the freed one),
+  2. admits waiting requests into free rows: the prompt is prefilled straight into the new row of the cache,
+     and its first token is sampled from the prefill logits,
+  3. runs one decode step that advances every active row by one token.
+Each request has its own sampling parameters and its own torch.Generator, so a seeded request samples the
+same tokens whether it runs alone or beside others. The waiting queue is bounded: submit() raises Overloaded
+when it is full instead of queueing forever.
+
+Output: every request gets events through a callback (called on the scheduler thread):
+    {"text": str, "tokens": int}   new complete text (UTF-8 safe, stop strings held back), tokens since last event
+    {"done": True, "finish_reason": "stop"|"length"|"cancelled"|"error", "prompt_tokens", "completion_tokens"}
+AsyncRequests / generate() wrap that for asyncio and plain-thread consumers. Nothing here depends on Ray.
+"""
+import asyncio
+import codecs
+import itertools
+import logging
+import queue
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from nanochat.engine import KVCache, sample_next_token, use_calculator
+
+logger = logging.getLogger("nanochat.serve")
+
+
+class Overloaded(RuntimeError):
+    """The waiting queue is full: the caller should answer 503/429 and let the client retry."""
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int | None = None  # None or 0 = no top-k
+    top_p: float | None = None  # None or 1.0 = no nucleus cut
+    seed: int | None = None  # None = a random seed
+    stop: tuple = ()  # stop strings: the text ends before the first one (finish_reason "stop")
+
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Request:
+    prompt: list
+    params: SamplingParams
+    sink: object  # callable(event dict), called on the scheduler thread
+    id: int = field(default_factory=lambda: next(_ids))
+    submitted_at: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+    finish_reason: str | None = None
+    generated: list = field(default_factory=list)  # sampled + forced tokens, never the stop token
+
+    def cancel(self):
+        """Safe from any thread; the row is freed before the next decode step."""
+        self.cancelled = True
+
+    # decoding state, set up at admission
+    def _start(self, device):
+        seed = self.params.seed if self.params.seed is not None else random.getrandbits(63)
+        self.rng = torch.Generator(device=device).manual_seed(seed)
+        self.forced = deque()  # calculator output waiting to be fed instead of samples
+        self.in_python, self.expr_tokens = False, []
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text, self.sent, self.unsent_tokens = "", 0, 0
+        self.last_token = None
+
+
+class _RowsView(KVCache):
+    """Rows [start, stop) of a KVCache as a cache of their own. Tensors are views, so the model's in-place
+    writes (insert, advance) land in the big cache; prev_embedding is reassigned by the model, so the caller
+    copies it back."""
+
+    def __init__(self, cache, start, stop, prev_embedding):
+        self.k_cache = cache.k_cache[:, start:stop]
+        self.v_cache = cache.v_cache[:, start:stop]
+        self.cache_seqlens = cache.cache_seqlens[start:stop]
+        self.prev_embedding = prev_embedding
+        self.n_layers, self.batch_size, self.max_seq_len = cache.n_layers, stop - start, cache.max_seq_len
+
+
+class Scheduler:
+    def __init__(self, model, tokenizer, max_batch=16, max_waiting=64, seq_len=None):
+        self.model, self.tokenizer = model, tokenizer
+        self.device = model.get_device()
+        self.max_batch, self.max_waiting = max_batch, max_waiting
+        self.seq_len = seq_len or model.config.sequence_len
+        self.cache = KVCache.for_model(model, max_batch, self.seq_len)
+        self.prev = None  # (max_batch, 1, C) smear state per row, allocated at the first prefill
+        special = tokenizer.encode_special
+        self.stop_tokens = {special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+        self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
+        self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
+        self.rows = []  # active requests; rows[i] lives in cache row i
+        self.waiting = deque()
+        self.cv = threading.Condition()
+        self.running = False
+        self.thread = None
+        self.stats = dict(steps=0, tokens=0, admitted=0, finished=0, cancelled=0, max_active=0, occupancy_sum=0,
+                          errors=0)
+
+    # -------------------------------------------------------------------------
+    # public API (any thread)
+
+    def start(self):
+        self.running = True
+        self.thread = threading.Thread(target=self._loop, name="nanochat-scheduler", daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self, timeout=10):
+        with self.cv:
+            self.running = False
+            self.cv.notify_all()
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    def alive(self):
+        return self.thread is not None and self.thread.is_alive()
+
+    def submit(self, prompt, params, sink):
+        return self.submit_many([(prompt, params, sink)])[0]
+
+    def submit_many(self, items):
+        """Queue several requests at once, all or none (n>1 completions need all their rows)."""
+        requests = []
+        for prompt, params, sink in items:
+            if not prompt:
+                raise ValueError("empty prompt")
+            if len(prompt) >= self.seq_len:
+                raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in the context of {self.seq_len}")
+            requests.append(Request(list(prompt), params, sink))
+        with self.cv:
+            if not self.running:
+                raise RuntimeError("scheduler is not running")
+            if len(self.waiting) + len(requests) > self.max_waiting:
+                raise Overloaded(f"server overloaded: {len(self.waiting)} requests waiting "
+                                 f"(limit {self.max_waiting}), {len(self.rows)} decoding; retry later")
+            self.waiting.extend(requests)
+            self.cv.notify_all()
+        return requests
+
+    def snapshot(self):
+        s = dict(self.stats, active=len(self.rows), waiting=len(self.waiting), max_batch=self.max_batch,
+                 max_waiting=self.max_waiting)
+        s["mean_occupancy"] = s["occupancy_sum"] / max(s["steps"], 1)
+        return s
+
+    # -------------------------------------------------------------------------
+    # the loop (scheduler thread only)
+
+    def _loop(self):
+        with torch.inference_mode():
+            while True:
+                with self.cv:
+                    while self.running and not self.rows and not self.waiting:
+                        self.cv.wait()
+                    if not self.running:
+                        break
+                    if any(r.cancelled for r in self.waiting):  # gone before their turn: free their places
+                        for r in self.waiting:
+                            if r.cancelled:
+                                self._finish(r, "cancelled")
+                        self.waiting = deque(r for r in self.waiting if not r.cancelled)
+                    admit = []
+                    while self.waiting and len(self.rows) + len(admit) < self.max_batch:
+                        admit.append(self.waiting.popleft())
+                try:
+                    for req in admit:
+                        self._admit(req)
+                    self._retire()
+                    if self.rows:
+                        self._decode_step()
+                        self._retire()
+                except Exception as e:  # a broken step fails the requests in it, not the server
+                    logger.exception("scheduler step failed")
+                    self.stats["errors"] += 1
+                    for req in self.rows + [r for r in admit if r.finish_reason is None]:
+                        self._finish(req, "error", error=f"{type(e).__name__}: {e}")
+                    self.rows = []
+        # shutting down: nobody will serve what is left
+        for req in self.rows + list(self.waiting):
+            self._finish(req, "cancelled")
+        self.rows, self.waiting = [], deque()
+
+    def _admit(self, req):
+        """Prefill the prompt into the next free row and take its first token from the prefill logits."""
+        row = len(self.rows)
+        req._start(self.device)
+        self.cache.cache_seqlens[row] = 0
+        view = _RowsView(self.cache, row, row + 1, None)  # no prev: the prompt starts the row's sequence
+        ids = torch.tensor([req.prompt], dtype=torch.long, device=self.device)
+        logits = self.model(ids, kv_cache=view)[:, -1, :]
+        if view.prev_embedding is not None:  # models with smear carry the last embedding per row
+            if self.prev is None:
+                self.prev = view.prev_embedding.new_zeros((self.max_batch, *view.prev_embedding.shape[1:]))
+            self.prev[row] = view.prev_embedding[0]
+        self.rows.append(req)
+        self.stats["admitted"] += 1
+        self._accept(req, self._sample([req], logits)[0])
+
+    def _decode_step(self):
+        n = len(self.rows)
+        view = _RowsView(self.cache, 0, n, None if self.prev is None else self.prev[:n])
+        ids = torch.tensor([[r.last_token] for r in self.rows], dtype=torch.long, device=self.device)
+        logits = self.model(ids, kv_cache=view)[:, -1, :]
+        if self.prev is not None:
+            self.prev[:n] = view.prev_embedding
+        self.stats["steps"] += 1
+        self.stats["occupancy_sum"] += n
+        self.stats["max_active"] = max(self.stats["max_active"], n)
+        for req, token in zip(self.rows, self._sample(self.rows, logits)):
+            if req.finish_reason is None and not req.cancelled:
+                self._accept(req, token)
+
+    def _sample(self, reqs, logits):
+        """One token per request with its own parameters and generator; one host sync for the whole batch."""
+        out = [None] * len(reqs)
+        if any(r.params.temperature == 0 for r in reqs):
+            greedy = logits.argmax(dim=-1)
+        for i, r in enumerate(reqs):
+            p = r.params
+            if r.forced:
+                continue  # the calculator's output overrides sampling
+            if p.temperature == 0:
+                out[i] = greedy[i:i + 1]
+            else:
+                out[i] = sample_next_token(logits[i:i + 1], r.rng, p.temperature, p.top_k or None, p.top_p)[0]
+        picked = [i for i, t in enumerate(out) if t is not None]
+        values = torch.cat([out[i] for i in picked]).tolist() if picked else []
+        for i, v in zip(picked, values):
+            out[i] = v
+        return out
+
+    def _accept(self, req, token):
+        """Append one token to a request: forced tokens, stop tokens, the calculator, text, limits."""
+        if req.forced:
+            token = req.forced.popleft()
+        if token in self.stop_tokens:
+            return self._finish(req, "stop")
+        req.generated.append(token)
+        req.last_token = token
+        req.unsent_tokens += 1
+        self.stats["tokens"] += 1
+        # calculator tool, as in Engine: collect the expression, force its result into the row
+        if token == self.python_start:
+            req.in_python, req.expr_tokens = True, []
+        elif token == self.python_end and req.in_python:
+            req.in_python = False
+            result = use_calculator(self.tokenizer.decode(req.expr_tokens))
+            if result is not None:
+                req.forced.extend([self.output_start, *self.tokenizer.encode(str(result)), self.output_end])
+        elif req.in_python:
+            req.expr_tokens.append(token)
+        req.text += req.decoder.decode(self.tokenizer.decode_single_token_bytes(token))
+        if self._emit_text(req):
+            return self._finish(req, "stop")
+        if len(req.generated) >= req.params.max_tokens:
+            return self._finish(req, "length")
+        if len(req.prompt) + len(req.generated) >= self.seq_len:
+            return self._finish(req, "length")  # the context is full: the next token has no cache slot
+
+    def _emit_text(self, req, final=False):
+        """Send the new text that is safe to show. Returns True when a stop string was found (the text is cut
+        before it). Text that could be the start of a stop string is held back until it is decided."""
+        stops = req.params.stop
+        cut = None
+        for s in stops:
+            idx = req.text.find(s, max(0, req.sent - len(s) + 1))
+            if idx >= 0 and (cut is None or idx < cut):
+                cut = idx
+        if cut is not None:
+            req.text = req.text[:cut]
+            end = cut
+        elif final or not stops:
+            end = len(req.text)
+        else:  # hold back the longest tail that a stop string starts with
+            end = len(req.text)
+            for s in stops:
+                for k in range(min(len(s) - 1, len(req.text) - req.sent), 0, -1):
+                    if s.startswith(req.text[-k:]):
+                        end = min(end, len(req.text) - k)
+                        break
+        if end > req.sent:
+            self._send(req, {"text": req.text[req.sent:end], "tokens": req.unsent_tokens})
+            req.sent, req.unsent_tokens = end, 0
+        return cut is not None
+
+    def _finish(self, req, reason, error=None):
+        if req.finish_reason is not None:
+            return
+        if reason in ("stop", "length") and hasattr(req, "decoder"):
+            req.text += req.decoder.decode(b"", final=True)  # a dangling partial character becomes U+FFFD
+            self._emit_text(req, final=True)
+        req.finish_reason = reason
+        self.stats["cancelled" if reason == "cancelled" else "finished"] += 1
+        event = {"done": True, "finish_reason": reason, "prompt_tokens": len(req.prompt),
+                 "completion_tokens": len(req.generated)}
+        if error:
+            event["error"] = error
+        self._send(req, event)
+
+    def _send(self, req, event):
+        try:
+            req.sink(event)
+        except Exception:  # the consumer is gone (e.g. its event loop closed): stop working for it
+            req.cancelled = True
+
+    def _retire(self):
+        """Free the rows of finished and cancelled requests; the last active row moves into each hole."""
+        i = 0
+        while i < len(self.rows):
+            req = self.rows[i]
+            if req.finish_reason is None and not req.cancelled:
+                i += 1
+                continue
+            if req.finish_reason is None:
+                self._finish(req, "cancelled")
+            last = len(self.rows) - 1
+            if i != last:
+                n = int(self.cache.cache_seqlens[last])
+                self.cache.k_cache[:, i, :n] = self.cache.k_cache[:, last, :n]
+                self.cache.v_cache[:, i, :n] = self.cache.v_cache[:, last, :n]
+                self.cache.cache_seqlens[i] = n
+                if self.prev is not None:
+                    self.prev[i] = self.prev[last]
+                self.rows[i] = self.rows[last]
+            self.rows.pop()
+
+
+# -----------------------------------------------------------------------------
+# consumers
+
+class AsyncRequests:
+    """Requests of one prompt (n >= 1 sampling params) for an asyncio consumer. They are submitted at
+    construction, so Overloaded / ValueError surface before any response is sent; iterating yields
+    (index, event) until every request is done. Stopping early (client gone) cancels them; so does dropping
+    the object unstarted."""
+
+    def __init__(self, scheduler, prompt, params_list):
+        loop = asyncio.get_running_loop()
+        events = self.events = asyncio.Queue()
+
+        def sink(i):  # must not capture self, or __del__ could never run while the scheduler holds the sink
+            return lambda ev: loop.call_soon_threadsafe(events.put_nowait, (i, ev))
+        self.requests = scheduler.submit_many([(prompt, p, sink(i)) for i, p in enumerate(params_list)])
+
+    async def __aiter__(self):
+        remaining = len(self.requests)
+        try:
+            while remaining:
+                i, event = await self.events.get()
+                remaining -= bool(event.get("done"))
+                yield i, event
+        finally:
+            self.cancel()
+
+    def cancel(self):
+        for r in getattr(self, "requests", ()):  # () when submission itself failed
+            r.cancel()
+
+    __del__ = cancel
+
+
+def generate(scheduler, prompt, params, timeout=None):
+    """Blocking: (text, done_event) for one request."""
+    events = queue.Queue()
+    req = scheduler.submit(prompt, params, events.put)
+    parts = []
+    try:
+        while True:
+            event = events.get(timeout=timeout)
+            if event.get("done"):
+                return "".join(parts), event
+            parts.append(event["text"])
+    finally:
+        req.cancel()

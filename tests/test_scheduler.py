@@ -1,0 +1,241 @@
+"""Continuous batching scheduler, in-process (no Ray): batched == alone, per-request sampling, stop rules,
+calculator, UTF-8 safe streaming, cancellation and overload."""
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from conftest import TINY_VOCAB, perturbed
+from nanochat.engine import Engine
+from nanochat.gpt import GPTConfig, build_model
+from serve.scheduler import AsyncRequests, Overloaded, SamplingParams, Scheduler, generate
+
+# default GPTConfig pieces on: smear (per-row prev_embedding), value embeddings, sliding windows (128 of 256)
+SMALL = dict(sequence_len=256, vocab_size=TINY_VOCAB, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_tokenizer):
+    torch.manual_seed(0)
+    m = perturbed(build_model(GPTConfig(**SMALL)), scale=0.2).eval()
+    with torch.no_grad():  # specials never win greedy decoding, so lengths are predictable
+        m.lm_head.weight[min(tiny_tokenizer.encode_special(s) for s in tiny_tokenizer.get_special_tokens()):] = 0
+    return m
+
+
+@pytest.fixture
+def scheduler(model, tiny_tokenizer):
+    s = Scheduler(model, tiny_tokenizer, max_batch=3, max_waiting=16).start()
+    yield s
+    s.stop()
+
+
+def run_concurrently(scheduler, jobs):
+    """jobs: [(prompt, params)] submitted from threads at once -> [(text, done)] in order."""
+    results = [None] * len(jobs)
+    barrier = threading.Barrier(len(jobs))
+
+    def work(i):
+        barrier.wait()
+        results[i] = generate(scheduler, *jobs[i], timeout=60)
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+PROMPTS = ["Hello world", "The quick brown fox jumps over", "x", "What is 12*3? Let me compute",
+           "the theory of the thing is that", "In 2024 the temperature"]
+
+
+def test_batched_equals_alone_and_engine_greedy(model, tiny_tokenizer, scheduler):
+    prompts = [tiny_tokenizer.encode(p, prepend="<|bos|>") for p in PROMPTS]
+    lengths = [150, 30, 60, 10, 40, 80]  # 150 tokens run past the 128-token sliding window
+    jobs = [(p, SamplingParams(max_tokens=n, temperature=0.0)) for p, n in zip(prompts, lengths)]
+    alone = [generate(scheduler, *job, timeout=60) for job in jobs]
+    assert scheduler.snapshot()["max_active"] == 1
+    batched = run_concurrently(scheduler, jobs)
+    # six requests over three rows: rows were shared and reused (admission between decode steps)
+    stats = scheduler.snapshot()
+    assert stats["max_active"] == 3 and stats["admitted"] == 12
+    for (text_a, done_a), (text_b, done_b), n in zip(alone, batched, lengths):
+        assert text_a == text_b
+        assert done_a["finish_reason"] == done_b["finish_reason"] == "length"
+        assert done_a["completion_tokens"] == done_b["completion_tokens"] == n
+    engine = Engine(model, tiny_tokenizer)  # and the scheduler agrees with the training-side engine
+    for p, n, (text, _) in zip(prompts, lengths, alone):
+        seqs, _ = engine.generate_batch(p, 1, max_tokens=n, temperature=0.0)
+        assert tiny_tokenizer.decode(seqs[0][len(p):]) == text
+
+
+def test_seeded_sampling_is_per_request(tiny_tokenizer, scheduler):
+    prompt = tiny_tokenizer.encode("Hello", prepend="<|bos|>")
+    params = [SamplingParams(max_tokens=30, temperature=1.0, top_k=40, seed=s) for s in (1, 2, 3)]
+    params.append(SamplingParams(max_tokens=30, temperature=0.7, top_p=0.9, seed=4))
+    alone = [generate(scheduler, prompt, p)[0] for p in params]
+    together = [t for t, _ in run_concurrently(scheduler, [(prompt, p) for p in params])]
+    assert together == alone
+    assert len(set(alone)) == len(alone)  # different seeds, different samples
+
+
+def test_cancel_frees_the_row(tiny_tokenizer, scheduler):
+    prompt = tiny_tokenizer.encode("Hello", prepend="<|bos|>")
+    events, got_text = [], threading.Event()
+
+    def sink(ev):
+        events.append(ev)
+        got_text.set()
+    req = scheduler.submit(prompt, SamplingParams(max_tokens=200, temperature=0.0), sink)
+    assert got_text.wait(10)
+    req.cancel()
+    # a fresh request is served right after: the row came back
+    _, done = generate(scheduler, prompt, SamplingParams(max_tokens=5, temperature=0.0), timeout=30)
+    assert done["completion_tokens"] == 5
+    assert events[-1]["done"] and events[-1]["finish_reason"] == "cancelled"
+    assert events[-1]["completion_tokens"] < 200
+    assert scheduler.snapshot()["cancelled"] == 1
+
+
+def test_overload_and_prompt_limits(model, tiny_tokenizer):
+    s = Scheduler(model, tiny_tokenizer, max_batch=1, max_waiting=2)  # not started: nothing leaves the queue
+    s.running = True
+    prompt = tiny_tokenizer.encode("Hello", prepend="<|bos|>")
+    s.submit_many([(prompt, SamplingParams(), lambda ev: None)] * 2)
+    with pytest.raises(Overloaded, match="limit 2"):
+        s.submit(prompt, SamplingParams(), lambda ev: None)
+    with pytest.raises(ValueError, match="context"):
+        s.submit([1] * SMALL["sequence_len"], SamplingParams(), lambda ev: None)
+
+
+def test_cancelled_waiting_request_frees_its_place(model, tiny_tokenizer):
+    s = Scheduler(model, tiny_tokenizer, max_batch=1, max_waiting=1).start()
+    try:
+        prompt = tiny_tokenizer.encode("Hello", prepend="<|bos|>")
+        long = SamplingParams(max_tokens=250, temperature=0.0)
+        running = s.submit(prompt, long, lambda ev: None)
+        while not s.rows:  # admitted: the waiting place is free again
+            threading.Event().wait(0.005)
+        waiting = s.submit(prompt, long, lambda ev: None)
+        with pytest.raises(Overloaded):
+            s.submit(prompt, long, lambda ev: None)
+        waiting.cancel()
+        for _ in range(500):
+            if not s.waiting:
+                break
+            threading.Event().wait(0.01)
+        s.submit(prompt, long, lambda ev: None)  # accepted while the first one still decodes
+        assert waiting.finish_reason == "cancelled" and running.finish_reason is None
+    finally:
+        s.stop()
+
+
+def test_async_requests_stream_and_cancel_on_close(tiny_tokenizer, scheduler):
+    prompt = tiny_tokenizer.encode("Hello", prepend="<|bos|>")
+
+    async def main():
+        batch = AsyncRequests(scheduler, prompt, [SamplingParams(max_tokens=8, temperature=0.0, seed=i)
+                                                  for i in range(2)])
+        done = {}
+        async for i, ev in batch:
+            if ev.get("done"):
+                done[i] = ev
+        early = AsyncRequests(scheduler, prompt, [SamplingParams(max_tokens=200, temperature=0.0)])
+        events = early.__aiter__()
+        await events.__anext__()
+        await events.aclose()  # the consumer leaves after its first event (a client that went away)
+        return done, early.requests[0]
+    done, left = asyncio.run(main())
+    assert {d["completion_tokens"] for d in done.values()} == {8}
+    for _ in range(200):
+        if left.finish_reason:
+            break
+        threading.Event().wait(0.01)
+    assert left.finish_reason == "cancelled"
+
+
+# -----------------------------------------------------------------------------
+# A scripted model: stop rules, tool use and UTF-8 handling need exact control over the tokens
+
+class ScriptedModel(torch.nn.Module):
+    """Emits script[i] at generated position i (one-hot logits), then `then` forever."""
+
+    def __init__(self, prompt_len, script, then, vocab=TINY_VOCAB, sequence_len=256):
+        super().__init__()
+        self.config = GPTConfig(**{**SMALL, "sequence_len": sequence_len})
+        self.register_buffer("cos", torch.zeros(1))
+        self.prompt_len, self.script, self.then, self.vocab = prompt_len, script, then, vocab
+
+    def get_device(self):
+        return torch.device("cpu")
+
+    def forward(self, idx, kv_cache=None):
+        B, T = idx.shape
+        logits = torch.zeros(B, T, self.vocab)
+        for b in range(B):
+            for t in range(T):
+                i = int(kv_cache.cache_seqlens[b]) + t + 1 - self.prompt_len
+                logits[b, t, self.script[i] if 0 <= i < len(self.script) else self.then] = 1.0
+        kv_cache.advance(T)
+        return logits
+
+
+def scripted_run(tok, script, then=None, seq_len=256, **params):
+    prompt = tok.encode("Hi", prepend="<|bos|>")
+    then = tok.encode_special("<|assistant_end|>") if then is None else then
+    s = Scheduler(ScriptedModel(len(prompt), script, then, sequence_len=seq_len), tok, max_batch=2).start()
+    events = []
+    try:
+        req = s.submit(prompt, SamplingParams(**{"temperature": 0.0, **params}), events.append)
+        for _ in range(500):
+            if req.finish_reason:
+                break
+            threading.Event().wait(0.01)
+    finally:
+        s.stop()
+    texts = [e["text"] for e in events if "text" in e]
+    return texts, events[-1]
+
+
+def test_stop_token_and_calculator(tiny_tokenizer):
+    tok = tiny_tokenizer
+    S = tok.encode_special
+    script = [*tok.encode("sum:"), S("<|python_start|>"), *tok.encode("12*3"), S("<|python_end|>")]
+    texts, done = scripted_run(tok, script)  # then <|assistant_end|>, after the forced tool output
+    text = "".join(texts)
+    assert text == "sum:<|python_start|>12*3<|python_end|><|output_start|>36<|output_end|>"
+    assert done["finish_reason"] == "stop"
+    assert done["completion_tokens"] == len(script) + 2 + len(tok.encode("36"))  # stop token not counted
+    texts, done = scripted_run(tok, [*tok.encode("ab")], then=tok.get_bos_token_id())
+    assert "".join(texts) == "ab" and done["finish_reason"] == "stop"
+
+
+def test_stop_strings_are_never_streamed(tiny_tokenizer):
+    tok = tiny_tokenizer
+    script = tok.encode("Hello world. Bye")
+    texts, done = scripted_run(tok, script, stop=("world", "zzz"))
+    assert "".join(texts) == "Hello " and done["finish_reason"] == "stop"
+    assert all("wor" not in t for t in texts)
+    texts, done = scripted_run(tok, script, stop=("Hello world. Bye!",))  # a prefix only: all text comes out
+    assert "".join(texts) == "Hello world. Bye" and done["finish_reason"] == "stop"  # then assistant_end
+
+
+def test_utf8_split_across_tokens_is_held_until_complete(tiny_tokenizer):
+    tok = tiny_tokenizer
+    byte_ids = [tok.enc.encode_single_token(bytes([b])) for b in "é€".encode()]  # 2 + 3 bytes, one token each
+    texts, done = scripted_run(tok, byte_ids)
+    assert texts == ["é", "€"] and done["finish_reason"] == "stop"
+    texts, done = scripted_run(tok, byte_ids[:1], max_tokens=1)  # cut mid-character: replaced at the end
+    assert texts == ["\ufffd"] and done["finish_reason"] == "length"
+
+
+def test_length_limits(tiny_tokenizer):
+    tok = tiny_tokenizer
+    word = tok.encode("the")[0]
+    P = len(tok.encode("Hi", prepend="<|bos|>"))
+    texts, done = scripted_run(tok, [], then=word, max_tokens=7)
+    assert done == {"done": True, "finish_reason": "length", "prompt_tokens": P, "completion_tokens": 7}
+    texts, done = scripted_run(tok, [], then=word, seq_len=P + 6, max_tokens=100)  # the context fills first
+    assert done["finish_reason"] == "length" and done["completion_tokens"] == 6

@@ -1,0 +1,372 @@
+"""The real Serve app on a tiny random-weight model, over real HTTP: every route, the official openai client, a
+websockets client, bad inputs, overload, a client that disconnects mid-stream, and a killed replica."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict
+
+import pytest
+import requests
+import torch
+import yaml
+
+from conftest import REPO_ROOT, TINY_VOCAB, perturbed
+
+API_KEY = "test-key-123"
+CORS_ORIGIN = "http://allowed.test"
+# sequence_len 1024: long enough that a generation is still running when a test acts on it
+TEST_MODEL = dict(sequence_len=1024, vocab_size=TINY_VOCAB, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+
+
+def make_storage(root, tokenizer):
+    """A storage root with the tokenizer and a tiny random sft checkpoint (d2, step 1)."""
+    from nanochat.checkpoint_manager import save_checkpoint
+    from nanochat.gpt import GPTConfig, build_model
+    tokenizer.save(os.path.join(root, "tokenizer"))
+    config = GPTConfig(**TEST_MODEL)
+    torch.manual_seed(0)
+    model = perturbed(build_model(config), scale=0.2)
+    with torch.no_grad():  # special tokens never win greedy decoding, so replies run to max_tokens
+        model.lm_head.weight[min(tokenizer.encode_special(s) for s in tokenizer.get_special_tokens()):] = 0
+    save_checkpoint(os.path.join(root, "chatsft_checkpoints", "d2"), 1, model.state_dict(), None,
+                    {"model_config": asdict(config)})
+    return str(root)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_app(root, **overrides):
+    """serve.start on a free loopback port and run the app; returns its base URL."""
+    from ray import serve
+    from serve.app import build_app
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"storage": root, **overrides}), name="nanochat", route_prefix="/",
+              logging_config={"log_level": "WARNING", "enable_access_log": False})
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url)
+    return url
+
+
+def wait_healthy(url, timeout=60, not_pid=None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            r = requests.get(url + "/health", timeout=5)
+            if r.status_code == 200 and r.json()["pid"] != not_pid:
+                return r.json()
+        except requests.RequestException:
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"{url} not healthy after {timeout}s")
+
+
+# One app serves this module and test_web_ui.py (starting Serve and a replica is the slow part of both):
+# it is started on first use, and shut down by the last module that will use it.
+_app = {}
+
+
+def shared_app(tokenizer, tmp_path_factory):
+    if _app:
+        try:
+            requests.get(_app["url"] + "/health", timeout=5).raise_for_status()
+        except requests.RequestException:  # Ray was restarted by a module in between: start again
+            _app.clear()
+    if not _app:
+        root = make_storage(tmp_path_factory.mktemp("serve_storage"), tokenizer)
+        _app["url"] = start_app(root, max_batch=4, max_waiting=4, api_key=API_KEY, cors_origins=CORS_ORIGIN)
+    return _app["url"]
+
+
+def shutdown_shared_app():
+    if _app:
+        from ray import serve
+        serve.shutdown()
+        _app.clear()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _shutdown_serve(request):
+    yield
+    ui_next = any(getattr(item.module, "UI_READY", False) for item in request.session.items
+                  if item.module.__name__ == "test_web_ui")
+    if not ui_next:  # else test_web_ui shuts it down when it is done
+        shutdown_shared_app()
+
+
+@pytest.fixture
+def url(ray_local, tiny_tokenizer, tmp_path_factory):
+    return shared_app(tiny_tokenizer, tmp_path_factory)
+
+
+@pytest.fixture
+def client(url):
+    from openai import OpenAI
+    return OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+def health(url):
+    return requests.get(url + "/health", timeout=10).json()
+
+
+def chat(url, **body):
+    return requests.post(url + "/chat", json=body, timeout=60)
+
+
+def sse_events(response):
+    return [json.loads(line[6:]) for line in response.iter_lines() if line.startswith(b"data: ")]
+
+
+# -----------------------------------------------------------------------------
+
+def test_page_health_models_metrics(url, client):
+    page = requests.get(url + "/", timeout=10)
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"] and "nanochat" in page.text
+    h = health(url)
+    assert h["status"] == "ok" and h["model_loaded"] and h["scheduler"]["max_batch"] == 4
+    assert [m.id for m in client.models.list().data] == ["nanochat-sft"]
+    chat(url, message="Hello", max_tokens=3)
+    metrics = requests.get(url + "/metrics", timeout=10)
+    assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
+    for name in ("nanochat_requests_total", "nanochat_errors_total", "nanochat_tokens_generated_total",
+                 "nanochat_time_to_first_token_seconds_bucket", "nanochat_inter_token_latency_seconds_bucket",
+                 "nanochat_active_requests"):
+        assert name in metrics.text
+    assert 'nanochat_requests_total{route="/chat",status="200"}' in metrics.text
+
+
+def test_chat_json_and_sse(url):
+    r = chat(url, message="Hello", max_tokens=12, temperature=0)
+    body = r.json()
+    assert r.status_code == 200 and body["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 12
+    assert body["usage"]["total_tokens"] == 12 + body["usage"]["prompt_tokens"]
+    assert chat(url, message="Hello", max_tokens=12, temperature=0).json()["response"] == body["response"]
+    # a multi-turn conversation, streamed: the same text arrives in pieces, then a done event with usage
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "Hello"}]
+    plain = chat(url, messages=messages, max_tokens=20, temperature=0).json()
+    with requests.post(url + "/chat", json={"messages": messages, "max_tokens": 20, "temperature": 0,
+                                            "stream": True}, stream=True, timeout=60) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r)
+    assert "".join(e["token"] for e in events if "token" in e) == plain["response"]
+    assert events[-1]["done"] and events[-1]["usage"] == plain["usage"] and len(events) > 2
+    seeded = [chat(url, message="Hello", max_tokens=10, temperature=1.0, seed=s).json()["response"] for s in (5, 5, 6)]
+    assert seeded[0] == seeded[1] != seeded[2]
+
+
+def test_openai_client(client):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
+    r = client.chat.completions.create(model="nanochat", messages=messages, max_tokens=16, temperature=0)
+    text = r.choices[0].message.content
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 16
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 16
+    # streaming gives the same text; usage on request
+    chunks = list(client.chat.completions.create(model="nanochat", messages=messages, max_tokens=16, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 16
+    # n choices with a seed: reproducible, different from each other; usage sums them
+    kw = dict(model="nanochat", messages=messages, max_tokens=10, temperature=1.0, top_p=0.95, seed=7, n=3,
+              extra_body={"top_k": 50})
+    a, b = client.chat.completions.create(**kw), client.chat.completions.create(**kw)
+    texts = [c.message.content for c in a.choices]
+    assert texts == [c.message.content for c in b.choices] and len(set(texts)) == 3
+    assert [c.index for c in a.choices] == [0, 1, 2] and a.usage.completion_tokens == 30
+    streamed = {}
+    for c in client.chat.completions.create(**kw, stream=True):
+        for choice in c.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + (choice.delta.content or "")
+    assert [streamed[i] for i in range(3)] == texts
+    # a stop string cuts the text before it
+    cut = text[3:6]
+    r = client.chat.completions.create(model="nanochat", messages=messages, max_tokens=16, temperature=0, stop=[cut])
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content == text[:text.index(cut)]
+
+
+def test_api_key_and_cors(url):
+    from openai import AuthenticationError, OpenAI
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    assert requests.post(url + "/v1/chat/completions", json=body, timeout=10).status_code == 401
+    r = requests.get(url + "/v1/models", headers={"Authorization": "Bearer wrong"}, timeout=10)
+    assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+    with pytest.raises(AuthenticationError):
+        OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+    assert chat(url, message="Hi", max_tokens=2).status_code == 200  # the page's own route needs no key
+    preflight = {"Origin": CORS_ORIGIN, "Access-Control-Request-Method": "POST"}
+    r = requests.options(url + "/chat", headers=preflight, timeout=10)
+    assert r.headers.get("access-control-allow-origin") == CORS_ORIGIN
+    r = requests.options(url + "/chat", headers={**preflight, "Origin": "http://evil.test"}, timeout=10)
+    assert "access-control-allow-origin" not in r.headers
+
+
+def test_websocket_several_turns(url):
+    from websockets.sync.client import connect
+    with connect(url.replace("http", "ws") + "/ws", open_timeout=30) as ws:
+        replies = []
+        for turn in ({"message": "Hello", "max_tokens": 8, "temperature": 0},
+                     {"message": "Hello", "temperature": 9},  # an error answers the turn; the socket stays open
+                     {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "temperature": 0}):
+            ws.send(json.dumps(turn))
+            tokens = []
+            while True:
+                msg = json.loads(ws.recv(timeout=30))
+                if "token" in msg:
+                    tokens.append(msg["token"])
+                else:
+                    break
+            replies.append(("".join(tokens), msg))
+        ws.send("not json")
+        bad = json.loads(ws.recv(timeout=30))
+    assert replies[0][1]["done"] and replies[0][1]["usage"]["completion_tokens"] == 8
+    assert replies[0][0] == chat(url, message="Hello", max_tokens=8, temperature=0).json()["response"]
+    assert replies[1][1]["status"] == 400 and "temperature" in replies[1][1]["error"]
+    assert replies[2][1]["done"] and replies[2][1]["usage"]["completion_tokens"] == 5
+    assert bad["status"] == 400 and "JSON" in bad["error"]
+
+
+def _msgs(*contents):
+    roles = ["user", "assistant"]
+    return [{"role": roles[i % 2], "content": c} for i, c in enumerate(contents)]
+
+
+BAD_INPUTS = [  # (body, status, words the message must contain)
+    (b'{"message": "hi"', 400, "malformed JSON"),
+    (b'\xff\xfe{"message": "hi"}', 400, "UTF-8"),
+    ({"messages": _msgs(*["hi"] * 501)}, 400, "limit 500"),
+    ({"message": "x" * 8001}, 400, "limit 8000"),
+    ({"messages": _msgs(*["y" * 7000] * 5)}, 400, "limit 32000"),
+    ({"message": ""}, 400, "empty"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "role"),
+    ({"messages": _msgs("hi", "there")}, 400, "last message"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, 400, "alternate"),
+    ({"message": "hi", "temperature": 2.5}, 400, "temperature must be between 0.0 and 2.0"),
+    ({"message": "hi", "temperature": -0.1}, 400, "temperature"),
+    ({"message": "hi", "top_k": 201}, 400, "top_k must be between 0 and 200"),
+    ({"message": "hi", "max_tokens": 0}, 400, "max_tokens must be between 1 and 4096"),
+    ({"message": "hi", "max_tokens": 4097}, 400, "max_tokens"),
+    ({"message": "hi", "top_p": 0}, 400, "top_p"),
+    ({"message": "hi", "stop": ["a"] * 5}, 400, "stop"),
+    ({"message": " ".join(f"w{i}" for i in range(1200))}, 400, "context of 1024 tokens"),
+    ({"message": 5}, 422, "message"),
+    ({"message": "hi", "temperature": "hot"}, 422, "temperature"),
+    ({"messages": "hi"}, 422, "messages"),
+    ({"messages": [{"content": "hi"}]}, 422, "role"),
+    ([1, 2, 3], 422, "invalid request"),
+    ({"message": "hi", "tempreature": 0.5}, 422, "tempreature"),
+    (b"x" * (2 << 20), 413, "limit"),
+]
+
+
+def test_bad_inputs_get_clear_errors_and_server_keeps_serving(url, client):
+    import openai
+    for body, status, words in BAD_INPUTS:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        r = requests.post(url + "/chat", data=data, headers={"Content-Type": "application/json"}, timeout=30)
+        assert r.status_code == status, (body if len(data) < 200 else data[:80], r.text)
+        assert words in r.json()["error"]["message"], r.text
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model="m", messages=_msgs("hi"), temperature=3)
+    with pytest.raises(openai.BadRequestError, match="n must be between 1 and 8"):
+        client.chat.completions.create(model="m", messages=_msgs("hi"), n=9)
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": 7}])
+    assert chat(url, message="still there?", max_tokens=3).status_code == 200
+    assert health(url)["status"] == "ok"
+
+
+def _open_stream(url, results, i, max_tokens=1000):
+    r = requests.post(url + "/chat", json={"message": f"load {i}", "max_tokens": max_tokens, "temperature": 0,
+                                           "stream": True}, stream=True, timeout=60)
+    results[i] = r
+
+
+def test_overload_answers_503_not_a_queue(url):
+    results = [None] * 16  # 4 rows + 4 waiting places in the test app
+    threads = [threading.Thread(target=_open_stream, args=(url, results, i)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        codes = sorted(r.status_code for r in results)
+        assert codes.count(200) == 8 and codes.count(503) == 8, codes
+        rejected = next(r for r in results if r.status_code == 503)
+        assert "overloaded" in rejected.json()["error"]["message"] and rejected.headers["retry-after"] == "1"
+    finally:
+        for r in results:
+            r.close()  # disconnecting frees the rows
+    deadline = time.time() + 20
+    while health(url)["scheduler"]["active"] + health(url)["scheduler"]["waiting"] and time.time() < deadline:
+        time.sleep(0.1)
+    assert chat(url, message="after the storm", max_tokens=3).status_code == 200
+
+
+def test_disconnect_mid_stream_frees_the_slot(url):
+    before = health(url)["scheduler"]
+    r = requests.post(url + "/chat", json={"message": "Hello", "max_tokens": 1000, "temperature": 0, "stream": True},
+                      stream=True, timeout=60)
+    lines = r.iter_lines()
+    tokens = 0
+    while tokens < 3:
+        tokens += next(lines).startswith(b'data: {"token"')
+    assert health(url)["scheduler"]["active"] == 1
+    r.close()
+    deadline = time.time() + 10
+    while (s := health(url)["scheduler"])["active"] and time.time() < deadline:
+        time.sleep(0.05)
+    assert s["active"] == 0 and s["cancelled"] == before["cancelled"] + 1
+    assert s["tokens"] - before["tokens"] < 1000  # stopped early, not run to max_tokens
+
+
+def test_chat_cli_against_the_server(url):
+    out = subprocess.run([sys.executable, "-m", "serve.chat_cli", "--url", url, "--api-key", API_KEY, "-t", "0",
+                          "-m", "6", "-p", "Hello"], capture_output=True, timeout=120, cwd=REPO_ROOT)
+    assert out.returncode == 0, out.stderr.decode()
+    expected = chat(url, messages=[{"role": "user", "content": "Hello"}], max_tokens=6, temperature=0, top_k=50)
+    assert out.stdout.decode() == expected.json()["response"] + "\n"
+
+
+def test_config_yaml_is_a_valid_serve_config():
+    from ray.serve.schema import ServeDeploySchema
+    with open(os.path.join(REPO_ROOT, "serve", "config.yaml")) as f:
+        config = ServeDeploySchema.model_validate(yaml.safe_load(f))
+    (application,) = config.applications
+    assert application.import_path == "serve.app:build_app"
+    assert config.http_options.host == "127.0.0.1"
+
+
+def test_command_line_maps_onto_the_app_config():
+    from serve.app import ServeConfig, parse_args
+    args = parse_args(["--storage", "/s", "--source", "rl", "--model-tag", "d20", "--step", "7", "--port", "9000",
+                       "--replicas", "2", "--max-replicas", "4", "--gpus-per-replica", "1", "--api-key", "k"])
+    cfg = ServeConfig.from_args(vars(args))
+    assert (cfg.storage, cfg.source, cfg.model_tag, cfg.step, cfg.port) == ("/s", "rl", "d20", 7, 9000)
+    assert (cfg.replicas, cfg.max_replicas, cfg.gpus_per_replica, cfg.api_key) == (2, 4, 1.0, "k")
+    assert cfg.host == "127.0.0.1"  # loopback unless told otherwise
+    # `serve run serve.app:build_app k=v` passes strings
+    cfg = ServeConfig.from_args({"step": "3", "gpus_per_replica": "0.5", "model_tag": "null", "max_replicas": ""})
+    assert (cfg.step, cfg.gpus_per_replica, cfg.model_tag, cfg.max_replicas) == (3, 0.5, None, None)
+    with pytest.raises(ValueError, match="unknown serve option"):
+        ServeConfig.from_args({"prot": "1"})
+
+
+def test_killed_replica_is_replaced(url, ray_local):
+    first = health(url)
+    (name,) = [a["name"] for a in ray_local.util.list_named_actors(all_namespaces=True)
+               if a["namespace"] == "serve" and "ChatServer" in a["name"]]
+    ray_local.kill(ray_local.get_actor(name, namespace="serve"), no_restart=True)
+    second = wait_healthy(url, timeout=90, not_pid=first["pid"])
+    assert second["replica"] != first["replica"]
+    assert chat(url, message="back again", max_tokens=3).status_code == 200
