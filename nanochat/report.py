@@ -34,6 +34,7 @@ SUMMARY_SOURCES = {
     "base-model-evaluation": ("BASE", ("CORE",)),
     "chat-evaluation-mid": ("MID", CHAT_METRICS),
     "chat-evaluation-sft": ("SFT", CHAT_METRICS),
+    "chat-rl": ("RL", ("GSM8K",)),  # the RL stage's own pass@1; a later chat eval of the RL model overrides it
     "chat-evaluation-rl": ("RL", ("GSM8K",)),
 }
 # on-demand $/GPU/hour (Lambda, as nanochat's report card used), by GPU name substring

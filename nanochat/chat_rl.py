@@ -1,0 +1,351 @@
+"""
+Reinforcement learning on GSM8K (SPEC §11), one worker's view: nanochat's "GRPO" reduced to on-policy REINFORCE.
+
+Every step, each rank takes its share of the step's problems (rank-strided over the GSM8K train split, cycling),
+samples num_samples completions per problem with the KV-cache Engine (calculator tool on) from the very weights it
+is training, scores each 1/0 with the '#### N' answer check, and raises the log-probability of the sampled tokens
+in proportion to the advantage r - mean(r) of the problem's group. No std normalization, no KL, no ratio clipping:
+the samples are on-policy and used for exactly one update. Tokens the model did not choose (the prompt, forced
+calculator output, padding) get no gradient. Then one optimizer step; gradients are averaged across ranks inside
+MuonAdamW, as in every other stage (no DDP).
+
+The checkpoint / metrics contract is train_loop's (nanochat/train.py): num_iterations + 1 iterations so the final
+eval and save see step N; checkpoints via save_training_checkpoint (loader state = the example cursor), so a
+restarted Ray Train worker group resumes exactly like the other stages.
+"""
+import argparse
+import json
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+from nanochat.checkpoint_manager import SOURCE_DIRS, find_largest_model, load_checkpoint, load_model
+from nanochat.common import get_base_dir, is_distributed, print0
+from nanochat.train import ArgsMixin, LoopState, WorkerContext, save_training_checkpoint
+
+EVAL_TEMPERATURE, EVAL_TOP_K = 1.0, 50  # pass@k samples like the rollouts (SPEC §11)
+
+
+@dataclass
+class RLConfig(ArgsMixin):
+    source: str = "sft"  # checkpoint to start from: sft|mid
+    model_tag: str = ""  # default: the largest d<N> of the source
+    model_step: int = -1  # default: the source's last step
+    num_epochs: int = 1
+    num_iterations: int = -1  # -1: len(GSM8K train) // examples_per_step * num_epochs
+    device_batch_size: int = 8  # rows per engine call and per forward/backward pass
+    examples_per_step: int = 16  # problems per step, over all ranks (must divide by the world size)
+    num_samples: int = 16  # completions per problem (must divide by device_batch_size)
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 50
+    embedding_lr: float = 0.2
+    unembedding_lr: float = 0.004
+    matrix_lr: float = 0.02
+    scalar_lr: float = 0.5
+    weight_decay: float = 0.0
+    init_lr_frac: float = 0.05  # all lrs start at this fraction, then decay linearly to 0
+    eval_every: int = 60  # pass@k on the test slice (<= 0: last step only)
+    eval_examples: int = 400  # first N GSM8K test problems
+    save_every: int = 60  # (<= 0: last step only)
+    report_every: int = 10  # on_metrics cadence (Ray Train reports)
+    task_data: str = ""  # offline task files laid out like ../shared/data (default $NANOCHAT_TASK_DATA)
+    resume: bool = False
+    device_type: str = ""
+    seed: int = 42
+
+    def resolved(self):
+        return RLConfig(**{**asdict(self), "task_data": self.task_data or os.environ.get("NANOCHAT_TASK_DATA", "")})
+
+
+def output_dir(cfg, base_dir=None):
+    """<storage>/chatrl_checkpoints/<tag>; tag = the source model's tag."""
+    base_dir = base_dir or get_base_dir()
+    tag = cfg.model_tag or find_largest_model(base_dir.rstrip("/") + "/" + SOURCE_DIRS[cfg.source])
+    return base_dir.rstrip("/") + f"/{SOURCE_DIRS['rl']}/{tag}"
+
+
+def gsm8k(cfg, split):
+    from tasks.gsm8k import GSM8K
+    return GSM8K(split=split, data_path=os.path.join(cfg.task_data, "gsm8k") if cfg.task_data else None)
+
+
+# -----------------------------------------------------------------------------
+# The math, as small pure functions
+
+def rollout_seed(step, example_idx, sampling_step):
+    """Seed of one engine call: every (step, problem, call) samples differently, reproducibly (hashes of int
+    tuples do not depend on PYTHONHASHSEED)."""
+    return hash((step, example_idx, sampling_step)) & 0x7FFFFFFF
+
+
+def completion_rewards(task, conversation, sequences, prompt_len, tokenizer):
+    """Reward of each sampled sequence (prompt + completion ids): the task's check of the decoded completion."""
+    return [float(task.reward(conversation, tokenizer.decode(seq[prompt_len:]))) for seq in sequences]
+
+
+def group_advantages(rewards):
+    """r - mean(r) over one problem's samples. No std normalization: a group where all samples agree gets 0."""
+    rewards = torch.as_tensor(rewards, dtype=torch.float32)
+    return rewards - rewards.mean()
+
+
+def rollout_batch(sequences, masks, pad_id):
+    """Padded (inputs, targets) of shape (N, L-1), L = the longest sequence. Padding is pad_id (<|assistant_end|>);
+    a target is -1 where the engine's mask is 0 (prompt, forced tool output) and at padding."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    sampled = torch.zeros((len(sequences), width), dtype=torch.bool)
+    for row, (seq, mask) in enumerate(zip(sequences, masks)):
+        ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        sampled[row, :len(mask)] = torch.tensor(mask, dtype=torch.bool)
+    return ids[:, :-1], ids[:, 1:].masked_fill(~sampled[:, 1:], -1)
+
+
+def pg_loss(logp, targets, advantages, num_passes, examples_per_rank):
+    """Policy-gradient loss of one pass. logp (B, T): log-probabilities of the targets; advantages (B,).
+    pg = sum(logp * A) / (valid tokens of the pass * passes per problem * problems per rank): token-level
+    normalization (DAPO-style), and summing over the rank's passes gives its mean. Returns -pg (minimized)."""
+    valid = targets >= 0
+    num_valid = valid.sum().clamp(min=1)
+    pg = (logp * valid * advantages[:, None]).sum() / (num_valid * num_passes * examples_per_rank)
+    return -pg
+
+
+def pass_at_k(outcomes, k):
+    """1 if any of the first k samples is correct."""
+    return float(any(outcomes[:k]))
+
+
+def step_examples(cursor, examples_per_rank, world_size, num_examples):
+    """This rank's problems for one step: global positions cursor, cursor+W, ... (cursor = the rank's next
+    position), cycling over the split."""
+    return [(cursor + k * world_size) % num_examples for k in range(examples_per_rank)]
+
+
+def start_cursor(resume_states, rank, examples_per_step, step):
+    """The rank's next global position. Saved cursors make it world-size independent: all ranks consume the
+    same number of problems per step, so min(next - rank) is where the global stream stopped."""
+    if not resume_states:
+        return step * examples_per_step + rank
+    return min(s["next"] - s["rank"] for s in resume_states) + rank
+
+
+# -----------------------------------------------------------------------------
+# Evaluation
+
+@torch.no_grad()
+def evaluate_pass_at_k(engine, tokenizer, task, num_problems, k_max, max_new_tokens, rank, world_size, device):
+    """pass@1..k_max on the first num_problems of `task` (rank-strided, summed over ranks). Metric 'GSM8K' is
+    pass@1, the report card's number."""
+    totals = torch.zeros(k_max + 1, dtype=torch.float64, device=device)  # [0]: problems, [k]: pass@k hits
+    for i in range(rank, min(num_problems, len(task)), world_size):
+        conv = task[i]
+        prompt = tokenizer.render_for_completion(conv)
+        seqs, _ = engine.generate_batch(prompt, num_samples=k_max, max_tokens=max_new_tokens,
+                                        temperature=EVAL_TEMPERATURE, top_k=EVAL_TOP_K)
+        outcomes = [task.evaluate(conv, tokenizer.decode(s[len(prompt):])) for s in seqs]
+        totals[0] += 1
+        for k in range(1, k_max + 1):
+            totals[k] += pass_at_k(outcomes, k)
+    if is_distributed():
+        dist.all_reduce(totals)
+    n = max(totals[0].item(), 1.0)
+    result = {f"pass@{k}": totals[k].item() / n for k in range(1, k_max + 1)}
+    return {"GSM8K": result["pass@1"], **result}
+
+
+def _sum_all_ranks(values, device):
+    """Element-wise sums over all ranks of a list of numbers."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if is_distributed():
+        dist.all_reduce(t)
+    return t
+
+
+# -----------------------------------------------------------------------------
+# The worker
+
+def chat_rl_worker(cfg, ctx=None, run_id=None, resume_step=None, tokenizer=None, train_task=None, test_task=None,
+                   step_hook=None):
+    """RL on this worker; returns a summary dict with the final pass@k ('GSM8K' = pass@1). resume_step: continue
+    this stage's checkpoint. train_task / test_task replace GSM8K from cfg.task_data (tests); step_hook(step, rank)
+    runs before every training step (tests inject failures there)."""
+    from nanochat.engine import Engine
+    from nanochat.schedules import apply_schedule
+    cfg = cfg.resolved()
+    ctx = ctx or WorkerContext()
+    device, rank, W = ctx.device, ctx.rank, ctx.world_size
+    torch.manual_seed(cfg.seed)
+    B = cfg.device_batch_size
+    if cfg.examples_per_step % W:
+        raise ValueError(f"examples_per_step {cfg.examples_per_step} is not divisible by {W} workers")
+    if cfg.num_samples % B:
+        raise ValueError(f"num_samples {cfg.num_samples} is not a multiple of device_batch_size {B}")
+    examples_per_rank, num_passes = cfg.examples_per_step // W, cfg.num_samples // B
+
+    tag = cfg.model_tag or os.path.basename(ctx.checkpoint_dir.rstrip("/"))
+    model, loaded_tokenizer, source_meta = load_model(cfg.source, device, "train", model_tag=tag,
+                                                      step=cfg.model_step if cfg.model_step >= 0 else None)
+    tokenizer = tokenizer or loaded_tokenizer
+    engine = Engine(model, tokenizer)  # same module as the one being trained: rollouts are always on-policy
+    optimizer = model.setup_optimizer(unembedding_lr=cfg.unembedding_lr, embedding_lr=cfg.embedding_lr,
+                                      matrix_lr=cfg.matrix_lr, weight_decay=cfg.weight_decay,
+                                      scalar_lr=cfg.scalar_lr)
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] = group["initial_lr"] * cfg.init_lr_frac
+
+    train_task = train_task if train_task is not None else gsm8k(cfg, "train")
+    test_task = test_task if test_task is not None else gsm8k(cfg, "test")
+    num_iterations = cfg.num_iterations if cfg.num_iterations > 0 else \
+        max(1, len(train_task) // cfg.examples_per_step * cfg.num_epochs)
+
+    state, loader_states = LoopState(), None
+    if resume_step is not None:
+        model_data, optim_data, meta = load_checkpoint(ctx.checkpoint_dir, resume_step, device, load_optimizer=True,
+                                                       rank=rank, world_size=W)
+        model.load_state_dict(model_data)
+        optimizer.load_state_dict(optim_data)
+        state, loader_states = LoopState(**meta["loop_state"]), meta["loader_states"]
+        print0(f"resumed rl from step {resume_step} ({ctx.checkpoint_dir})")
+    step = state.step
+    cursor = start_cursor(loader_states, rank, cfg.examples_per_step, step)
+    print0(f"rl: {len(train_task):,} train problems, {num_iterations} steps, {cfg.examples_per_step} problems x "
+           f"{cfg.num_samples} samples per step on {W} workers, from {cfg.source} {tag}")
+
+    pad_id = tokenizer.encode_special("<|assistant_end|>")
+    meta = dict(model_config=asdict(model.config), user_config=asdict(cfg), stage="rl", source=cfg.source,
+                source_step=source_meta.get("step"), run_id=run_id, device_batch_size=B,
+                examples_per_step=cfg.examples_per_step, num_samples=cfg.num_samples)
+    metrics_file = open(ctx.metrics_path, "a") if (rank == 0 and ctx.metrics_path) else None
+    start_step, final_eval = step, {}
+
+    def log(line, flush=True):
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(line) + "\n")
+            if flush:
+                metrics_file.flush()
+
+    try:
+        while True:
+            last_step = step == num_iterations
+            metrics = {}
+            if last_step or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
+                model.eval()
+                metrics = evaluate_pass_at_k(engine, tokenizer, test_task, cfg.eval_examples, B, cfg.max_new_tokens,
+                                             rank, W, device)
+                model.train()
+                final_eval = metrics
+                for k, v in metrics.items():
+                    state.best_eval[k] = max(v, state.best_eval.get(k, float("-inf")))
+                print0(f"step {step:05d} | " + " | ".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
+            if step > start_step and (last_step or (cfg.save_every > 0 and step % cfg.save_every == 0)):
+                state.step = step
+                loader_state = {"rank": rank, "world_size": W, "next": cursor}
+                save_training_checkpoint(ctx, step, model, optimizer, loader_state, state, meta)
+                ctx.on_checkpoint(step, {"step": step, **metrics})
+            elif metrics:
+                ctx.on_metrics(step, {"step": step, **metrics})
+            if metrics:
+                log({"step": step, **metrics})
+            if last_step:
+                break
+            if step_hook is not None:
+                step_hook(step, rank)
+
+            # ---- one RL step: per problem, sample a group, then backprop its passes (weights fixed until the
+            # optimizer step, so the later problems' samples are still on-policy) ----
+            t0 = time.perf_counter()
+            rollout_time, loss_sum = 0.0, torch.zeros((), device=device)
+            reward_sum = seq_len_sum = gen_tokens = 0.0
+            for idx in step_examples(cursor, examples_per_rank, W, len(train_task)):
+                conv = train_task[idx]
+                prompt = tokenizer.render_for_completion(conv)
+                tr = time.perf_counter()
+                model.eval()
+                sequences, masks = [], []
+                for s in range(num_passes):
+                    seqs, msks = engine.generate_batch(prompt, num_samples=B, max_tokens=cfg.max_new_tokens,
+                                                       temperature=cfg.temperature, top_k=cfg.top_k,
+                                                       seed=rollout_seed(step, idx, s))
+                    sequences += seqs
+                    masks += msks
+                model.train()
+                rollout_time += time.perf_counter() - tr
+                rewards = completion_rewards(train_task, conv, sequences, len(prompt), tokenizer)
+                reward_sum += sum(rewards)
+                seq_len_sum += sum(len(s) for s in sequences)
+                gen_tokens += sum(len(s) - len(prompt) for s in sequences)
+                inputs, targets = rollout_batch(sequences, masks, pad_id)
+                advantages = group_advantages(rewards)
+                for p in range(num_passes):
+                    rows = slice(p * B, (p + 1) * B)
+                    x, y, a = inputs[rows].to(device), targets[rows].to(device), advantages[rows].to(device)
+                    logp = -model(x, y, loss_reduction="none").view_as(y)
+                    loss = pg_loss(logp, y, a, num_passes, examples_per_rank)
+                    loss.backward()
+                    loss_sum += loss.detach()
+            cursor += cfg.examples_per_step
+            lrm = 1.0 - step / num_iterations
+            apply_schedule(optimizer, lrm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            n_samples = examples_per_rank * cfg.num_samples
+            totals = _sum_all_ranks([reward_sum, seq_len_sum, gen_tokens, n_samples, loss_sum.item()], device)
+            reward, seq_len, gen_len = (totals[:3] / totals[3]).tolist()
+            loss_value = totals[4].item() / W  # each rank's summed passes are its mean objective
+            dt = time.perf_counter() - t0
+
+            step += 1
+            state.total_training_time += dt
+            tok_per_sec = totals[2].item() / max(rollout_time, 1e-9)  # all workers' sampled tokens
+            line = dict(step=step, reward=reward, seq_len=seq_len, gen_len=gen_len, loss=loss_value, lrm=lrm,
+                        dt_ms=dt * 1000, rollout_tok_per_sec=tok_per_sec, rollout_pct=100 * rollout_time / dt,
+                        total_time=state.total_training_time)
+            print0(f"step {step:05d}/{num_iterations:05d} | reward: {reward:.4f} | seq len: {seq_len:.1f} "
+                   f"| gen len: {gen_len:.1f} | loss: {loss_value:.6f} | lrm: {lrm:.3f} | dt: {dt * 1000:.0f}ms "
+                   f"| rollout tok/s: {tok_per_sec:,.0f} ({100 * rollout_time / dt:.0f}% of step)")
+            log(line, flush=step % cfg.report_every == 0)
+            if step % cfg.report_every == 0 and step != num_iterations:
+                ctx.on_metrics(step, line)
+    finally:
+        if metrics_file is not None:
+            metrics_file.close()
+    state.step = step
+    summary = dict(step=step, num_iterations=num_iterations, stage="rl", source=cfg.source,
+                   total_training_time=state.total_training_time, checkpoint_dir=ctx.checkpoint_dir, **final_eval,
+                   **{f"best_{k}": v for k, v in state.best_eval.items()})
+    print0(f"done: {summary}")
+    return summary
+
+
+def log_report(cfg, summary, base_dir=None):
+    """The report card's 'Chat RL' section: the config and the final pass@k ('GSM8K' = pass@1)."""
+    from nanochat.report import get_report
+    results = {k: v for k, v in summary.items() if k == "GSM8K" or k.startswith("pass@") or k == "step"}
+    return get_report(base_dir).log("Chat RL", [asdict(cfg), results])
+
+
+def main(argv=None):
+    """One process (or one torchrun rank)."""
+    from nanochat.base_train import find_resume_step
+    from nanochat.common import autodetect_device_type, compute_init, device_peak_flops
+    parser = RLConfig.add_args(argparse.ArgumentParser(description="RL on GSM8K in one process"))
+    cfg = RLConfig.from_args(parser.parse_args(argv)).resolved()
+    _, rank, _, world, device = compute_init(cfg.device_type or autodetect_device_type(), seed=cfg.seed)
+    ckpt = output_dir(cfg)
+    os.makedirs(ckpt, exist_ok=True)
+    ctx = WorkerContext(rank=rank, world_size=world, device=device, checkpoint_dir=ckpt,
+                        metrics_path=ckpt + "/metrics.jsonl", peak_flops=device_peak_flops(device))
+    resume_step = find_resume_step(ckpt) if cfg.resume else None
+    summary = chat_rl_worker(cfg, ctx, run_id=uuid.uuid4().hex, resume_step=resume_step)
+    log_report(cfg, summary)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
