@@ -187,7 +187,7 @@ def base_train_worker(cfg, ctx=None, batch_source=None, tokenizer=None, run_id=N
 
     evals = [Eval("val_bpb", cfg.eval_every, val_bpb)]
     if cfg.core_metric_every > 0:
-        evals.append(Eval("core", cfg.core_metric_every, core))
+        evals.append(Eval("core", cfg.core_metric_every, core, at_start=False))
     t0 = time.time()
     state = train_loop(model, optimizer, train_batches, num_iterations=num_iterations, grad_accum_steps=accum,
                        schedule=schedule, ctx=ctx, tokens_per_step=total_batch, flops_per_token=flops_per_token,

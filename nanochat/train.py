@@ -53,10 +53,12 @@ class LoopState:
 
 @dataclass
 class Eval:
-    """A periodic evaluation run by all ranks: fn(step) -> dict of metrics (floats). every <= 0: last step only."""
+    """A periodic evaluation run by all ranks: fn(step) -> dict of metrics (floats). every <= 0: last step only.
+    at_start: also at step 0 (cheap evals give the starting point; expensive ones skip it)."""
     name: str
     every: int
     fn: object
+    at_start: bool = True
 
 
 @dataclass
@@ -127,7 +129,7 @@ def train_loop(model, optimizer, batches, *, num_iterations, grad_accum_steps, s
             last_step = step == num_iterations
             metrics = {}
             for ev in evals:
-                if _is_due(step, ev.every, last_step):
+                if _is_due(step, ev.every, last_step) and (step > 0 or ev.at_start or last_step):
                     model.eval()
                     result = ev.fn(step)
                     model.train()

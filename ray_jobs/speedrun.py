@@ -32,23 +32,28 @@ PRESETS = {
         "data": {"num-shards": 0},
         "tok_train": {"data": "auto", "vocab-size": 4096, "max-chars": 3_000_000},
         "tok_eval": {"data": "auto"},
-        "base_train": {"data": "auto", "depth": 4, "max-seq-len": 256, "window-pattern": "L", "device-batch-size": 8,
-                       "total-batch-size": 2048, "num-iterations": 300, "warmup-steps": 10, "eval-every": 100,
-                       "eval-tokens": 16384, "sample-every": 300, "save-every": 100, "matrix-lr": 0.16,
-                       "embedding-lr": 2.4, "unembedding-lr": 0.064, "scalar-lr": 4.0},
-        "base_eval": {"data": "auto", "max-per-task": 40, "split-tokens": 16384, "device-batch-size": 8,
+        # depth 4 at half width (128 = 2 heads of 64): the depth dial with a CPU-sized aspect ratio
+        "base_train": {"data": "auto", "depth": 4, "aspect-ratio": 32, "head-dim": 64, "max-seq-len": 256,
+                       "window-pattern": "L", "device-batch-size": 8, "total-batch-size": 2048,
+                       "num-iterations": 300, "warmup-steps": 10, "eval-every": 100, "eval-tokens": 16384,
+                       "sample-every": 300, "save-every": 100, "core-metric-every": -1, "cpus-per-worker": 2,
+                       # lrs x16: the batch is 256x smaller than the 2^19 reference (lr scale 1/16)
+                       "matrix-lr": 0.32, "embedding-lr": 4.8, "unembedding-lr": 0.128, "scalar-lr": 8.0},
+        "base_eval": {"data": "auto", "max-per-task": 20, "split-tokens": 16384, "device-batch-size": 8,
                       "core-bundle": "{task_data}/core"},
         "mid_train": {"max-seq-len": 256, "device-batch-size": 8, "total-batch-size": 2048, "num-iterations": 120,
                       "eval-every": 60, "eval-tokens": 8192, "save-every": 60, "mixture-scale": 0.005,
-                      "matrix-lr": 0.04, "embedding-lr": 0.4, "unembedding-lr": 0.008},
-        "chat_eval_mid": {"max-problems": 40, "max-new-tokens": 64},
+                      "matrix-lr": 0.04, "embedding-lr": 0.4, "unembedding-lr": 0.008, "cpus-per-worker": 2},
+        "chat_eval_mid": {"max-problems": 20, "max-new-tokens": 48},
         "chat_sft": {"max-seq-len": 256, "device-batch-size": 4, "target-examples-per-step": 8,
                      "num-iterations": 60, "eval-every": 30, "eval-steps": 8, "save-every": 30,
-                     "mixture-scale": 0.1, "init-lr-frac": 0.2},
-        "chat_eval_sft": {"max-problems": 40, "max-new-tokens": 64},
+                     "eval-metrics-every": 60, "eval-metrics-max-problems": 32, "mixture-scale": 0.1,
+                     "init-lr-frac": 0.2, "cpus-per-worker": 2},
+        "chat_eval_sft": {"max-problems": 20, "max-new-tokens": 48},
         "chat_rl": {"num-iterations": 4, "examples-per-step": 2, "num-samples": 4, "device-batch-size": 4,
-                    "max-new-tokens": 48, "eval-every": 4, "eval-examples": 8, "save-every": 4},
-        "chat_eval_rl": {"task-name": "GSM8K", "max-problems": 40, "max-new-tokens": 64},
+                    "max-new-tokens": 48, "eval-every": 4, "eval-examples": 8, "save-every": 4,
+                    "cpus-per-worker": 2},
+        "chat_eval_rl": {"task-name": "GSM8K", "max-problems": 20, "max-new-tokens": 48},
     },
     # nanochat's ~$100 tier: d20 on one 8xH100 node (OLD speedrun, data:param ratio 20)
     "d20": {
@@ -73,11 +78,11 @@ PRESETS = {
 }
 
 
-def bundled_task_data():
-    """Offline task files: ../shared/data beside the checkout if present, else the small copy in the package."""
-    shared = os.path.join(os.path.dirname(common.REPO_ROOT), "shared", "data")
-    if os.path.isdir(os.path.join(shared, "gsm8k")):
-        return shared
+def default_task_data(preset):
+    """The demo reads the small task pack shipped in the package (offline, same everywhere); the real presets load
+    the tasks from the HuggingFace Hub (None) unless --task-data / NANOCHAT_TASK_DATA say otherwise."""
+    if preset != "demo":
+        return None
     from nanochat.dataset import PACKAGE_TASK_DATA
     return PACKAGE_TASK_DATA
 
@@ -159,12 +164,14 @@ def main(argv=None):
     parser.add_argument("--serve", action="store_true", help="serve the final model at the end (blocks)")
     parser.add_argument("--set", action="append", default=[], metavar="STAGE.FLAG=VALUE", help="override a flag")
     parser.add_argument("--skip", action="append", default=[], choices=STAGES, help="leave a stage out")
-    parser.add_argument("--task-data", default=None, help="offline task files (default: shipped/../shared copy)")
+    parser.add_argument("--task-data", default=None,
+                        help="offline task files laid out like ../shared/data (demo default: the shipped pack)")
     args = parser.parse_args(argv)
     root = common.storage_root(args.storage)
     args.storage = root
-    task_data = args.task_data or os.environ.get("NANOCHAT_TASK_DATA") or bundled_task_data()
-    os.environ["NANOCHAT_TASK_DATA"] = task_data
+    task_data = args.task_data or os.environ.get("NANOCHAT_TASK_DATA") or default_task_data(args.preset)
+    if task_data:
+        os.environ["NANOCHAT_TASK_DATA"] = task_data
     common.init_ray()
     overrides = parse_overrides(args.set)
     log = StageLog(root)
