@@ -14,9 +14,26 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
 
-from nanochat.base_train import BaseTrainConfig, base_train_worker, checkpoint_dir, find_resume_step  # noqa: E402
+from nanochat.base_train import (BaseTrainConfig, BatchSource, base_train_worker, checkpoint_dir,  # noqa: E402
+                                 find_resume_step)
 from ray_jobs import common  # noqa: E402
 from ray_jobs.ray_train import run_trainer  # noqa: E402
+
+
+class RayDataBatches(BatchSource):
+    """Training batches from a Ray Data pipeline per worker (read -> tokenize in an actor pool -> pack on the
+    worker): the same batches and loader states as the plain loader, with tokenization off the training process."""
+
+    def __init__(self, cfg, tokenizer, num_actors=2):
+        super().__init__(cfg, tokenizer)
+        self.num_actors = num_actors
+
+    def train(self, rank, world_size, device, resume_state):
+        from ray_jobs.data_stream import ray_data_loader_with_state
+        return ray_data_loader_with_state(self.tokenizer, self.cfg.device_batch_size, self.cfg.max_seq_len, "train",
+                                          device=device, resume_state_dict=resume_state, source=self.source,
+                                          rank=rank, world_size=world_size, buffer_size=self.cfg.buffer_size,
+                                          num_actors=self.num_actors)
 
 
 def main(argv=None):
@@ -24,6 +41,9 @@ def main(argv=None):
     common.add_common_args(parser)
     parser.add_argument("--cpus-per-worker", type=int, default=1)
     parser.add_argument("--max-failures", type=int, default=3, help="worker-group restarts before giving up")
+    parser.add_argument("--loader", choices=["plain", "ray"], default="plain",
+                        help="ray: tokenize in a Ray Data actor pool per worker (needs spare CPUs in the cluster)")
+    parser.add_argument("--data-actors", type=int, default=2, help="tokenizer actors per worker with --loader ray")
     BaseTrainConfig.add_args(parser)
     args = parser.parse_args(argv)
     cfg = BaseTrainConfig.from_args(args)
@@ -35,11 +55,15 @@ def main(argv=None):
     resume_step = find_resume_step(ckpt_dir) if cfg.resume else None
     if cfg.resume and resume_step is None:
         print(f"--resume: no checkpoint in {ckpt_dir} yet, starting fresh")
+    worker_kwargs = {}
+    if args.loader == "ray":
+        from nanochat.tokenizer import get_tokenizer
+        worker_kwargs["batch_source"] = RayDataBatches(cfg, get_tokenizer(root), args.data_actors)
     final = run_trainer(
         base_train_worker, cfg, name=f"base-{os.path.basename(ckpt_dir)}", checkpoint_dir=ckpt_dir, storage=root,
         num_workers=common.default_num_workers(args.num_workers, args.use_gpu), use_gpu=args.use_gpu,
         resume_step=resume_step, cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures,
-        metrics_path=ckpt_dir + "/metrics.jsonl" if "://" not in ckpt_dir else None)
+        metrics_path=ckpt_dir + "/metrics.jsonl" if "://" not in ckpt_dir else None, worker_kwargs=worker_kwargs)
     print(f"base training finished: {final}")
     return final
 

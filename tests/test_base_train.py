@@ -180,3 +180,13 @@ def test_real_data_two_workers_on_two_nodes(storage, tiny_tokenizer, ray_cluster
     assert meta["world_size"] == 2 and len(meta["loader_states"]) == 2
     assert {s["rank"] for s in meta["loader_states"]} == {0, 1}
     assert len([n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]) == 2
+
+
+def test_ray_data_fed_training(storage, tiny_tokenizer, ray_local):
+    from ray_jobs.base_train import RayDataBatches
+    cfg = replace(TINY, num_iterations=3, save_every=-1, eval_every=-1)
+    final, ckpt = ray_run(cfg, storage, "raydata", 1, RayDataBatches(cfg, tiny_tokenizer, num_actors=1),
+                          tiny_tokenizer)
+    assert final["step"] == 3
+    state = read_meta(ckpt, 3)["loader_states"][0]
+    assert state["kind"] == "worker" and state["position"] + state["partial_docs"] > 0  # documents were consumed
