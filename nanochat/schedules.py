@@ -36,13 +36,11 @@ def derive_hyperparameters(config, target_param_data_ratio=12.0, total_batch_siz
         total_batch_size = auto_total_batch_size(target_tokens, ref_tokens)
         if tokens_per_fwdbwd is not None:  # tiny models: never below one forward/backward of all workers
             total_batch_size = max(total_batch_size, tokens_per_fwdbwd)
-    if num_iterations > 0:
-        pass
-    elif target_flops > 0:
+    if num_iterations <= 0 and target_flops > 0:
         with torch.device("meta"):
             flops_per_token = GPT(config).estimate_flops()
         num_iterations = round(target_flops / (flops_per_token * total_batch_size))
-    else:
+    elif num_iterations <= 0:
         num_iterations = int(target_tokens // total_batch_size)
     num_iterations = max(num_iterations, 1)
     batch_ratio = total_batch_size / B_REF
