@@ -45,7 +45,7 @@ def main():
     W, B, T = args.num_workers, args.device_batch_size, args.seq_len
     cfg = BaseTrainConfig(depth=args.depth, max_seq_len=T, window_pattern="L", device_batch_size=B,
                           total_batch_size=B * T * W, num_iterations=args.steps, eval_every=-1, sample_every=-1,
-                          save_every=-1, data="fallback", buffer_size=200)
+                          core_metric_every=-1, save_every=-1, data="fallback", buffer_size=200)
     skip = 3  # warm-up steps
 
     plain_cfg = replace(cfg, model_tag="plain")

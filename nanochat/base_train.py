@@ -4,7 +4,6 @@ a plain process (`python -m nanochat.base_train ...`, tests, GPU benchmarks) or 
 (ray_jobs/base_train.py). The process group, if any, is already initialized by the launcher.
 """
 import argparse
-import os
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -12,12 +11,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 from nanochat.checkpoint_manager import list_steps, load_checkpoint, read_meta
-from nanochat.common import (autodetect_device_type, compute_init, device_peak_flops, get_base_dir, init_wandb,
-                             print0)
+from nanochat.common import get_base_dir, init_wandb, print0
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.schedules import derive_hyperparameters, grad_accum_steps, lr_multiplier, muon_momentum, \
     weight_decay_factor
-from nanochat.train import ArgsMixin, Eval, LoopState, WorkerContext, train_loop
+from nanochat.train import ArgsMixin, Eval, LoopState, WorkerContext, local_context, train_loop
 
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
                   "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
@@ -181,7 +179,11 @@ def base_train_worker(cfg, ctx=None, batch_source=None, tokenizer=None, run_id=N
                 total_batch_size=total_batch, num_iterations=num_iterations, run_id=run_id)
     def core(step):
         from nanochat.core_eval import download_eval_bundle, evaluate_model
-        bundle = cfg.core_bundle or download_eval_bundle()
+        try:
+            bundle = cfg.core_bundle or download_eval_bundle()
+        except Exception as e:  # offline: an eval must never cost the run its final checkpoint
+            print0(f"CORE skipped at step {step}: no eval bundle ({str(e).splitlines()[0][:200]})")
+            return {}
         return {"core_metric": evaluate_model(model, tokenizer, device, bundle, cfg.core_metric_max_per_task)[
             "core_metric"]}
 
@@ -206,21 +208,10 @@ def base_train_worker(cfg, ctx=None, batch_source=None, tokenizer=None, run_id=N
     return summary
 
 
-def local_context(cfg, base_dir=None):
-    """WorkerContext for a plain process (or one torchrun rank)."""
-    _, rank, _, world, device = compute_init(cfg.device_type or autodetect_device_type(), seed=cfg.seed)
-    ckpt = checkpoint_dir(cfg, base_dir)
-    if "://" not in ckpt:
-        os.makedirs(ckpt, exist_ok=True)
-    return WorkerContext(rank=rank, world_size=world, device=device, checkpoint_dir=ckpt,
-                         metrics_path=ckpt + "/metrics.jsonl" if "://" not in ckpt else None,
-                         peak_flops=device_peak_flops(device))
-
-
 def main(argv=None):
     parser = BaseTrainConfig.add_args(argparse.ArgumentParser(description="base pretraining in one process"))
     cfg = BaseTrainConfig.from_args(parser.parse_args(argv))
-    ctx = local_context(cfg)
+    ctx = local_context(checkpoint_dir(cfg), cfg.device_type, cfg.seed)
     resume_step = find_resume_step(ctx.checkpoint_dir) if cfg.resume else None
     return base_train_worker(cfg, ctx, run_id=uuid.uuid4().hex, resume_step=resume_step)
 

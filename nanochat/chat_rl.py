@@ -333,15 +333,11 @@ def log_report(cfg, summary, base_dir=None):
 def main(argv=None):
     """One process (or one torchrun rank)."""
     from nanochat.base_train import find_resume_step
-    from nanochat.common import autodetect_device_type, compute_init, device_peak_flops
+    from nanochat.train import local_context
     parser = RLConfig.add_args(argparse.ArgumentParser(description="RL on GSM8K in one process"))
     cfg = RLConfig.from_args(parser.parse_args(argv)).resolved()
-    _, rank, _, world, device = compute_init(cfg.device_type or autodetect_device_type(), seed=cfg.seed)
-    ckpt = output_dir(cfg)
-    os.makedirs(ckpt, exist_ok=True)
-    ctx = WorkerContext(rank=rank, world_size=world, device=device, checkpoint_dir=ckpt,
-                        metrics_path=ckpt + "/metrics.jsonl", peak_flops=device_peak_flops(device))
-    resume_step = find_resume_step(ckpt) if cfg.resume else None
+    ctx = local_context(output_dir(cfg), cfg.device_type, cfg.seed)
+    resume_step = find_resume_step(ctx.checkpoint_dir) if cfg.resume else None
     summary = chat_rl_worker(cfg, ctx, run_id=uuid.uuid4().hex, resume_step=resume_step)
     log_report(cfg, summary)
     return summary

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from nanochat.checkpoint_manager import SOURCE_DIRS, find_largest_model, load_checkpoint, load_model
 from nanochat.common import get_base_dir, init_wandb, is_distributed, print0
 from nanochat.dataloader import BestFitPacker
-from nanochat.train import ArgsMixin, Eval, LoopState, WorkerContext, train_loop
+from nanochat.train import ArgsMixin, Eval, LoopState, WorkerContext, local_context, train_loop
 
 
 @dataclass
@@ -279,15 +279,10 @@ def chat_train_worker(cfg, ctx=None, run_id=None, resume_step=None, tokenizer=No
 def main(argv=None):
     """One process (or one torchrun rank)."""
     from nanochat.base_train import find_resume_step
-    from nanochat.common import autodetect_device_type, compute_init, device_peak_flops
     parser = ChatTrainConfig.add_args(argparse.ArgumentParser(description="midtraining / SFT in one process"))
     cfg = ChatTrainConfig.from_args(parser.parse_args(argv)).resolved()
-    _, rank, _, world, device = compute_init(cfg.device_type or autodetect_device_type(), seed=cfg.seed)
-    ckpt = output_dir(cfg)
-    os.makedirs(ckpt, exist_ok=True)
-    ctx = WorkerContext(rank=rank, world_size=world, device=device, checkpoint_dir=ckpt,
-                        metrics_path=ckpt + "/metrics.jsonl", peak_flops=device_peak_flops(device))
-    resume_step = find_resume_step(ckpt) if cfg.resume else None
+    ctx = local_context(output_dir(cfg), cfg.device_type, cfg.seed)
+    resume_step = find_resume_step(ctx.checkpoint_dir) if cfg.resume else None
     return chat_train_worker(cfg, ctx, run_id=uuid.uuid4().hex, resume_step=resume_step)
 
 

@@ -325,9 +325,16 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(
         cursor.record(len(texts), unit_done, unit)
         return True
 
+    yield from packed_batches(packer, refill, cursor, units, device)
+
+
+def packed_batches(packer, refill, cursor, units, device):
+    """(inputs, targets, state) batches from a packer fed by refill(), with the cursor's state after each batch;
+    shared by the plain loader and the Ray Data stream."""
     positions = _file_positions(units)
     device = torch.device(device)
     use_cuda = device.type == "cuda"
+    B, T = packer.B, packer.T
     while True:
         rows = packer.pack_batch(refill)
         if rows is None:

@@ -79,6 +79,18 @@ class WorkerContext:
         """Called on every rank right after a checkpoint of `step` is complete on storage."""
 
 
+def local_context(checkpoint_dir, device_type="", seed=42):
+    """WorkerContext for a plain process or one torchrun rank, writing into checkpoint_dir (created)."""
+    from nanochat.common import autodetect_device_type, compute_init, device_peak_flops
+    _, rank, _, world, device = compute_init(device_type or autodetect_device_type(), seed=seed)
+    local = "://" not in checkpoint_dir
+    if local:
+        os.makedirs(checkpoint_dir, exist_ok=True)
+    return WorkerContext(rank=rank, world_size=world, device=device, checkpoint_dir=checkpoint_dir,
+                         metrics_path=checkpoint_dir + "/metrics.jsonl" if local else None,
+                         peak_flops=device_peak_flops(device))
+
+
 def gather_loader_states(state):
     """Every rank's loader state, on every rank (the checkpoint needs all of them to resume on any world size)."""
     if not is_distributed():

@@ -195,10 +195,8 @@ def ray_data_loader_with_state(tokenizer, B, T, split, device="cpu", resume_stat
     storage root path (each actor loads it from there: the path must be readable on every node). Call it from a
     Ray Train worker (or any process connected to Ray); rank / world_size default to get_dist_info().
     num_actors and the other keyword options (StreamOptions) size the Ray Data job; they do not change the batches."""
-    import torch
-
     from nanochat.common import get_dist_info
-    from nanochat.dataloader import BestFitPacker, StreamCursor, _check_plan_matches, _file_positions, merge_states
+    from nanochat.dataloader import BestFitPacker, StreamCursor, _check_plan_matches, merge_states, packed_batches
     from nanochat.dataset import resolve_source
 
     if rank is None or world_size is None:
@@ -229,23 +227,8 @@ def ray_data_loader_with_state(tokenizer, B, T, split, device="cpu", resume_stat
         cursor.record(len(tokens), unit_done, unit)
         return True
 
-    positions = _file_positions(units)
-    device = torch.device(device)
-    use_cuda = device.type == "cuda"
     try:
-        while True:
-            rows = packer.pack_batch(refill)
-            if rows is None:
-                return
-            state = cursor.state_dict(buffered_docs=len(packer))
-            state["pq_idx"], state["rg_idx"] = positions[cursor.current()[0]]
-            full = torch.tensor(rows, dtype=torch.long)
-            # one (2, B, T) host buffer -> one copy; pinned so the copy to the GPU is asynchronous
-            host = torch.empty((2, B, T), dtype=torch.long, pin_memory=use_cuda)
-            host[0].copy_(full[:, :-1])
-            host[1].copy_(full[:, 1:])
-            out = host.to(device, non_blocking=use_cuda)
-            yield out[0], out[1], state
+        yield from packed_batches(packer, refill, cursor, units, device)
     finally:
         docs.close()
 

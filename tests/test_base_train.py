@@ -190,3 +190,14 @@ def test_ray_data_fed_training(storage, tiny_tokenizer, ray_local):
     assert final["step"] == 3
     state = read_meta(ckpt, 3)["loader_states"][0]
     assert state["kind"] == "worker" and state["position"] + state["partial_docs"] > 0  # documents were consumed
+
+
+def test_offline_core_eval_does_not_cost_the_final_checkpoint(storage, tiny_tokenizer, monkeypatch, rows):
+    # regression: with the default CORE cadence and no network, the end-of-run CORE download raised before the
+    # final save, so the run lost its last checkpoint
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+    monkeypatch.setattr("nanochat.core_eval.download_eval_bundle", offline)
+    cfg = replace(TINY, num_iterations=2, save_every=-1, eval_every=-1, core_metric_every=2000)
+    summary, ckpt = plain_run(cfg, storage, tiny_tokenizer, monkeypatch, "offline-core", ListBatches(rows))
+    assert summary["step"] == 2 and list_steps(ckpt) == [2]
