@@ -287,6 +287,24 @@ def _file_positions(units):
     return [(files.setdefault(u.path, len(files)), u.index) for u in units]
 
 
+def worker_cursor(source, split, rank=None, world_size=None, resume_state_dict=None, num_epochs=None):
+    """-> (DataSource, units, StreamCursor, num_epochs) for one worker: the split's units, where this worker starts
+    (from the resume states of all old workers, any world size), and how many epochs it reads (val: one)."""
+    if rank is None or world_size is None:
+        _, rank, _, world_size = get_dist_info()
+    src = resolve_source(source)
+    units = src.units(split)
+    plan = None
+    if split == "val":
+        if resume_state_dict is not None:
+            raise ValueError("the val loader is not resumable: it always starts at the beginning of the val split")
+        num_epochs = 1
+    elif resume_state_dict is not None:
+        plan = merge_states(resume_state_dict)
+        _check_plan_matches(plan, src, split, len(units))
+    return src, units, StreamCursor(len(units), rank, world_size, plan, src.fingerprint(split), split), num_epochs
+
+
 def tokenizing_distributed_data_loader_with_state_bos_bestfit(
         tokenizer, B, T, split, device="cpu", resume_state_dict=None, source="auto", rank=None, world_size=None,
         buffer_size=1000, tokenizer_threads=4, tokenizer_batch_size=128, num_epochs=None):
@@ -297,20 +315,7 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(
     workers' state dicts of the previous run, a single state dict if it ran as one worker, or a merge_states plan;
     the world size may differ. source: anything resolve_source accepts (a DataSource, 'auto', a path, ...).
     rank / world_size default to nanochat.common.get_dist_info()."""
-    if rank is None or world_size is None:
-        _, rank, _, world_size = get_dist_info()
-    src = resolve_source(source)
-    units = src.units(split)
-    fingerprint = src.fingerprint(split)
-    plan = None
-    if split == "val":
-        if resume_state_dict is not None:
-            raise ValueError("the val loader is not resumable: it always starts at the beginning of the val split")
-        num_epochs = 1
-    elif resume_state_dict is not None:
-        plan = merge_states(resume_state_dict)
-        _check_plan_matches(plan, src, split, len(units))
-    cursor = StreamCursor(len(units), rank, world_size, plan, fingerprint, split)
+    src, units, cursor, num_epochs = worker_cursor(source, split, rank, world_size, resume_state_dict, num_epochs)
     bos = tokenizer.get_bos_token_id()
     packer = BestFitPacker(B, T, buffer_size, bos_token_id=bos)
     docs = document_batches(src, units, cursor, tokenizer_batch_size, num_epochs)

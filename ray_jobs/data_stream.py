@@ -195,23 +195,9 @@ def ray_data_loader_with_state(tokenizer, B, T, split, device="cpu", resume_stat
     storage root path (each actor loads it from there: the path must be readable on every node). Call it from a
     Ray Train worker (or any process connected to Ray); rank / world_size default to get_dist_info().
     num_actors and the other keyword options (StreamOptions) size the Ray Data job; they do not change the batches."""
-    from nanochat.common import get_dist_info
-    from nanochat.dataloader import BestFitPacker, StreamCursor, _check_plan_matches, merge_states, packed_batches
-    from nanochat.dataset import resolve_source
+    from nanochat.dataloader import BestFitPacker, packed_batches, worker_cursor
 
-    if rank is None or world_size is None:
-        _, rank, _, world_size = get_dist_info()
-    src = resolve_source(source)
-    units = src.units(split)
-    plan = None
-    if split == "val":
-        if resume_state_dict is not None:
-            raise ValueError("the val loader is not resumable: it always starts at the beginning of the val split")
-        num_epochs = 1
-    elif resume_state_dict is not None:
-        plan = merge_states(resume_state_dict)
-        _check_plan_matches(plan, src, split, len(units))
-    cursor = StreamCursor(len(units), rank, world_size, plan, src.fingerprint(split), split)
+    src, units, cursor, num_epochs = worker_cursor(source, split, rank, world_size, resume_state_dict, num_epochs)
     enc = load_encoding(tokenizer)
     packer = BestFitPacker(B, T, buffer_size, bos_token_id=enc.encode_single_token("<|bos|>"))
     docs = ray_document_batches(tokenizer if isinstance(tokenizer, (str, os.PathLike)) else enc, src, units, cursor,
