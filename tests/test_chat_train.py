@@ -1,5 +1,4 @@
 """Midtraining and SFT: batch construction (packing, masks, padding, striding, resume) and end-to-end stages."""
-import gzip
 import json
 import os
 from dataclasses import asdict
@@ -72,24 +71,9 @@ def stage_storage(tmp_path_factory, tiny_tokenizer):
     save_checkpoint(str(root / "base_checkpoints" / "d2"), 5, model.state_dict(), None,
                     {"model_config": asdict(config), "step": 5})
     data = root / "task_data"
-    if SHARED_DATA.exists():
-        os.symlink(SHARED_DATA, data)
-    else:  # the offline layout, with a few rows of our own
-        for sub, name, rows in [
-            ("chat", "chatterbot_english_conversations.jsonl.gz", CONVS),
-            ("chat", "fastchat_reference_conversations.jsonl.gz", CONVS[:10]),
-            ("gsm8k", "train.jsonl.gz", [{"question": "What is 2+3?", "answer": "2+3=<<2+3=5>>5\n#### 5"}] * 20),
-            ("gsm8k", "test.jsonl.gz", [{"question": "What is 1+1?", "answer": "<<1+1=2>>2\n#### 2"}] * 5),
-            ("mmlu", "test.jsonl.gz", [{"question": "Pick A", "subject": "x", "choices": ["a", "b", "c", "d"],
-                                        "answer": 0}] * 5),
-            ("arc/ARC-Easy", "train.jsonl.gz", [{"id": "1", "question": "Pick A", "answerKey": "A",
-                                                 "choices": {"text": ["a", "b"], "label": ["A", "B"]}}] * 10),
-            ("arc/ARC-Challenge", "train.jsonl.gz", [{"id": "2", "question": "Pick B", "answerKey": "B",
-                                                      "choices": {"text": ["a", "b"], "label": ["A", "B"]}}] * 10),
-        ]:
-            os.makedirs(data / sub, exist_ok=True)
-            with gzip.open(data / sub / name, "wt") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
+    # the real offline copy when present, else the small task pack that ships with the package (same layout)
+    from nanochat.dataset import PACKAGE_TASK_DATA
+    os.symlink(SHARED_DATA if SHARED_DATA.exists() else PACKAGE_TASK_DATA, data)
     return str(root)
 
 
