@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
 from nanochat.core_eval import (EVAL_BUNDLE_URL, centered, core_metric, download_eval_bundle,  # noqa: E402
                                 load_bundle, load_task_data, write_results_csv)
 from ray_jobs.common import init_ray, storage_root  # noqa: E402
-from ray_jobs.eval_pool import EvalPool, bpb_work, core_work, resolve_checkpoint, sample_work, shards_for  # noqa: E402
+from ray_jobs.eval_pool import bpb_work, core_work, open_pool, resolve_checkpoint, sample_work, shards_for  # noqa: E402
 
 SAMPLE_PROMPTS = [
     "The capital of France is",
@@ -110,15 +110,7 @@ def main(argv=None, pool=None):
         bundle_dir = args.core_bundle or download_eval_bundle(base_dir, args.bundle_url)
     out = {"tag": tag, "step": step}
     t0 = time.time()
-    own_pool = pool is None
-    if own_pool:
-        pool = EvalPool(args.source, tag, step, args.num_actors, base_dir)
-    else:
-        pool.load(args.source, tag, step, base_dir)
-    try:
-        pool.ready()
-        print(f"evaluating {args.source}/{tag} step {step} on {pool.num_actors} replica(s)"
-              f" ({'GPU' if pool.use_gpu else 'CPU'})", flush=True)
+    with open_pool(pool, args.source, tag, step, args.num_actors, base_dir) as pool:
         if "bpb" in args.evals:
             for split in ("train", "val"):
                 out[f"{split}_bpb"] = bpb_on_pool(pool, split, args.data, args.device_batch_size, args.split_tokens)
@@ -130,9 +122,6 @@ def main(argv=None, pool=None):
                 print(repr(s))
         if "core" in args.evals:
             out["core"] = core_on_pool(pool, bundle_dir, args.max_per_task)
-    finally:
-        if own_pool:
-            pool.shutdown()
     out["eval_time_s"] = time.time() - t0
 
     section = [{"model": f"{args.source}/{tag}", "step": step, "num_actors": pool.num_actors,

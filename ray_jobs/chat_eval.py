@@ -18,7 +18,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
 from nanochat.chat_eval import (TASK_DATA_ENV, TASK_NAMES, accuracy, build_task, chatcore, num_problems,  # noqa: E402
                                 parse_task_names)
 from ray_jobs.common import init_ray, storage_root  # noqa: E402
-from ray_jobs.eval_pool import EvalPool, chat_work, resolve_checkpoint, shards_for  # noqa: E402
+from ray_jobs.eval_pool import chat_work, open_pool, resolve_checkpoint, shards_for  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -79,19 +79,8 @@ def main(argv=None, pool=None):
     opts = dict(batch_size=args.batch_size, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
                 temperature=args.temperature, top_k=args.top_k)
     t0 = time.time()
-    own_pool = pool is None
-    if own_pool:
-        pool = EvalPool(args.source, tag, step, args.num_actors, base_dir)
-    else:
-        pool.load(args.source, tag, step, base_dir)
-    try:
-        pool.ready()
-        print(f"evaluating {args.source}/{tag} step {step} on {pool.num_actors} replica(s)"
-              f" ({'GPU' if pool.use_gpu else 'CPU'})", flush=True)
+    with open_pool(pool, args.source, tag, step, args.num_actors, base_dir) as pool:
         records = evaluate_on_pool(pool, names, task_data, args.max_problems, opts)
-    finally:
-        if own_pool:
-            pool.shutdown()
     accuracies = {n: accuracy(records[n]) for n in names}
 
     print(f"{'Task':<16} {'Problems':>9} {'Accuracy':>9}")

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 from collections import deque
+from contextlib import contextmanager
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
@@ -169,6 +170,25 @@ class EvalPool:
 
     def __exit__(self, *exc):
         self.shutdown()
+
+
+@contextmanager
+def open_pool(pool, source, model_tag, step, num_actors=None, base_dir=None):
+    """A ready pool on this checkpoint: the warm `pool` given, re-pointed and left open, else a new one that is
+    shut down on exit."""
+    own_pool = pool is None
+    if own_pool:
+        pool = EvalPool(source, model_tag, step, num_actors, base_dir)
+    else:
+        pool.load(source, model_tag, step, base_dir)
+    try:
+        pool.ready()
+        print(f"evaluating {source}/{model_tag} step {step} on {pool.num_actors} replica(s)"
+              f" ({'GPU' if pool.use_gpu else 'CPU'})", flush=True)
+        yield pool
+    finally:
+        if own_pool:
+            pool.shutdown()
 
 
 def resolve_checkpoint(source, model_tag=None, step=None, base_dir=None):

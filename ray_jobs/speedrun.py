@@ -9,7 +9,8 @@ sized to the cluster it finds.
 
 Re-running the same command resumes: finished stages (recorded in ROOT/speedrun/stages.json) are skipped, an
 interrupted training stage continues from its last checkpoint. `--set base_train.num-iterations=50` overrides
-any stage flag (stage names below). The last line printed is the path of the report.
+any stage flag (stage names below; `--set serve.port=8001` passes flags to serve/app.py). The last line printed is
+the path of the report.
 """
 import argparse
 import json
@@ -112,8 +113,8 @@ class StageLog:
     def started(self, stage):
         return stage in self.stages
 
-    def record(self, stage, done, result=None):
-        self.stages[stage] = {"done": done, "time": time.time(), "result": result}
+    def record(self, stage, done, result=None, seconds=None):
+        self.stages[stage] = {"done": done, "time": time.time(), "seconds": seconds, "result": result}
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(self.stages, f, indent=2, default=str)
@@ -150,8 +151,8 @@ def parse_overrides(items):
     for item in items:
         key, sep, value = item.partition("=")
         stage, dot, flag = key.partition(".")
-        if not sep or not dot or stage not in STAGES:
-            raise SystemExit(f"--set wants STAGE.FLAG=VALUE with STAGE in {STAGES}, got {item!r}")
+        if not sep or not dot or stage not in STAGES + ["serve"]:
+            raise SystemExit(f"--set wants STAGE.FLAG=VALUE with STAGE in {STAGES + ['serve']}, got {item!r}")
         out.setdefault(stage, {})[flag] = {"true": True, "false": False}.get(value.lower(), value)
     return out
 
@@ -161,7 +162,9 @@ def main(argv=None):
     parser.add_argument("--preset", default="demo", choices=sorted(PRESETS))
     common.add_common_args(parser)
     parser.add_argument("--num-actors", type=int, default=None, help="evaluation actors (default: all GPUs / 2)")
-    parser.add_argument("--serve", action="store_true", help="serve the final model at the end (blocks)")
+    parser.add_argument("--serve", action="store_true",
+                        help="serve the final model at the end: blocks under a Ray started here, deploys and "
+                             "returns on a cluster joined via RAY_ADDRESS (as under `ray job submit`)")
     parser.add_argument("--set", action="append", default=[], metavar="STAGE.FLAG=VALUE", help="override a flag")
     parser.add_argument("--skip", action="append", default=[], choices=STAGES, help="leave a stage out")
     parser.add_argument("--task-data", default=None,
@@ -190,15 +193,18 @@ def main(argv=None):
             flags["resume"] = True  # interrupted last time: continue from its newest checkpoint
         print(f"== {stage} ({time.time() - t0:.0f}s into the run)", flush=True)
         log.record(stage, done=False)
+        t_stage = time.time()
         result = run_stage(stage, flags, args, task_data)
-        log.record(stage, done=True, result=result)
+        log.record(stage, done=True, result=result, seconds=round(time.time() - t_stage, 1))
     from ray_jobs.report import main as report_main
     report_path = report_main(["generate", "--storage", root])
     log.record("report", done=True, result=str(report_path))
-    print(f"speedrun finished in {(time.time() - t0) / 60:.1f} min")
+    timings = ", ".join(f"{s} {log.stages[s]['seconds']:.0f}s" for s in STAGES if log.stages.get(s, {}).get("seconds"))
+    print(f"speedrun finished in {(time.time() - t0) / 60:.1f} min ({timings})")
     if args.serve:
         from serve.app import main as serve_main
-        serve_main(["--storage", root, "--source", "rl" if "chat_rl" not in args.skip else "sft"])
+        source = "rl" if "chat_rl" not in args.skip else "sft"
+        serve_main(["--storage", root, "--source", source] + to_argv(overrides.get("serve", {})))
     print(report_path)
     return report_path
 

@@ -210,8 +210,9 @@ class ChatService:
     def __init__(self, cfg, model=None, tokenizer=None):
         self.cfg = cfg
         self.device = "cuda" if cfg.gpus_per_replica and torch.cuda.is_available() else "cpu"
+        self.step = None  # checkpoint step, when loaded from storage
         if model is None:
-            model, tokenizer = self._load(cfg, self.device)
+            model, tokenizer, self.step = self._load(cfg, self.device)
         self.model, self.tokenizer = model, tokenizer
         if cfg.checkpoint:
             self.model_id = f"nanochat-{os.path.basename(cfg.checkpoint.rstrip('/'))}"
@@ -245,12 +246,13 @@ class ChatService:
         from nanochat.checkpoint_manager import build_model, find_last_step, load_model
         if cfg.checkpoint:
             step = cfg.step if cfg.step is not None else find_last_step(cfg.checkpoint)
-            model, tokenizer, _ = build_model(cfg.checkpoint, step, device, "eval", base_dir=cfg.storage)
+            model, tokenizer, meta = build_model(cfg.checkpoint, step, device, "eval", base_dir=cfg.storage)
         else:
-            model, tokenizer, _ = load_model(cfg.source, device, "eval", cfg.model_tag, cfg.step, base_dir=cfg.storage)
+            model, tokenizer, meta = load_model(cfg.source, device, "eval", cfg.model_tag, cfg.step,
+                                                base_dir=cfg.storage)
         if tokenizer is None:
             raise FileNotFoundError(f"no tokenizer under {cfg.storage}/tokenizer")
-        return model, tokenizer
+        return model, tokenizer, meta.get("step")
 
     def close(self):
         self.scheduler.stop()
@@ -293,7 +295,8 @@ class ChatService:
 
     def health(self):
         return {"status": "ok" if self.scheduler.alive() else "scheduler stopped", "model_loaded": True,
-                "model": self.model_id, "replica": self.replica, "pid": os.getpid(), "device": self.device,
+                "model": self.model_id, "step": self.step, "replica": self.replica, "pid": os.getpid(),
+                "device": self.device,
                 "uptime_s": round(time.time() - self.started, 1), "scheduler": self.scheduler.snapshot()}
 
 
@@ -602,7 +605,8 @@ app = build_app({})  # for `serve run serve.app:app`: defaults, storage from $NA
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Serve a nanochat checkpoint with Ray Serve (blocks).")
+    parser = argparse.ArgumentParser(description="Serve a nanochat checkpoint with Ray Serve. Blocks when it "
+                                     "starts Ray itself; with RAY_ADDRESS set it deploys to that cluster and returns.")
     parser.add_argument("--storage", default=None,
                         help="storage root (default $NANOCHAT_BASE_DIR or ~/.cache/nanochat)")
     parser.add_argument("-i", "--source", default="sft", choices=["sft", "rl", "mid", "base"])
@@ -630,6 +634,11 @@ def main(argv=None):
     init_ray()
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_app(vars(args)), name="nanochat", route_prefix="/")
+    if os.environ.get("RAY_ADDRESS"):
+        # on a cluster we joined (e.g. under `ray job submit`) the app outlives this driver: deploy and return
+        print(f"nanochat serving on http://{args.host}:{args.port}/ (stop it with `serve shutdown`)", flush=True)
+        return
+    # a Ray we started ourselves dies with this process, so keep it alive
     print(f"nanochat serving on http://{args.host}:{args.port}/ (Ctrl-C to stop)", flush=True)
     try:
         while True:
