@@ -1,4 +1,4 @@
-"""The whole pipeline: the demo preset with tiny step counts, its artifacts, resume, and serving the result."""
+"""The whole pipeline as a Ray job: the demo preset with tiny step counts, its artifacts, resume, and serving the\nresult from a `ray start --head` cluster the test owns."""
 import json
 import os
 import secrets
@@ -8,13 +8,12 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import pytest
 import requests
 
-from ray_jobs.speedrun import PRESETS, STAGES, main as speedrun, parse_overrides
+from ray_jobs.speedrun import PRESETS, STAGES, parse_overrides
 
 TINY_RUN = [  # the demo preset, cut down to a few steps and problems per stage
     "base_train.num-iterations=6", "base_train.eval-every=3", "base_train.save-every=3",
@@ -65,44 +64,6 @@ def check_run(root, report):
     assert table["GSM8K"][3] not in ("", "-")  # RL column
 
 
-def test_demo_pipeline_end_to_end_then_resume_then_serve(ray_local, tmp_path, monkeypatch):
-    monkeypatch.delenv("NANOCHAT_TASK_DATA", raising=False)
-    root = str(tmp_path / "run")
-    argv = ["--preset", "demo", "--storage", root, "--num-actors", "1"]
-    for item in TINY_RUN:
-        argv += ["--set", item]
-    report = speedrun(argv)
-    check_run(root, report)
-
-    # re-running the same command skips every finished stage
-    t0 = time.time()
-    assert speedrun(argv) == report
-    assert time.time() - t0 < 60
-
-    # the serving app answers a chat request from the final (RL) checkpoint, over real HTTP
-    import uvicorn
-
-    from serve.app import ChatService, ServeConfig, make_api
-    service = ChatService(ServeConfig(storage=root, source="rl"))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(make_api(service), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.time() + 30
-        while not server.started and time.time() < deadline:
-            time.sleep(0.1)
-        r = requests.post(f"http://127.0.0.1:{port}/chat", json={"message": "What is 2+2?", "max_tokens": 8},
-                          timeout=60)
-        assert r.status_code == 200, r.text
-        body = r.json()
-        assert isinstance(body["response"], str) and body["usage"]["completion_tokens"] > 0
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        service.close()
-
-
 # -- the same pipeline as a Ray job on a `ray start --head` cluster --------------------------------------------
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -149,33 +110,62 @@ def ray_head():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_demo_speedrun_as_ray_job_then_serve(ray_head, tmp_path):
-    address, env = ray_head
-    root = str(tmp_path / "run")
-    serve_port = free_port()
+def submit_job(address, env, argv):
+    """`ray job submit --working-dir . -- python ray_jobs/speedrun.py ARGV` from the repo root, as a user types it;
+    without --no-wait it tails the job's logs until it ends. -> the job's logs, once it succeeded."""
     job_id = f"speedrun-{secrets.token_hex(4)}"
-    entrypoint = ["python", "ray_jobs/speedrun.py", "--preset", "demo", "--storage", root, "--num-actors", "1",
-                  "--serve", "--set", f"serve.port={serve_port}"]
-    for item in TINY_RUN:
-        entrypoint += ["--set", item]
-    # what a user types from the repo root; without --no-wait it tails the job's logs until it ends
     submit = subprocess.run([RAY_BIN, "job", "submit", "--address", address, "--submission-id", job_id,
-                             "--working-dir", ".", "--"] + entrypoint,
+                             "--working-dir", ".", "--", "python", "ray_jobs/speedrun.py"] + argv,
                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert submit.returncode == 0, (submit.stdout[-6000:], submit.stderr[-3000:])
     status = subprocess.run([RAY_BIN, "job", "status", "--address", address, job_id],
                             env=env, capture_output=True, text=True, timeout=60)
     assert f"Job '{job_id}' succeeded" in status.stdout, status.stdout
-    logs = subprocess.run([RAY_BIN, "job", "logs", "--address", address, job_id],
+    return subprocess.run([RAY_BIN, "job", "logs", "--address", address, job_id],
                           env=env, capture_output=True, text=True, timeout=60).stdout
+
+
+def test_demo_speedrun_as_ray_job_resume_and_serve(ray_head, tmp_path):
+    address, env = ray_head
+    root = str(tmp_path / "run")
+    argv = ["--preset", "demo", "--storage", root, "--num-actors", "1"]
+    for item in TINY_RUN:
+        argv += ["--set", item]
+    logs = submit_job(address, env, argv)
     report = logs.strip().splitlines()[-1]  # the contract: the report's path is the last line
     assert report == os.path.join(root, "report", "report.md"), logs[-2000:]
     check_run(root, report)
 
-    # the job deployed Serve on the cluster and returned; the app outlives it and answers from the RL checkpoint
+    # Re-running resumes. Say RL died after its step-2 checkpoint on its way to step 4: the re-run skips every
+    # finished stage and continues RL from step 2 (redoing steps 1-2 would re-save step 2 under a new run id).
+    from nanochat.checkpoint_manager import read_meta
+    stages_path = os.path.join(root, "speedrun", "stages.json")
+    stages = json.load(open(stages_path))
+    stages["chat_rl"]["done"] = False
+    json.dump(stages, open(stages_path, "w"))
+    rl_dir = os.path.join(root, "chatrl_checkpoints", "d4")
+    step2 = read_meta(rl_dir, 2)
+    serve_port = free_port()
+    logs = submit_job(address, env, argv + ["--set", "chat_rl.num-iterations=4",
+                                            "--serve", "--set", f"serve.port={serve_port}"])
+    skipped = {line.split()[1].rstrip(":") for line in logs.splitlines() if "done already, skipping" in line}
+    assert skipped == set(STAGES) - {"chat_rl", "report"}, logs[-3000:]
+    assert read_meta(rl_dir, 2) == step2
+    assert read_meta(rl_dir, 4)["loop_state"]["step"] == 4
+    assert json.load(open(stages_path))["chat_rl"]["done"]
+    assert report in logs.splitlines()  # last but for Serve's replica logs, which may trail
+
+    # the job deployed Serve on the cluster and returned; the app outlives it and answers from the final checkpoint
     url = f"http://127.0.0.1:{serve_port}"
     health = requests.get(url + "/health", timeout=30).json()
-    assert health["model"] == "nanochat-rl" and health["step"] == 2, health
+    assert health["model"] == "nanochat-rl" and health["step"] == 4, health
     r = requests.post(url + "/chat", json={"message": "What is 2+2?", "max_tokens": 8}, timeout=60)
     assert r.status_code == 200, r.text
     assert isinstance(r.json()["response"], str) and r.json()["usage"]["completion_tokens"] > 0
+
+    # and `serve shutdown` (as the README says) takes it down
+    stop = subprocess.run([os.path.join(os.path.dirname(RAY_BIN), "serve"), "shutdown", "--address", address, "-y"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert stop.returncode == 0, stop.stderr[-2000:]
+    with pytest.raises(requests.ConnectionError):
+        requests.get(url + "/health", timeout=10)
