@@ -54,7 +54,6 @@ class BaseTrainConfig(ArgsMixin):
     core_metric_max_per_task: int = 500
     core_bundle: str = ""  # CORE bundle dir (default <storage>/eval_bundle, downloaded when absent)
     save_every: int = -1
-    report_every: int = 10
     model_tag: str = ""  # default d{depth}
     data: str = "auto"  # pretraining source: auto | hub | climbmix | fineweb | fallback | path / glob / URI
     buffer_size: int = 1000
@@ -194,7 +193,7 @@ def base_train_worker(cfg, ctx=None, batch_source=None, tokenizer=None, run_id=N
     state = train_loop(model, optimizer, train_batches, num_iterations=num_iterations, grad_accum_steps=accum,
                        schedule=schedule, ctx=ctx, tokens_per_step=total_batch, flops_per_token=flops_per_token,
                        evals=evals, sample_fn=sample, sample_every=cfg.sample_every, save_every=cfg.save_every,
-                       report_every=cfg.report_every, meta=meta, loop_state=loop_state, loader_state=loader_state,
+                       meta=meta, loop_state=loop_state, loader_state=loader_state,
                        compiled_model=compiled)
     summary = dict(step=state.step, num_iterations=num_iterations, val_bpb=state.best_eval.get("val_bpb"),
                    smooth_train_loss=state.smooth_train_loss / (1 - 0.9 ** max(state.step, 1)),

@@ -52,7 +52,6 @@ class RLConfig(ArgsMixin):
     eval_every: int = 60  # pass@k on the test slice (<= 0: last step only)
     eval_examples: int = 400  # first N GSM8K test problems
     save_every: int = 60  # (<= 0: last step only)
-    report_every: int = 10  # on_metrics cadence (Ray Train reports)
     task_data: str = ""  # offline task files laid out like ../shared/data (default $NANOCHAT_TASK_DATA)
     resume: bool = False
     device_type: str = ""
@@ -248,8 +247,6 @@ def chat_rl_worker(cfg, ctx=None, run_id=None, resume_step=None, tokenizer=None,
                 loader_state = {"rank": rank, "world_size": W, "next": cursor}
                 save_training_checkpoint(ctx, step, model, optimizer, loader_state, state, meta)
                 ctx.on_checkpoint(step, {"step": step, **metrics})
-            elif metrics:
-                ctx.on_metrics(step, {"step": step, **metrics})
             if metrics:
                 log({"step": step, **metrics})
             if last_step:
@@ -309,9 +306,7 @@ def chat_rl_worker(cfg, ctx=None, run_id=None, resume_step=None, tokenizer=None,
             print0(f"step {step:05d}/{num_iterations:05d} | reward: {reward:.4f} | seq len: {seq_len:.1f} "
                    f"| gen len: {gen_len:.1f} | loss: {loss_value:.6f} | lrm: {lrm:.3f} | dt: {dt * 1000:.0f}ms "
                    f"| rollout tok/s: {tok_per_sec:,.0f} ({100 * rollout_time / dt:.0f}% of step)")
-            log(line, flush=step % cfg.report_every == 0)
-            if step % cfg.report_every == 0 and step != num_iterations:
-                ctx.on_metrics(step, line)
+            log(line)
     finally:
         if metrics_file is not None:
             metrics_file.close()

@@ -46,7 +46,6 @@ class ChatTrainConfig(ArgsMixin):
     eval_metrics_every: int = 200  # sft: MMLU and ARC-Easy accuracy (-1 = never)
     eval_metrics_max_problems: int = 1024
     save_every: int = -1
-    report_every: int = 10
     task_data: str = ""  # offline task files laid out like ../shared/data (default $NANOCHAT_TASK_DATA)
     identity: str = ""  # identity conversations JSONL (default <storage>/identity_conversations.jsonl if present)
     mixture_scale: float = 1.0  # shrink the synthetic spelling tasks for small runs
@@ -265,7 +264,7 @@ def chat_train_worker(cfg, ctx=None, run_id=None, resume_step=None, tokenizer=No
     state = train_loop(model, optimizer, batches(loader_state), num_iterations=num_iterations, grad_accum_steps=accum,
                        schedule=schedule, ctx=ctx, tokens_per_step=total_batch,
                        flops_per_token=model.estimate_flops(), evals=evals,
-                       save_every=cfg.save_every, report_every=cfg.report_every, meta=meta, loop_state=loop_state,
+                       save_every=cfg.save_every, meta=meta, loop_state=loop_state,
                        loader_state=loader_state)
     summary = dict(step=state.step, num_iterations=num_iterations, stage=cfg.stage,
                    total_training_time=state.total_training_time, checkpoint_dir=ctx.checkpoint_dir,

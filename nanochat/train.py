@@ -4,7 +4,7 @@ The per-worker training loop shared by base, mid and SFT training (DESIGN §3).
 `train_loop` is a plain function: it takes the model, the optimizer, an iterator of (inputs, targets, loader_state)
 micro-batches, the schedules, the evals and a `WorkerContext`. Launchers differ only in the context they pass:
 a plain process (tests, GPU benchmarks, torchrun) uses WorkerContext as is; Ray Train passes one whose
-`on_checkpoint` / `on_metrics` call `ray.train.report` (see ray_jobs/common.py). Nothing here imports Ray.
+`on_checkpoint` calls `ray.train.report` (see ray_jobs/ray_train.py). Nothing here imports Ray.
 
 Loop (SPEC §6.3): it runs num_iterations + 1 iterations so the final eval and save see step N; per iteration:
 evals (all ranks), samples (rank 0), save, stop if last, then one optimizer step over grad_accum micro-batches.
@@ -72,11 +72,9 @@ class WorkerContext:
     peak_flops: float = float("inf")  # per worker, for MFU
     wandb: object = None  # rank 0's wandb run (or None): gets every logged line
 
-    def on_metrics(self, step, metrics):
-        """Called on every rank every `report_every` steps (Ray Train's report is a barrier: all ranks call it)."""
-
     def on_checkpoint(self, step, metrics):
-        """Called on every rank right after a checkpoint of `step` is complete on storage."""
+        """Called on every rank right after a checkpoint of `step` is complete on storage. The only upstream
+        report: metrics go to the console, metrics.jsonl and wandb (see ray_jobs/ray_train.py for why)."""
 
 
 def local_context(checkpoint_dir, device_type="", seed=42):
@@ -122,7 +120,7 @@ def _is_due(step, every, last_step):
 
 
 def train_loop(model, optimizer, batches, *, num_iterations, grad_accum_steps, schedule, ctx, tokens_per_step,
-               flops_per_token, evals=(), sample_fn=None, sample_every=-1, save_every=-1, report_every=10,
+               flops_per_token, evals=(), sample_fn=None, sample_every=-1, save_every=-1,
                meta=None, loop_state=None, loader_state=None, compiled_model=None):
     """Train to step num_iterations. tokens_per_step=None counts the tokens of the actual batches (for variable
     lengths). `batches` yields (x, y, loader_state) micro-batches forever (or until the data is exhausted: then training stops at the next step boundary on all ranks). `schedule(step)` returns
@@ -159,8 +157,6 @@ def train_loop(model, optimizer, batches, *, num_iterations, grad_accum_steps, s
                 state.step = step
                 save_training_checkpoint(ctx, step, model, optimizer, loader_state, state, meta)
                 ctx.on_checkpoint(step, {"step": step, **metrics})
-            elif metrics:
-                ctx.on_metrics(step, {"step": step, **metrics})
             if metrics_file is not None and metrics:
                 metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
                 metrics_file.flush()
@@ -214,7 +210,7 @@ def train_loop(model, optimizer, batches, *, num_iterations, grad_accum_steps, s
             remaining = (num_iterations - step) * dt
             line = dict(step=step, loss=debiased, raw_loss=train_loss, lrm=lrm, dt_ms=dt * 1000,
                         tok_per_sec=tok_per_sec, mfu=mfu, data_wait_pct=100 * data_wait / dt,
-                        total_time=state.total_training_time)
+                        total_time=state.total_training_time, wall=time.time())
             print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | loss: {debiased:.6f}"
                    f" | lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,.0f} | mfu: {mfu:.2f}"
                    f" | data wait: {100 * data_wait / dt:.1f}% | total time: {state.total_training_time / 60:.2f}m"
@@ -223,10 +219,7 @@ def train_loop(model, optimizer, batches, *, num_iterations, grad_accum_steps, s
                 ctx.wandb.log({f"train/{k}": v for k, v in line.items()})
             if metrics_file is not None:
                 metrics_file.write(json.dumps(line) + "\n")
-                if step % report_every == 0:
-                    metrics_file.flush()
-            if step % report_every == 0 and step != num_iterations:
-                ctx.on_metrics(step, line)
+                metrics_file.flush()
     finally:
         if metrics_file is not None:
             metrics_file.close()

@@ -20,15 +20,14 @@ from nanochat.train import WorkerContext
 
 
 class RayWorkerContext(WorkerContext):
-    """Metrics and checkpoints go to ray.train.report (a barrier: every rank calls it the same number of times)."""
+    """Reports to Ray Train only with a checkpoint. ray.train.report puts into a one-slot queue that the controller
+    drains once per poll (2 s by default), so a loop reporting more often than that stalls: per-step metric reports
+    every 10 steps more than doubled the step time of a 72 ms/step loop (bench/bench_ray_train.py). Metrics go to
+    the console, metrics.jsonl and wandb instead; checkpoints are far apart and slow to write anyway."""
 
     def __init__(self, run_id, **kwargs):
         super().__init__(**kwargs)
         self.run_id = run_id
-
-    def on_metrics(self, step, metrics):
-        import ray.train
-        ray.train.report(_floats(metrics))
 
     def on_checkpoint(self, step, metrics):
         import ray.train

@@ -14,7 +14,7 @@ from nanochat.train import WorkerContext
 
 TINY = BaseTrainConfig(depth=2, aspect_ratio=32, head_dim=32, max_seq_len=32, window_pattern="SL", device_batch_size=2,
                        total_batch_size=256, num_iterations=12, warmup_steps=2, eval_every=6, eval_tokens=256,
-                       sample_every=-1, save_every=6, report_every=4, data="fallback", buffer_size=50,
+                       sample_every=-1, save_every=6, data="fallback", buffer_size=50,
                        core_metric_every=-1,
                        matrix_lr=0.05, embedding_lr=0.5, unembedding_lr=0.02)
 

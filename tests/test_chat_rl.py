@@ -182,7 +182,7 @@ def rl_storage(tmp_path_factory, tiny_tokenizer):
 
 
 TINY = RLConfig(model_tag="plain", num_iterations=4, device_batch_size=2, examples_per_step=2, num_samples=4,
-                max_new_tokens=12, eval_every=2, eval_examples=2, save_every=2, report_every=1)
+                max_new_tokens=12, eval_every=2, eval_examples=2, save_every=2)
 
 
 def plain_run(cfg, storage, tokenizer, monkeypatch, resume_step=None):
