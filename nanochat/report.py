@@ -6,7 +6,8 @@ stitches them into report.md with a summary table of the headline metrics.
 - get_report().log(section, data): write report/<slug>.md = "## section", a timestamp, then "- key: value" lines.
   Rank 0 only: other ranks get a DummyReport, so every rank can call it unconditionally.
 - generate(): header + the sections in pipeline order (+ any others), the summary table (metrics x BASE/MID/SFT/RL),
-  the total wall clock time (last non-RL section timestamp - run start) and an estimated cost.
+  the total wall clock time (last non-RL section timestamp - run start), an estimated cost, and the training curves
+  (report/curves_<stage>.png, see curves.py) linked from the markdown.
 No Ray here: cluster facts (nodes, GPUs) are passed in by ray_jobs/report.py.
 """
 import datetime
@@ -17,6 +18,7 @@ import subprocess
 import sys
 
 from nanochat.common import get_base_dir, get_dist_info
+from nanochat.curves import plot_curves
 
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -250,7 +252,7 @@ class Report:
     def reset(self, cluster=None):
         """Start a new run: remove every section and report.md, write a fresh header.md."""
         for name in os.listdir(self.report_dir):
-            if name.endswith(".md"):
+            if name.endswith((".md", ".png")):
                 os.remove(self.path(name))
         with open(self.path("header.md"), "w", encoding="utf-8") as f:
             f.write(header_markdown(cluster))
@@ -294,6 +296,10 @@ class Report:
                 out.append(f"Estimated cost: ${rate * seconds / 3600:.2f} (at ${rate:.2f}/hour)\n")
         else:
             out.append("\nTotal wall clock time: unknown\n")
+        curves = plot_curves(os.path.dirname(self.report_dir), self.report_dir)
+        if curves:
+            out.append("## Training curves\n")
+            out += [f"![{stage}]({name})\n" for stage, name in curves]
         path = self.path("report.md")
         with open(path, "w", encoding="utf-8") as f:
             f.write("\n".join(out))
