@@ -334,6 +334,8 @@ def _patch_for_nanochat(model_config, state_dict):
         cfg["use_value_embeds"] = any(k.startswith("value_embeds.") for k in keys)
     if "use_resid_lambdas" not in cfg:
         cfg["use_resid_lambdas"] = "resid_lambdas" in keys or "x0_lambdas" in keys
+    if not {"rope_base", "qk_scale", "ve_gate_channels"} & set(cfg):  # constants nanochat's meta never names
+        cfg.update(_era_constants(cfg, state_dict))
     if cfg["use_resid_lambdas"]:  # only one of the pair saved: the other at its no-op value (nanochat's patch)
         n_layer = cfg["n_layer"]
         ref = state_dict.get("resid_lambdas", state_dict.get("x0_lambdas"))
@@ -341,6 +343,20 @@ def _patch_for_nanochat(model_config, state_dict):
             state_dict.setdefault("resid_lambdas", torch.ones(n_layer, dtype=ref.dtype, device=ref.device))
             state_dict.setdefault("x0_lambdas", torch.zeros(n_layer, dtype=ref.dtype, device=ref.device))
     return cfg
+
+
+def _era_constants(cfg, state_dict):
+    """The constants of the nanochat version that wrote these weights. Its VE gates tell: an OLD-era model (before
+    the March 2026 changes) gated value embeddings with 2*sigmoid over 32 channels and also used RoPE base 10k, no
+    QK scale and T/2 short windows; a model without VE or smear is older still (ORIG) and shares the RoPE and QK
+    constants. Anything else is the current model, our defaults."""
+    gate = next((v for k, v in state_dict.items() if k.endswith("attn.ve_gate.weight")), None)
+    old = dict(rope_base=10000.0, qk_scale=1.0)
+    if gate is not None and gate.shape[1] == 32:
+        return dict(old, ve_gate_channels=32, ve_gate_scale=2.0, short_window=cfg["sequence_len"] // 2)
+    if gate is None and not cfg["use_smear"]:
+        return old
+    return {}
 
 
 def _get_tokenizer_if_any(base_dir):

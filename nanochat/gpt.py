@@ -36,6 +36,10 @@ class GPTConfig:
     qk_scale: float = 1.2  # multiply q and k after QK-norm (1.0 = off)
     rope_base: float = 100000.0
     softcap: float = 15.0
+    # value-embedding gate: gate_scale * sigmoid(ve_gate(x[..., :gate_channels])); OLD nanochat used 2x on 32
+    ve_gate_channels: int = 12
+    ve_gate_scale: float = 3.0
+    short_window: int = 0  # tokens of an S layer's window; 0 = T/4 rounded up to 128 (OLD nanochat used T/2)
 
     @classmethod
     def baseline(cls, **kwargs):
@@ -129,7 +133,7 @@ class CausalSelfAttention(nn.Module):
         self.c_k = Linear(C, self.n_kv_head * D, bias=False)
         self.c_v = Linear(C, self.n_kv_head * D, bias=False)
         self.c_proj = Linear(C, C, bias=False)
-        self.ve_gate_channels = 12
+        self.ve_gate_channels, self.ve_gate_scale = config.ve_gate_channels, config.ve_gate_scale
         use_ve = config.use_value_embeds and has_ve(layer_idx, config.n_layer)
         self.ve_gate = Linear(self.ve_gate_channels, self.n_kv_head, bias=False) if use_ve else None
 
@@ -138,8 +142,8 @@ class CausalSelfAttention(nn.Module):
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
-        if ve is not None:  # value residual with an input-dependent per-head gate in (0, 3)
-            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))
+        if ve is not None:  # value residual with an input-dependent per-head gate in (0, gate scale)
+            gate = self.ve_gate_scale * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         cos, sin = cos_sin
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
@@ -214,11 +218,12 @@ class GPT(nn.Module):
 
     @staticmethod
     def _compute_window_sizes(config):
-        """Per-layer left window (None = full context). Short window = T/4 rounded up to a multiple of 128."""
+        """Per-layer left window (None = full context). Short window: config.short_window, else T/4 rounded up to a
+        multiple of 128."""
         pattern = config.window_pattern.upper()
         assert pattern and set(pattern) <= {"S", "L"}, f"window_pattern must use only S and L, got {pattern!r}"
         T = config.sequence_len
-        short = math.ceil(T / 4 / 128) * 128
+        short = config.short_window or math.ceil(T / 4 / 128) * 128
         sizes = [short if pattern[i % len(pattern)] == "S" and short < T else None for i in range(config.n_layer)]
         sizes[-1] = None
         return sizes

@@ -1,5 +1,6 @@
 """Checkpoint manager: round trips, crash safety, corruption detection, nanochat compatibility, resharding."""
 import json
+import math
 import os
 import socket
 import uuid
@@ -10,6 +11,7 @@ import pytest
 import tiktoken
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 import torch.multiprocessing as mp
 
 from nanochat import checkpoint_manager as cm
@@ -212,13 +214,14 @@ def test_load_old_nanochat_checkpoint(tmp_path):
     c = loaded.config
     assert (c.window_pattern, c.use_smear, c.use_backout, c.use_value_embeds) == ("L", False, False, True)
     assert torch.equal(logits(loaded), logits(model))
-    # even older: no value embeds, no resid/x0 lambdas at all
+    # even older (ORIG): no value embeds, no resid/x0 lambdas at all, RoPE base 10k, no QK scale
     ancient = make_model(window_pattern="L", use_smear=False, use_backout=False, use_value_embeds=False,
-                         use_resid_lambdas=False)
+                         use_resid_lambdas=False, rope_base=10000.0, qk_scale=1.0)
     _round_embeddings_to_bf16(ancient)
     _write_nanochat_checkpoint(ckpt, 2, _nanochat_state_dict(ancient), config)
     loaded, _, _ = build_model(ckpt, 2, "cpu", "eval", base_dir=str(tmp_path))
     assert not loaded.config.use_value_embeds and not loaded.config.use_resid_lambdas
+    assert (loaded.config.rope_base, loaded.config.qk_scale) == (10000.0, 1.0)
     assert torch.equal(logits(loaded), logits(ancient))
     # only x0_lambdas missing: patched to its no-op value (zeros)
     with torch.no_grad():
@@ -227,6 +230,66 @@ def test_load_old_nanochat_checkpoint(tmp_path):
     loaded, _, _ = build_model(ckpt, 3, "cpu", "eval", base_dir=str(tmp_path))
     assert loaded.config.use_resid_lambdas
     assert torch.equal(logits(loaded), logits(model))
+
+
+def reference_old_forward(sd, cfg, idx):
+    """nanochat's OLD-era forward (SPEC 4.2), written out from the raw state dict: RoPE base 10k, QK-norm after
+    rotary with no scale, value embeddings gated by 2*sigmoid over 32 channels, resid/x0 lambdas, short windows of
+    T/2, softcap 15."""
+    B, T = idx.shape
+    L, H, Hkv, C = cfg["n_layer"], cfg["n_head"], cfg["n_kv_head"], cfg["n_embd"]
+    D = C // H
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+    ang = torch.outer(torch.arange(T).float(), inv_freq)
+    cos, sin = ang.cos()[None, :, None], ang.sin()[None, :, None]
+
+    def rope(x):
+        a, b = x[..., :D // 2], x[..., D // 2:]
+        return torch.cat([a * cos + b * sin, b * cos - a * sin], -1)
+
+    def rms(x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + torch.finfo(x.dtype).eps)
+
+    pattern = cfg["window_pattern"]
+    windows = [cfg["sequence_len"] // 2 if pattern[i % len(pattern)] == "S" else None for i in range(L)]
+    windows[-1] = None
+    rows, cols = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    x = x0 = rms(sd["transformer.wte.weight"][idx])
+    for i in range(L):
+        w = {k.removeprefix(f"transformer.h.{i}."): v for k, v in sd.items() if k.startswith(f"transformer.h.{i}.")}
+        x = sd["resid_lambdas"][i] * x + sd["x0_lambdas"][i] * x0
+        h = rms(x)
+        q = (h @ w["attn.c_q.weight"].T).view(B, T, H, D)
+        k = (h @ w["attn.c_k.weight"].T).view(B, T, Hkv, D)
+        v = (h @ w["attn.c_v.weight"].T).view(B, T, Hkv, D)
+        if f"value_embeds.{i}.weight" in sd:
+            gate = 2 * torch.sigmoid(h[..., :32] @ w["attn.ve_gate.weight"].T)
+            v = v + gate[..., None] * sd[f"value_embeds.{i}.weight"][idx].view(B, T, Hkv, D)
+        q, k = rms(rope(q)), rms(rope(k))
+        k, v = k.repeat_interleave(H // Hkv, dim=2), v.repeat_interleave(H // Hkv, dim=2)
+        allowed = (cols <= rows) & ((rows - cols <= windows[i]) if windows[i] else True)
+        att = (torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(D)).masked_fill(~allowed, float("-inf"))
+        y = torch.einsum("bhqk,bkhd->bqhd", att.softmax(-1), v).reshape(B, T, C)
+        x = x + y @ w["attn.c_proj.weight"].T
+        x = x + F.relu(rms(x) @ w["mlp.c_fc.weight"].T).square() @ w["mlp.c_proj.weight"].T
+    logits = (rms(x) @ sd["lm_head.weight"].T)[..., :cfg["vocab_size"]]
+    return 15 * torch.tanh(logits / 15)
+
+
+def test_load_old_era_nanochat_checkpoint_matches_the_old_forward(tmp_path):
+    """An OLD-era checkpoint (VE gates over 32 channels) loads with OLD's constants and gives OLD's logits."""
+    old_shapes = dict(n_layer=4, window_pattern="SSSL", use_smear=False, use_backout=False, ve_gate_channels=32)
+    sd = make_model(**old_shapes).state_dict()  # random weights of the OLD shapes
+    config = {**TINY, "n_layer": 4, "window_pattern": "SSSL"}  # what an OLD meta file says, nothing more
+    ckpt = str(tmp_path / "old_era")
+    _write_nanochat_checkpoint(ckpt, 7, {"_orig_mod." + k: v for k, v in sd.items()}, config)
+    loaded, _, _ = build_model(ckpt, 7, "cpu", "eval", base_dir=str(tmp_path))
+    c = loaded.config
+    assert (c.ve_gate_channels, c.ve_gate_scale, c.rope_base, c.qk_scale, c.short_window) == (32, 2.0, 10000.0, 1.0, 32)
+    assert loaded.window_sizes == [32, 32, 32, None]
+    tokens = torch.randint(0, TINY["vocab_size"], (2, 48), generator=torch.Generator().manual_seed(3))  # > window
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens), reference_old_forward(sd, config, tokens), rtol=1e-4, atol=1e-4)
 
 
 def _write_byte_tokenizer(base_dir):
