@@ -87,7 +87,8 @@ def ray_head():
            "--dashboard-host", "127.0.0.1", "--include-dashboard", "true", "--temp-dir", temp_dir,
            "--disable-usage-stats"] + [a for k, v in ports.items() for a in (f"--{k}", str(v))]
     log = open(os.path.join(temp_dir, "head.log"), "w")
-    head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    # its own process group: if it hangs on the way down, the group (all it started) goes with it
+    head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
         deadline = time.time() + 120
@@ -105,7 +106,8 @@ def ray_head():
         try:
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            head.kill()
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
