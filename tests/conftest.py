@@ -53,6 +53,23 @@ RAY_TEST_ENV = {
 }
 
 
+def reference_rms(x):
+    """Parameter-free RMSNorm, written out (for the independent reference forwards in the tests)."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + torch.finfo(x.dtype).eps)
+
+
+def reference_rope(T, D, base=10000):
+    """Rotary embedding over (B, T, H, D) tensors, split halves, rotation by -theta, written out."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, D, 2).float() / D))
+    ang = torch.outer(torch.arange(T).float(), inv_freq)
+    cos, sin = ang.cos()[None, :, None], ang.sin()[None, :, None]
+
+    def rope(x):
+        a, b = x[..., :D // 2], x[..., D // 2:]
+        return torch.cat([a * cos + b * sin, b * cos - a * sin], -1)
+    return rope
+
+
 def _ray_init(**kwargs):
     import ray
     os.environ.update(RAY_TEST_ENV)

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import torch.multiprocessing as mp
 
+from conftest import reference_rms, reference_rope
 from nanochat import checkpoint_manager as cm
 from nanochat.checkpoint_manager import (CheckpointError, build_model, find_largest_model, find_last_step, list_steps,
                                          load_checkpoint, load_model, save_checkpoint)
@@ -239,16 +240,7 @@ def reference_old_forward(sd, cfg, idx):
     B, T = idx.shape
     L, H, Hkv, C = cfg["n_layer"], cfg["n_head"], cfg["n_kv_head"], cfg["n_embd"]
     D = C // H
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
-    ang = torch.outer(torch.arange(T).float(), inv_freq)
-    cos, sin = ang.cos()[None, :, None], ang.sin()[None, :, None]
-
-    def rope(x):
-        a, b = x[..., :D // 2], x[..., D // 2:]
-        return torch.cat([a * cos + b * sin, b * cos - a * sin], -1)
-
-    def rms(x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + torch.finfo(x.dtype).eps)
+    rope, rms = reference_rope(T, D), reference_rms
 
     pattern = cfg["window_pattern"]
     windows = [cfg["sequence_len"] // 2 if pattern[i % len(pattern)] == "S" else None for i in range(L)]

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import perturbed
+from conftest import perturbed, reference_rms, reference_rope
 from nanochat.gpt import GPT, GPTConfig, attention_mask, build_model, flex_sliding_window_attention
 
 SMALL = dict(sequence_len=512, vocab_size=300, n_layer=4, n_head=4, n_kv_head=2, n_embd=64)
@@ -95,16 +95,7 @@ def reference_baseline_forward(model, idx):
     cfg = model.config
     B, T = idx.shape
     H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
-    ang = torch.outer(torch.arange(T).float(), inv_freq)
-    cos, sin = ang.cos()[None, :, None], ang.sin()[None, :, None]
-
-    def rope(x):
-        a, b = x[..., :D // 2], x[..., D // 2:]
-        return torch.cat([a * cos + b * sin, b * cos - a * sin], -1)
-
-    def rms(x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + torch.finfo(x.dtype).eps)
+    rope, rms = reference_rope(T, D), reference_rms
 
     x = rms(model.transformer.wte.weight[idx])
     causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
