@@ -12,6 +12,7 @@ import time
 
 import pytest
 import requests
+import yaml
 
 from ray_jobs.speedrun import PRESETS, STAGES, parse_overrides
 
@@ -166,8 +167,30 @@ def test_demo_speedrun_as_ray_job_resume_and_serve(ray_head, tmp_path):
     assert isinstance(r.json()["response"], str) and r.json()["usage"]["completion_tokens"] > 0
 
     # and `serve shutdown` (as the README says) takes it down
-    stop = subprocess.run([os.path.join(os.path.dirname(RAY_BIN), "serve"), "shutdown", "--address", address, "-y"],
+    serve_bin = os.path.join(os.path.dirname(RAY_BIN), "serve")
+    stop = subprocess.run([serve_bin, "shutdown", "--address", address, "-y"],
                           env=env, capture_output=True, text=True, timeout=120)
     assert stop.returncode == 0, stop.stderr[-2000:]
     with pytest.raises(requests.ConnectionError):
         requests.get(url + "/health", timeout=10)
+
+    # the declarative way: `serve deploy` of the shipped serve/config.yaml, pointed at this run
+    config = yaml.safe_load(open(os.path.join(REPO_ROOT, "serve", "config.yaml")))
+    config["http_options"]["port"] = deploy_port = free_port()
+    config["applications"][0]["args"].update(storage=root, source="rl")
+    config_path = tmp_path / "serve.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    deploy = subprocess.run([serve_bin, "deploy", str(config_path), "--address", address],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert deploy.returncode == 0, deploy.stderr[-2000:]
+    deadline = time.time() + 180  # deploy returns at once; the replica loads the model meanwhile
+    while True:
+        try:
+            health = requests.get(f"http://127.0.0.1:{deploy_port}/health", timeout=10)
+            if health.status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        assert time.time() < deadline, "the deployed config never became healthy"
+        time.sleep(2)
+    assert health.json()["model"] == "nanochat-rl" and health.json()["step"] == 4, health.text
