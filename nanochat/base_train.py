@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from nanochat import storage
 from nanochat.checkpoint_manager import list_steps, load_checkpoint, read_meta
 from nanochat.common import get_base_dir, init_wandb, print0
 from nanochat.gpt import GPTConfig, build_model
@@ -72,7 +73,7 @@ def model_config(cfg, vocab_size):
 def checkpoint_dir(cfg, base_dir=None):
     base_dir = base_dir or get_base_dir()
     tag = cfg.model_tag or f"d{cfg.depth}"
-    return base_dir.rstrip("/") + f"/base_checkpoints/{tag}"
+    return storage.join(base_dir, "base_checkpoints", tag)
 
 
 def find_resume_step(ckpt_dir, run_id=None):

@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
+from nanochat import storage
+from nanochat.chat_train import rendered_conversations
 from nanochat.checkpoint_manager import SOURCE_DIRS, find_largest_model, load_checkpoint, load_model
 from nanochat.common import get_base_dir, is_distributed, print0
 from nanochat.train import ArgsMixin, LoopState, WorkerContext, save_training_checkpoint
@@ -64,8 +66,8 @@ class RLConfig(ArgsMixin):
 def output_dir(cfg, base_dir=None):
     """<storage>/chatrl_checkpoints/<tag>; tag = the source model's tag."""
     base_dir = base_dir or get_base_dir()
-    tag = cfg.model_tag or find_largest_model(base_dir.rstrip("/") + "/" + SOURCE_DIRS[cfg.source])
-    return base_dir.rstrip("/") + f"/{SOURCE_DIRS['rl']}/{tag}"
+    tag = cfg.model_tag or find_largest_model(storage.join(base_dir, SOURCE_DIRS[cfg.source]))
+    return storage.join(base_dir, SOURCE_DIRS["rl"], tag)
 
 
 def gsm8k(cfg, split):
@@ -120,12 +122,6 @@ def pass_at_k(outcomes, k):
     return float(any(outcomes[:k]))
 
 
-def step_examples(cursor, examples_per_rank, world_size, num_examples):
-    """This rank's problems for one step: global positions cursor, cursor+W, ... (cursor = the rank's next
-    position), cycling over the split."""
-    return [(cursor + k * world_size) % num_examples for k in range(examples_per_rank)]
-
-
 def start_cursor(resume_states, rank, examples_per_step, step):
     """The rank's next global position. Saved cursors make it world-size independent: all ranks consume the
     same number of problems per step, so min(next - rank) is where the global stream stopped."""
@@ -170,10 +166,11 @@ def _sum_all_ranks(values, device):
 # The worker
 
 def chat_rl_worker(cfg, ctx=None, run_id=None, resume_step=None, tokenizer=None, train_task=None, test_task=None,
-                   step_hook=None):
+                   step_hook=None, render=rendered_conversations):
     """RL on this worker; returns a summary dict with the final pass@k ('GSM8K' = pass@1). resume_step: continue
     this stage's checkpoint. train_task / test_task replace GSM8K from cfg.task_data (tests); step_hook(step, rank)
-    runs before every training step (tests inject failures there)."""
+    runs before every training step (tests inject failures there); render: where the prompts are rendered
+    (nanochat.chat_train.rendered_conversations, or the Ray Data stream)."""
     from nanochat.engine import Engine
     from nanochat.schedules import apply_schedule
     cfg = cfg.resolved()
@@ -187,7 +184,7 @@ def chat_rl_worker(cfg, ctx=None, run_id=None, resume_step=None, tokenizer=None,
         raise ValueError(f"num_samples {cfg.num_samples} is not a multiple of device_batch_size {B}")
     examples_per_rank, num_passes = cfg.examples_per_step // W, cfg.num_samples // B
 
-    tag = cfg.model_tag or os.path.basename(ctx.checkpoint_dir.rstrip("/"))
+    tag = cfg.model_tag or storage.basename(ctx.checkpoint_dir)
     model, loaded_tokenizer, source_meta = load_model(cfg.source, device, "train", model_tag=tag,
                                                       step=cfg.model_step if cfg.model_step >= 0 else None)
     tokenizer = tokenizer or loaded_tokenizer
@@ -213,6 +210,9 @@ def chat_rl_worker(cfg, ctx=None, run_id=None, resume_step=None, tokenizer=None,
         print0(f"resumed rl from step {resume_step} ({ctx.checkpoint_dir})")
     step = state.step
     cursor = start_cursor(loader_states, rank, cfg.examples_per_step, step)
+    # this rank's problems, step after step, are global positions cursor, cursor+W, ... (cycling over the split):
+    # one stride, rendered ahead like the chat stages' conversations (in this process or in Ray Data)
+    prompts = render(train_task, tokenizer, None, cursor, W, completion=True)
     print0(f"rl: {len(train_task):,} train problems, {num_iterations} steps, {cfg.examples_per_step} problems x "
            f"{cfg.num_samples} samples per step on {W} workers, from {cfg.source} {tag}")
 
@@ -220,15 +220,15 @@ def chat_rl_worker(cfg, ctx=None, run_id=None, resume_step=None, tokenizer=None,
     meta = dict(model_config=asdict(model.config), user_config=asdict(cfg), stage="rl", source=cfg.source,
                 source_step=source_meta.get("step"), run_id=run_id, device_batch_size=B,
                 examples_per_step=cfg.examples_per_step, num_samples=cfg.num_samples)
-    metrics_file = open(ctx.metrics_path, "a") if (rank == 0 and ctx.metrics_path) else None
+    metrics_file = storage.AppendLog(ctx.metrics_path) if (rank == 0 and ctx.metrics_path) else None
     start_step, final_eval = step, {}
 
-    def log(line, flush=True):
+    def log(line):
         if metrics_file is not None:
-            metrics_file.write(json.dumps(line) + "\n")
-            if flush:
-                metrics_file.flush()
+            metrics_file.write(json.dumps(line))
 
+    if start_step > 0:  # which checkpoint this run (or restarted group) continued from
+        log({"step": start_step, "resumed_from": start_step, "wall": time.time()})
     try:
         while True:
             last_step = step == num_iterations
@@ -246,6 +246,8 @@ def chat_rl_worker(cfg, ctx=None, run_id=None, resume_step=None, tokenizer=None,
                 state.step = step
                 loader_state = {"rank": rank, "world_size": W, "next": cursor}
                 save_training_checkpoint(ctx, step, model, optimizer, loader_state, state, meta)
+                if metrics_file is not None:
+                    metrics_file.flush()
                 ctx.on_checkpoint(step, {"step": step, **metrics})
             if metrics:
                 log({"step": step, **metrics})
@@ -259,9 +261,10 @@ def chat_rl_worker(cfg, ctx=None, run_id=None, resume_step=None, tokenizer=None,
             t0 = time.perf_counter()
             rollout_time, loss_sum = 0.0, torch.zeros((), device=device)
             reward_sum = seq_len_sum = gen_tokens = 0.0
-            for idx in step_examples(cursor, examples_per_rank, W, len(train_task)):
+            for _ in range(examples_per_rank):
+                position, prompt, _ = next(prompts)
+                idx = (position - W) % len(train_task)
                 conv = train_task[idx]
-                prompt = tokenizer.render_for_completion(conv)
                 tr = time.perf_counter()
                 model.eval()
                 sequences, masks = [], []

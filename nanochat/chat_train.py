@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
+from nanochat import storage
 from nanochat.checkpoint_manager import SOURCE_DIRS, find_largest_model, load_checkpoint, load_model
 from nanochat.common import get_base_dir, init_wandb, is_distributed, print0
 from nanochat.dataloader import BestFitPacker
@@ -63,15 +64,15 @@ class ChatTrainConfig(ArgsMixin):
                    init_lr_frac=self.init_lr_frac if self.init_lr_frac >= 0 else (1.0 if mid else 0.02),
                    eval_every=self.eval_every if self.eval_every >= 0 else (150 if mid else 100),
                    task_data=self.task_data or os.environ.get("NANOCHAT_TASK_DATA", ""),
-                   identity=self.identity or os.path.join(get_base_dir(), "identity_conversations.jsonl"))
+                   identity=self.identity or storage.join(get_base_dir(), "identity_conversations.jsonl"))
         return ChatTrainConfig(**{**asdict(self), **out})
 
 
 def output_dir(cfg, base_dir=None):
     """<storage>/mid_checkpoints/<tag> or <storage>/chatsft_checkpoints/<tag>; tag = the source model's tag."""
     base_dir = base_dir or get_base_dir()
-    tag = cfg.model_tag or find_largest_model(base_dir.rstrip("/") + "/" + SOURCE_DIRS[cfg.source])
-    return base_dir.rstrip("/") + f"/{SOURCE_DIRS[cfg.stage]}/{tag}"
+    tag = cfg.model_tag or find_largest_model(storage.join(base_dir, SOURCE_DIRS[cfg.source]))
+    return storage.join(base_dir, SOURCE_DIRS[cfg.stage], tag)
 
 
 def build_mixture(cfg, split):
@@ -93,19 +94,39 @@ def _start_index(resume_state, rank, world_size):
     return base + rank
 
 
-def packed_conversations(dataset, tokenizer, B, T, rank, world_size, device, resume_state=None, buffer_size=100):
+def render(tokenizer, conversation, max_tokens, completion=False):
+    """(ids, mask) of a whole conversation, or (prompt ids, None) to complete (RL: up to <|assistant_start|>)."""
+    if completion:
+        return tokenizer.render_for_completion(conversation), None
+    return tokenizer.render_conversation(conversation, max_tokens=max_tokens)
+
+
+def rendered_conversations(dataset, tokenizer, max_tokens, start, step, stop=None, completion=False):
+    """(next_index, ids, mask) for conversations start, start+step, ... below `stop` (None: forever), each index
+    taken modulo len(dataset) (so several epochs), rendered in this process (see render). ray_jobs/chat_stream.py
+    renders the same stream in a Ray Data actor pool; the batchers below and the RL loop take either."""
+    index = start
+    while stop is None or index < stop:
+        ids, mask = render(tokenizer, dataset[index % len(dataset)], max_tokens, completion)
+        index += step
+        yield index, ids, mask
+
+
+def packed_conversations(dataset, tokenizer, B, T, rank, world_size, device, resume_state=None, buffer_size=100,
+                         render=rendered_conversations):
     """Midtraining batches: rendered conversations (ids only) packed best-fit into (B, T+1) rows; targets on every
     token. One pass over the dataset, then StopIteration. Yields (inputs, targets, state)."""
     packer = BestFitPacker(B, T, buffer_size, bos_token_id=tokenizer.get_bos_token_id())
     index = _start_index(resume_state, rank, world_size)
+    stream = render(dataset, tokenizer, T + 1, index, world_size, len(dataset))
 
     def refill():
         nonlocal index
-        if index >= len(dataset):
+        item = next(stream, None)
+        if item is None:
             return False
-        ids, _ = tokenizer.render_conversation(dataset[index], max_tokens=T + 1)
+        index, ids, _ = item
         packer.add([ids])
-        index += world_size
         return True
 
     while True:
@@ -117,20 +138,23 @@ def packed_conversations(dataset, tokenizer, B, T, rank, world_size, device, res
         yield full[:, :-1].to(device), full[:, 1:].to(device), state
 
 
-def padded_conversations(dataset, tokenizer, B, T, rank, world_size, device, resume_state=None, num_epochs=None):
+def padded_conversations(dataset, tokenizer, B, T, rank, world_size, device, resume_state=None, num_epochs=None,
+                         render=rendered_conversations):
     """SFT batches: B conversations per micro-batch, right-padded with <|assistant_end|> to the longest; targets are
     -1 where the mask is 0 (prompt, tool output) and at padding. Rank-strided, repeats for num_epochs (None =
     forever). Yields (inputs, targets, state)."""
     pad = tokenizer.encode_special("<|assistant_end|>")
     index = _start_index(resume_state, rank, world_size)
+    stream = render(dataset, tokenizer, T + 1, index, world_size,
+                    None if num_epochs is None else num_epochs * len(dataset))
     while True:
         batch = []
-        while len(batch) < B:
-            epoch, i = divmod(index, len(dataset))
-            if num_epochs is not None and epoch >= num_epochs:
-                return
-            batch.append(tokenizer.render_conversation(dataset[i], max_tokens=T + 1))
-            index += world_size
+        for index, ids, mask in stream:
+            batch.append((ids, mask))
+            if len(batch) == B:
+                break
+        if len(batch) < B:
+            return
         width = max(len(ids) for ids, _ in batch) - 1
         inputs = torch.full((B, width), pad, dtype=torch.long)
         targets = torch.full((B, width), -1, dtype=torch.long)
@@ -171,14 +195,15 @@ def chat_accuracies(model, tokenizer, cfg, rank, world_size, device, batch_size=
 # -----------------------------------------------------------------------------
 # The worker
 
-def chat_train_worker(cfg, ctx=None, run_id=None, resume_step=None, tokenizer=None):
-    """Midtrain or SFT on this worker; returns a summary dict. resume_step: continue this stage's checkpoint."""
+def chat_train_worker(cfg, ctx=None, run_id=None, resume_step=None, tokenizer=None, render=rendered_conversations):
+    """Midtrain or SFT on this worker; returns a summary dict. resume_step: continue this stage's checkpoint.
+    render: where the training conversations are rendered (rendered_conversations, or the Ray Data stream)."""
     cfg = cfg.resolved()
     ctx = ctx or WorkerContext()
     ctx.wandb = init_wandb(cfg.run, f"nanochat-{cfg.stage}", asdict(cfg), ctx.rank)
     device, rank, W = ctx.device, ctx.rank, ctx.world_size
     torch.manual_seed(cfg.seed)
-    tag = os.path.basename(ctx.checkpoint_dir.rstrip("/"))
+    tag = storage.basename(ctx.checkpoint_dir)
     model, loaded_tokenizer, source_meta = load_model(cfg.source, device, "train", model_tag=tag,
                                                       step=cfg.model_step if cfg.model_step >= 0 else None)
     tokenizer = tokenizer or loaded_tokenizer
@@ -201,7 +226,8 @@ def chat_train_worker(cfg, ctx=None, run_id=None, resume_step=None, tokenizer=No
         num_iterations = cfg.num_iterations if cfg.num_iterations > 0 else epoch_steps
 
         def batches(resume_state):
-            return packed_conversations(train_set, tokenizer, B, T, rank, W, device, resume_state, cfg.buffer_size)
+            return packed_conversations(train_set, tokenizer, B, T, rank, W, device, resume_state, cfg.buffer_size,
+                                        render=render)
 
         def schedule(step):
             progress = step / num_iterations
@@ -217,7 +243,7 @@ def chat_train_worker(cfg, ctx=None, run_id=None, resume_step=None, tokenizer=No
             max(1, len(train_set) // cfg.target_examples_per_step * cfg.num_epochs)
 
         def batches(resume_state):
-            return padded_conversations(train_set, tokenizer, B, T, rank, W, device, resume_state)
+            return padded_conversations(train_set, tokenizer, B, T, rank, W, device, resume_state, render=render)
 
         def schedule(step):
             return 1.0 - step / num_iterations, None, None

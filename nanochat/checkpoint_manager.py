@@ -12,9 +12,8 @@ Integrity: save_checkpoint adds two keys to the meta: `world_size` (of the savin
 or corrupted file raises CheckpointError naming it. load_model(step=None) then falls back to the newest earlier step
 that is intact, with a warning. Meta files written by nanochat itself have no `files`: nothing to verify there.
 
-Atomic writes: on a local disk every file goes to a temp file in the same directory, is flushed and fsynced, then
-os.replace'd into place, and the directory is fsynced. Any other fsspec URI (s3://, gs://, memory://, ...) is written
-with one PUT of the whole file, which object stores apply atomically. file:// URIs count as local.
+Atomic writes (nanochat.storage): on a local disk every file goes to a temp file that is fsynced and renamed into
+place; on an object store (s3://, gs://, memory://, ...) each file is one PUT, which object stores apply atomically.
 
 Distributed: when a process group with >1 ranks is initialized, save_checkpoint is collective (every rank calls it,
 with optimizer_data=None if it has nothing to save): the ranks exchange their files' checksums, which also ensures
@@ -35,13 +34,11 @@ import json
 import logging
 import os
 import re
-import tempfile
 
-import fsspec
 import torch
 import torch.distributed as dist
-from fsspec.implementations.local import LocalFileSystem
 
+from nanochat import storage
 from nanochat.common import get_base_dir, is_distributed
 
 logger = logging.getLogger("nanochat")
@@ -69,13 +66,6 @@ def optim_name(step, rank):
 def meta_name(step):
     return f"meta_{step:06d}.json"
 
-
-def _join(parent, child):
-    return f"{parent.rstrip('/')}/{child}" if "://" in str(parent) else os.path.join(parent, child)
-
-
-# -----------------------------------------------------------------------------
-# Storage: a directory on the local disk or on any fsspec filesystem
 
 class _HashingWriter:
     """File-like wrapper that counts and hashes everything written through it."""
@@ -108,69 +98,33 @@ def _verify(f, expected, shown):
 
 
 class _Dir:
-    """A checkpoint directory: local (atomic temp + rename protocol) or any other fsspec filesystem (one PUT)."""
+    """A checkpoint directory on any storage root (nanochat.storage)."""
 
     def __init__(self, path):
         self.uri = str(path)
-        self.fs, self.root = fsspec.core.url_to_fs(self.uri)
-        self.local = isinstance(self.fs, LocalFileSystem)
 
     def path(self, name):
-        return os.path.join(self.root, name) if self.local else f"{self.root.rstrip('/')}/{name}"
+        return storage.join(self.uri, name)
 
     def listdir(self):
-        try:
-            if self.local:
-                return os.listdir(self.root)
-            return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)]
-        except (FileNotFoundError, NotADirectoryError):
-            return []
+        return storage.listdir(self.uri)
 
     def write(self, name, write_fn):
         """Atomically create `name` from write_fn(file); returns {"size", "sha256"} of what was written."""
-        path = self.path(name)
-        if not self.local:  # serialize in memory, then one PUT: the object appears whole or not at all
-            buf = io.BytesIO()
-            w = _HashingWriter(buf)
+        def hashed(f):
+            w = _HashingWriter(f)
             write_fn(w)
-            self.fs.makedirs(self.root, exist_ok=True)
-            self.fs.pipe_file(path, buf.getvalue())
             return {"size": w.size, "sha256": w.sha.hexdigest()}
-        os.makedirs(self.root, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                w = _HashingWriter(f)
-                write_fn(w)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-        # make the rename itself durable (a crash right after could otherwise lose the new directory entry)
-        dir_fd = os.open(self.root, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-        return {"size": w.size, "sha256": w.sha.hexdigest()}
+        return storage.write_atomic(self.path(name), hashed)
 
     def remove(self, name):
-        try:
-            if self.local:
-                os.remove(self.path(name))
-            else:
-                self.fs.rm_file(self.path(name))
-        except FileNotFoundError:
-            pass
+        storage.remove(self.path(name))
 
     def read(self, name, expected=None):
         """An open binary file for `name`, checked against expected {"size", "sha256"} when given."""
-        shown = _join(self.uri, name)
+        shown = self.path(name)
         try:
-            f = open(self.path(name), "rb") if self.local else io.BytesIO(self.fs.cat_file(self.path(name)))
+            f = io.BytesIO(storage.read_bytes(shown)) if storage.is_uri(shown) else storage.open_read(shown)
         except FileNotFoundError:
             raise CheckpointError(f"checkpoint file {shown} is missing", shown) from None
         if expected is not None:
@@ -183,25 +137,7 @@ class _Dir:
 
     def subdirs(self):
         """[(name, mtime)] of the subdirectories."""
-        if self.local:
-            if not os.path.isdir(self.root):
-                return []
-            with os.scandir(self.root) as entries:
-                return [(e.name, e.stat().st_mtime) for e in entries if e.is_dir()]
-        try:
-            infos = self.fs.ls(self.root, detail=True)
-        except FileNotFoundError:
-            return []
-        out = []
-        for info in infos:
-            if info.get("type") == "directory":
-                name = info["name"].rstrip("/").rsplit("/", 1)[-1]
-                try:
-                    mtime = self.fs.modified(info["name"]).timestamp()
-                except Exception:  # object stores have no directory mtimes
-                    mtime = 0.0
-                out.append((name, mtime))
-        return out
+        return [(name, mtime) for name, is_dir, mtime in storage.entries(self.uri) if is_dir]
 
 
 def _torch_load(d, name, meta, map_location):
@@ -209,14 +145,14 @@ def _torch_load(d, name, meta, map_location):
     expected = None
     if files is not None:  # a checkpoint we wrote: every file it relies on must be recorded
         if name not in files:
-            shown = _join(d.uri, name)
+            shown = d.path(name)
             raise CheckpointError(f"checkpoint file {shown} is not recorded in its meta file", shown)
         expected = files[name]
     with d.read(name, expected) as f:
         try:
             return torch.load(f, map_location=map_location, weights_only=True)
         except Exception as e:  # unverified (nanochat-written) files can still be broken
-            shown = _join(d.uri, name)
+            shown = d.path(name)
             raise CheckpointError(f"checkpoint file {shown} could not be loaded: {e}", shown) from e
 
 
@@ -225,7 +161,7 @@ def _read_meta(d, step):
         try:
             return json.loads(f.read())
         except ValueError as e:
-            shown = _join(d.uri, meta_name(step))
+            shown = d.path(meta_name(step))
             raise CheckpointError(f"checkpoint meta {shown} is not valid JSON: {e}", shown) from e
 
 
@@ -361,7 +297,7 @@ def _era_constants(cfg, state_dict):
 
 def _get_tokenizer_if_any(base_dir):
     from nanochat.tokenizer import TOKENIZER_PKL, get_tokenizer
-    if not os.path.exists(os.path.join(base_dir, "tokenizer", TOKENIZER_PKL)):
+    if not storage.exists(storage.join(base_dir, "tokenizer", TOKENIZER_PKL)):
         return None
     return get_tokenizer(base_dir)
 
@@ -400,9 +336,9 @@ def load_model(source, device, phase, model_tag=None, step=None, base_dir=None):
     if source not in SOURCE_DIRS:
         raise ValueError(f"source must be one of {sorted(SOURCE_DIRS)}, got {source!r}")
     base_dir = base_dir if base_dir is not None else get_base_dir()
-    checkpoints_dir = _join(base_dir, SOURCE_DIRS[source])
+    checkpoints_dir = storage.join(base_dir, SOURCE_DIRS[source])
     model_tag = model_tag if model_tag is not None else find_largest_model(checkpoints_dir)
-    checkpoint_dir = _join(checkpoints_dir, model_tag)
+    checkpoint_dir = storage.join(checkpoints_dir, model_tag)
     if step is not None:
         return build_model(checkpoint_dir, step, device, phase, base_dir)
     steps = list_steps(checkpoint_dir)

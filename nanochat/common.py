@@ -6,6 +6,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from nanochat import storage
+
 logger = logging.getLogger("nanochat")
 
 
@@ -90,9 +92,11 @@ def compute_cleanup():
 # Paths
 
 def get_base_dir():
-    """Root of all artifacts: $NANOCHAT_BASE_DIR or ~/.cache/nanochat (created on demand)."""
+    """Root of all artifacts: $NANOCHAT_BASE_DIR or ~/.cache/nanochat. A local root is created on demand; a URI
+    root (s3://, gs://, ...) is checked to be usable (nanochat.storage)."""
     base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
-    os.makedirs(base, exist_ok=True)
+    storage.check_root(base)
+    storage.makedirs(base)
     return base
 
 

@@ -15,6 +15,7 @@ The eval bundle is a directory: core.yaml, eval_meta_data.csv, eval_data/<datase
 layout of shared/data/core). download_eval_bundle() fetches nanochat's zip into <base>/eval_bundle when absent.
 """
 import csv
+import io
 import gzip
 import json
 import logging
@@ -28,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from nanochat import storage
 from nanochat.common import get_base_dir, get_dist_info, is_distributed
 
 logger = logging.getLogger("nanochat")
@@ -264,6 +266,8 @@ def download_eval_bundle(base_dir=None, url=EVAL_BUNDLE_URL, timeout=60):
     import requests
     from filelock import FileLock
     base_dir = base_dir or get_base_dir()
+    if storage.is_uri(base_dir):  # an input cache, not a run artifact, and its readers want local files
+        base_dir = os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
     bundle_dir = os.path.join(base_dir, "eval_bundle")
     if os.path.isfile(os.path.join(bundle_dir, "core.yaml")):
         return bundle_dir
@@ -297,13 +301,13 @@ def download_eval_bundle(base_dir=None, url=EVAL_BUNDLE_URL, timeout=60):
 
 def write_results_csv(path, results, centered_results, core):
     """Task,Accuracy,Centered rows plus a final CORE row (nanochat's base_eval output, as a plain CSV)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["Task", "Accuracy", "Centered"])
-        for label, acc in results.items():
-            w.writerow([label, f"{acc:.6f}", f"{centered_results[label]:.6f}"])
-        w.writerow(["CORE", "", f"{core:.6f}"])
+    out = io.StringIO(newline="")
+    w = csv.writer(out)
+    w.writerow(["Task", "Accuracy", "Centered"])
+    for label, acc in results.items():
+        w.writerow([label, f"{acc:.6f}", f"{centered_results[label]:.6f}"])
+    w.writerow(["CORE", "", f"{core:.6f}"])
+    storage.write_text(path, out.getvalue())
 
 
 def evaluate_model(model, tokenizer, device, bundle_dir=None, max_per_task=-1):

@@ -3,8 +3,10 @@ Training curves for the report card: one PNG per stage from the metrics.jsonl it
 checkpoints (<base>/<stage>_checkpoints/<tag>/metrics.jsonl). Left: the training signal per step (loss; reward for
 RL). Right: the stage's evals (val bpb for base/mid, val loss for SFT, GSM8K pass@1 for RL).
 """
+import io
 import json
-import os
+
+from nanochat import storage
 
 # (stage, checkpoints dir, training signal, evals to plot)
 STAGES = [
@@ -19,25 +21,23 @@ def read_metrics(path, keys):
     """{key: ([steps], [values])} from a metrics.jsonl. A resumed run appends steps it had already logged before the
     interruption (they were redone after the last checkpoint); the later line wins."""
     series = {k: {} for k in keys}
-    with open(path) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a crash
-                continue
-            for k in keys:
-                if isinstance(row.get(k), (int, float)):
-                    series[k][row["step"]] = row[k]
+    for line in storage.read_text(path).split("\n"):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a crash (or the empty last line)
+            continue
+        for k in keys:
+            if isinstance(row.get(k), (int, float)):
+                series[k][row["step"]] = row[k]
     return {k: (sorted(v), [v[s] for s in sorted(v)]) for k, v in series.items() if v}
 
 
 def newest_metrics(checkpoints_dir):
     """The most recently written <tag>/metrics.jsonl under a stage's checkpoints dir, or None."""
-    if not os.path.isdir(checkpoints_dir):
-        return None
-    paths = [os.path.join(checkpoints_dir, t, "metrics.jsonl") for t in os.listdir(checkpoints_dir)]
-    paths = [p for p in paths if os.path.isfile(p)]
-    return max(paths, key=os.path.getmtime) if paths else None
+    paths = [storage.join(checkpoints_dir, tag, "metrics.jsonl") for tag, is_dir, _ in storage.entries(checkpoints_dir)
+             if is_dir]
+    paths = [p for p in paths if storage.isfile(p)]
+    return max(paths, key=storage.modified) if paths else None
 
 
 def plot_stage(stage, metrics_path, train_key, eval_keys, out_path):
@@ -61,8 +61,10 @@ def plot_stage(stage, metrics_path, train_key, eval_keys, out_path):
     for ax in (left, right):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_path, dpi=80)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=80)
     plt.close(fig)
+    storage.write_bytes(out_path, png.getvalue())
     return True
 
 
@@ -70,8 +72,8 @@ def plot_curves(base_dir, out_dir):
     """One PNG per stage that has metrics, into out_dir; -> [(stage, file name)] in pipeline order."""
     made = []
     for stage, ckpt_dir, train_key, eval_keys in STAGES:
-        path = newest_metrics(os.path.join(base_dir, ckpt_dir))
+        path = newest_metrics(storage.join(base_dir, ckpt_dir))
         name = f"curves_{stage}.png"
-        if path and plot_stage(stage, path, train_key, eval_keys, os.path.join(out_dir, name)):
+        if path and plot_stage(stage, path, train_key, eval_keys, storage.join(out_dir, name)):
             made.append((stage, name))
     return made

@@ -6,11 +6,13 @@ Sources (see resolve_source):
   'climbmix' (NEW, default) = karpathy/climbmix-400b-shuffle, 6543 shards in base_data_climbmix/;
   'fineweb' (OLD, alias 'fineweb-edu') = karpathy/fineweb-edu-100b-shuffle, 1823 shards in base_data/.
   Split: train = the downloaded shards 0..N-1, val = one FIXED shard, the last one of the source (6542 / 1822),
-  which the downloader always fetches along with the train shards.
+  which the downloader always fetches along with the train shards. `python -m nanochat.dataset -n N` (or
+  `python -m ray_jobs.download`) downloads them as Ray tasks spread over the cluster.
 - Local files: a file, directory or glob of .parquet files (a `text` column), .txt files (one document per
   paragraph, i.e. per block of text separated by blank lines) or .jsonl files (a "text" field per line); .txt and
-  .jsonl may be compressed (.gz, .bz2, .zst, detected by extension). s3://, gs:// (any URI pyarrow.fs understands)
-  work the same way, using the cloud credentials pyarrow finds in the environment (untested here: no network).
+  .jsonl may be compressed (.gz, .bz2, .zst, detected by extension). s3://, gs:// and any other fsspec URI work
+  the same way (nanochat.storage), with the credentials and endpoint the filesystem package finds in the
+  environment (e.g. AWS_ENDPOINT_URL for an S3-compatible store).
   Split: the `val=` files if given, else the LAST `val_fraction` (5%, at least one) of the ordered units.
 - 'fallback': real prose shipped in nanochat/data/ (Project Gutenberg via NLTK, public domain; see its README),
   used when the Hub cannot be reached. 'auto' = hub shards if downloaded, else the fallback, with a log line.
@@ -19,25 +21,27 @@ Unit of work: (file, row group) for parquet; for .txt/.jsonl, (file, block) wher
 [i*block_docs, (i+1)*block_docs) of the file. Each split lists its units in a fixed order (files sorted, units in
 file order); the dataloader stripes them over workers. read_unit(unit) -> list[str] of documents.
 """
-import argparse
-import fnmatch
 import glob
 import hashlib
+import io
 import json
 import logging
 import math
 import os
+import random
 import re
 import threading
 import time
+import uuid
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import pyarrow.fs as pafs
+import pyarrow as pa
 import pyarrow.parquet as pq
 import requests
+
+from nanochat import storage
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +88,7 @@ def hub_data_dir(name=DEFAULT_HUB, base_dir=None):
     if base_dir is None:
         from nanochat.common import get_base_dir
         base_dir = get_base_dir()
-    return os.path.join(base_dir, hub_spec(name).dirname)
+    return storage.join(base_dir, hub_spec(name).dirname)
 
 
 # -----------------------------------------------------------------------------
@@ -94,8 +98,8 @@ def check_parquet(path, require_text=True):
     """Raise ValueError naming `path` unless it is a complete parquet file (magic bytes at both ends, a readable
     footer) with a `text` column."""
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
+        size = storage.size(path)
+        with storage.open_read(path) as f:
             head = f.read(4)
             f.seek(max(size - 4, 0))
             tail = f.read(4)
@@ -104,7 +108,8 @@ def check_parquet(path, require_text=True):
     if size < 12 or head != b"PAR1" or tail != b"PAR1":
         raise ValueError(f"{path}: not a complete parquet file ({size} bytes, bad magic bytes; truncated?)")
     try:
-        schema = pq.ParquetFile(path).schema_arrow
+        with storage.open_read(path) as f:
+            schema = pq.ParquetFile(f).schema_arrow
     except Exception as e:
         raise ValueError(f"{path}: unreadable parquet footer: {type(e).__name__}: {e}") from e
     if require_text and schema.get_field_index("text") < 0:
@@ -126,16 +131,30 @@ class DownloadError(RuntimeError):
     pass
 
 
+class PermanentDownloadError(DownloadError):
+    """The server said no (4xx): retrying cannot help."""
+
+
+def _retryable(error):
+    """Transient: connection resets, timeouts, 5xx, 429, a truncated or corrupt transfer. Other 4xx are not."""
+    response = getattr(error, "response", None)
+    if isinstance(error, requests.HTTPError) and response is not None:
+        return response.status_code >= 500 or response.status_code in (408, 429)
+    return True
+
+
 def download_shard(url, path, *, max_attempts=5, backoff=2.0, timeout=30, chunk_size=1 << 20):
-    """Fetch one shard to `path`; returns False if a valid copy was already there (resumable), True if fetched.
-    Streams into a temp file, checks length and parquet footer, then renames, so `path` is only ever complete.
-    Retries any failure with exponential backoff (backoff, 2*backoff, 4*backoff, ... seconds)."""
-    if os.path.exists(path):
-        if is_valid_parquet(path):
-            return False
+    """Fetch one shard into `path` (a local path or a storage URI); returns False if a valid copy was already there
+    (a re-run fetches only what is missing or invalid), True if fetched. Streams into a temporary name next to it,
+    checks the length and the parquet footer, then renames, so `path` only ever holds a complete shard. Transient
+    errors are retried with exponential backoff and jitter (about backoff, 2*backoff, 4*backoff, ... seconds); a 4xx
+    answer fails at once with PermanentDownloadError."""
+    if is_valid_parquet(path):
+        return False
+    if storage.exists(path):
         logger.warning("%s exists but is not a valid parquet file (truncated or corrupt): fetching it again", path)
-        os.remove(path)
-    tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
+        storage.remove(path)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
     last_error = None
     for attempt in range(1, max_attempts + 1):
         try:
@@ -143,7 +162,7 @@ def download_shard(url, path, *, max_attempts=5, backoff=2.0, timeout=30, chunk_
                 r.raise_for_status()
                 expected = r.headers.get("Content-Length")
                 written = 0
-                with open(tmp, "wb") as f:
+                with storage.open_write(tmp) as f:
                     for chunk in r.iter_content(chunk_size):
                         f.write(chunk)
                         written += len(chunk)
@@ -152,48 +171,65 @@ def download_shard(url, path, *, max_attempts=5, backoff=2.0, timeout=30, chunk_
                     and written != int(expected):
                 raise IOError(f"truncated transfer: got {written} of {expected} bytes")
             check_parquet(tmp)
-            os.replace(tmp, path)
+            storage.rename(tmp, path)
             return True
         except (requests.RequestException, OSError, ValueError) as e:
             last_error = e
-            if os.path.exists(tmp):
-                os.remove(tmp)
+            storage.remove(tmp)
+            if not _retryable(e):
+                raise PermanentDownloadError(f"{url}: {e}") from None
             if attempt < max_attempts:
-                delay = backoff * 2 ** (attempt - 1)
+                delay = backoff * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)  # jitter: no thundering herd
                 logger.warning("download %s: attempt %d/%d failed (%s); retrying in %.2fs",
                                url, attempt, max_attempts, e, delay)
                 time.sleep(delay)
     raise DownloadError(f"failed to download {url} after {max_attempts} attempts: {last_error}")
 
 
-def download_shards(num_train_shards=-1, *, source=DEFAULT_HUB, data_dir=None, base_url=None, workers=4,
-                    max_attempts=5, backoff=2.0, timeout=30, progress=True):
-    """Download train shards 0..N-1 (N=-1: all) plus the source's fixed val shard, in parallel threads.
-    Base URL: `base_url`, else $NANOCHAT_DATA_URL, else the Hub. Returns the shard paths (val last).
-    Raises DownloadError listing every shard that still failed after its retries."""
-    from tqdm import tqdm
+def shard_plan(num_train_shards=-1, *, source=DEFAULT_HUB, data_dir=None, base_url=None):
+    """[(url, path)] of train shards 0..N-1 (N=-1: all) plus the source's fixed val shard (last). Base URL:
+    `base_url`, else $NANOCHAT_DATA_URL, else the Hub; data_dir: default <base dir>/<source's dir>."""
     spec = hub_spec(source)
     n_train = spec.num_shards - 1 if num_train_shards < 0 else min(num_train_shards, spec.num_shards - 1)
-    indices = list(range(n_train)) + [spec.val_index]
     base_url = (base_url or os.environ.get(DATA_URL_ENV) or spec.base_url).rstrip("/")
     data_dir = data_dir or hub_data_dir(spec.name)
-    os.makedirs(data_dir, exist_ok=True)
-    paths = [os.path.join(data_dir, shard_name(i)) for i in indices]
-    logger.info("downloading %d train shards + val shard %d of %s from %s into %s (%d workers)",
-                n_train, spec.val_index, spec.name, base_url, data_dir, workers)
-    failures = []
+    return [(f"{base_url}/{shard_name(i)}", storage.join(data_dir, shard_name(i)))
+            for i in list(range(n_train)) + [spec.val_index]]
+
+
+def missing_shards(plan):
+    """The paths of a plan that do not hold a valid shard yet."""
+    return [path for _, path in plan if not is_valid_parquet(path)]
+
+
+def download_shards(num_train_shards=-1, *, source=DEFAULT_HUB, data_dir=None, base_url=None, workers=4,
+                    max_attempts=5, backoff=2.0, timeout=30, progress=True):
+    """Download train shards 0..N-1 plus the val shard in threads of this process (the Ray job
+    ray_jobs/download.py spreads the same work over a cluster). Returns the shard paths (val last). Raises
+    DownloadError naming every shard that failed."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    from tqdm import tqdm
+    plan = shard_plan(num_train_shards, source=source, data_dir=data_dir, base_url=base_url)
+    failures = {}
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = [pool.submit(download_shard, f"{base_url}/{os.path.basename(p)}", p, max_attempts=max_attempts,
-                               backoff=backoff, timeout=timeout) for p in paths]
+        futures = {pool.submit(download_shard, url, path, max_attempts=max_attempts, backoff=backoff,
+                               timeout=timeout): path for url, path in plan}
         for fut in tqdm(as_completed(futures), total=len(futures), unit="shard", disable=not progress,
-                        desc=f"{spec.name} shards"):
+                        desc=f"{source} shards"):
             try:
                 fut.result()
             except DownloadError as e:
-                failures.append(str(e))
+                failures[futures[fut]] = str(e)
+    raise_for_failures(failures, len(plan))
+    return [path for _, path in plan]
+
+
+def raise_for_failures(failures, total):
+    """DownloadError naming every failed shard ({path: reason}), if any."""
     if failures:
-        raise DownloadError(f"{len(failures)} of {len(paths)} shards failed:\n  " + "\n  ".join(sorted(failures)))
-    return paths
+        lines = [f"{storage.basename(p)}: {failures[p]}" for p in sorted(failures)]
+        raise DownloadError(f"{len(failures)} of {total} shards failed:\n  " + "\n  ".join(lines))
 
 
 # -----------------------------------------------------------------------------
@@ -205,6 +241,8 @@ class Unit(NamedTuple):
 
 
 _COMPRESSED = (".gz", ".bz2", ".zst", ".lz4")
+
+_CODECS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".lz4": "lz4"}  # pyarrow codec names
 
 
 def file_kind(path):
@@ -223,21 +261,10 @@ def file_kind(path):
     return None
 
 
-def _is_uri(path):
-    return "://" in path
-
-
-def _filesystem(path):
-    """(pyarrow FileSystem, path within it). Local paths are made absolute; URIs go to pyarrow (s3, gs, hdfs...)."""
-    if _is_uri(path):
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), os.path.abspath(path)
-
-
 def _expand(spec):
     """A file, directory or glob (local or URI) -> sorted list of files of a supported kind."""
     has_glob = any(c in spec for c in "*?[")
-    if not _is_uri(spec):
+    if not storage.is_uri(spec):
         if has_glob:
             matches = [p for p in glob.glob(spec, recursive=True) if os.path.isfile(p)]
         elif os.path.isdir(spec):
@@ -251,20 +278,17 @@ def _expand(spec):
             raise FileNotFoundError(f"data source {spec!r}: no such file or directory")
         files = sorted(p for p in matches if file_kind(p) is not None)
     else:
-        # for a glob, list recursively below the last directory before the first wildcard, then fnmatch
-        base = re.split(r"[*?\[]", spec, maxsplit=1)[0].rsplit("/", 1)[0] if has_glob else spec
-        fs, path = pafs.FileSystem.from_uri(base)
-        scheme = spec.split("://", 1)[0]
-        info = fs.get_file_info(path)
-        if info.type == pafs.FileType.File and not has_glob:
-            return [spec]
-        if info.type == pafs.FileType.NotFound:
-            raise FileNotFoundError(f"data source {spec!r}: not found")
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=has_glob))
-        files = [f"{scheme}://{i.path}" for i in infos if i.type == pafs.FileType.File]
+        fs, path = storage.filesystem(spec)
+        prefix = spec.split("://", 1)[0] + "://"
         if has_glob:
-            files = [f for f in files if fnmatch.fnmatch(f, spec)]
-        files = sorted(f for f in files if file_kind(f) is not None)
+            found = fs.glob(path)
+        elif fs.isfile(path):
+            return [spec]
+        elif fs.isdir(path):
+            found = fs.find(path)
+        else:
+            raise FileNotFoundError(f"data source {spec!r}: not found")
+        files = sorted(prefix + f for f in found if file_kind(f) is not None)
     if not files:
         raise FileNotFoundError(f"data source {spec!r}: no .parquet, .txt or .jsonl files found")
     return files
@@ -273,9 +297,10 @@ def _expand(spec):
 def _read_text_documents(path):
     """All documents of a .txt (paragraphs) or .jsonl ("text" field) file, in file order."""
     kind = file_kind(path)
-    fs, fpath = _filesystem(path)
-    with fs.open_input_stream(fpath, compression="detect") as f:
-        raw = f.read()
+    raw = storage.read_bytes(path)
+    codec = _CODECS.get(os.path.splitext(path)[1].lower())
+    if codec:
+        raw = pa.CompressedInputStream(pa.BufferReader(raw), codec).read()
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -350,9 +375,8 @@ class DataSource:
                 self._cache.move_to_end(path)
                 return self._cache[path]
         if file_kind(path) == "parquet":
-            fs, fpath = _filesystem(path)
             try:
-                handle = pq.ParquetFile(fs.open_input_file(fpath))
+                handle = pq.ParquetFile(storage.open_read(path) if storage.is_uri(path) else path)
             except FileNotFoundError:
                 raise
             except Exception as e:
@@ -431,11 +455,10 @@ def hub_source(name=DEFAULT_HUB, data_dir=None):
     spec = hub_spec(name)
     data_dir = data_dir or hub_data_dir(spec.name)
     found = {}
-    if os.path.isdir(data_dir):
-        for n in os.listdir(data_dir):
-            m = _SHARD_RE.match(n)
-            if m:
-                found[int(m.group(1))] = os.path.join(data_dir, n)
+    for n in storage.listdir(data_dir):
+        m = _SHARD_RE.match(n)
+        if m:
+            found[int(m.group(1))] = storage.join(data_dir, n)
     hint = f"download with: python -m nanochat.dataset -n N --source {spec.name}"
     if spec.val_index not in found:
         raise FileNotFoundError(f"{spec.name}: validation shard {shard_name(spec.val_index)} not found in "
@@ -517,19 +540,17 @@ def resolve_source(spec="auto", *, data_dir=None, val=None, val_fraction=DEFAULT
 
 
 def download_or_fallback(num_train_shards, source=DEFAULT_HUB, *, data_dir=None, base_url=None, probe_timeout=10,
-                         **download_kwargs):
-    """For demos: the hub source with N train shards, downloading what is missing; if the Hub cannot be reached,
-    the offline fallback corpus (with a warning saying so). Shards already on disk need no network."""
+                         download=download_shards, **download_kwargs):
+    """For demos only: the hub source with N train shards, downloading what is missing with `download` (same
+    signature as download_shards); if the Hub cannot be reached, the offline fallback corpus (with a warning saying
+    so). Shards already in storage need no network. Real runs call `download` directly, which never falls back."""
     spec = hub_spec(source)
-    data_dir = data_dir or hub_data_dir(spec.name)
-    n_train = min(num_train_shards, spec.num_shards - 1)
-    wanted = [os.path.join(data_dir, shard_name(i)) for i in list(range(n_train)) + [spec.val_index]]
-    if not all(is_valid_parquet(p) for p in wanted):
-        url = (base_url or os.environ.get(DATA_URL_ENV) or spec.base_url).rstrip("/")
+    plan = shard_plan(num_train_shards, source=spec.name, data_dir=data_dir, base_url=base_url)
+    if missing_shards(plan):
+        url = plan[-1][0].rsplit("/", 1)[0]
         try:  # one quick probe, so an offline machine does not sit through every shard's retries
-            requests.head(f"{url}/{shard_name(spec.val_index)}", timeout=probe_timeout,
-                          allow_redirects=True).raise_for_status()
-            download_shards(n_train, source=spec.name, data_dir=data_dir, base_url=url, **download_kwargs)
+            requests.head(plan[-1][0], timeout=probe_timeout, allow_redirects=True).raise_for_status()
+            download(num_train_shards, source=spec.name, data_dir=data_dir, base_url=url, **download_kwargs)
         except (requests.RequestException, DownloadError) as e:
             src = fallback_source().validate()
             logger.warning("pretraining data: cannot download %s shards from %s (%s); using the %s",
@@ -544,32 +565,6 @@ def parquets_iter_batched(split, start=0, step=1, source="auto"):
     yield from resolve_source(source).iter_batched(split, start, step)
 
 
-# -----------------------------------------------------------------------------
-# CLI: python -m nanochat.dataset -n N [-w 4] [--source climbmix|fineweb] [--base-url URL] [--data-dir DIR]
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Download nanochat pretraining shards (train 0..N-1 + val shard)")
-    parser.add_argument("-n", "--num-files", type=int, default=-1, help="train shards to download (-1 = all)")
-    parser.add_argument("-w", "--num-workers", type=int, default=4, help="parallel downloads")
-    parser.add_argument("--source", "--dataset", dest="source", default=DEFAULT_HUB,
-                        choices=sorted(HUB_SOURCES) + sorted(HUB_ALIASES), help="which shuffle to download")
-    parser.add_argument("--base-url", default=None, help=f"mirror base URL (default ${DATA_URL_ENV} or the Hub)")
-    parser.add_argument("--data-dir", "--dir", dest="data_dir", default=None,
-                        help="target directory (default: <base dir>/base_data_climbmix or base_data)")
-    parser.add_argument("--max-attempts", type=int, default=5)
-    parser.add_argument("--backoff", type=float, default=2.0, help="first retry delay in seconds (doubles)")
-    args = parser.parse_args(argv)
-    from nanochat.common import setup_default_logging
-    setup_default_logging()
-    try:
-        paths = download_shards(args.num_files, source=args.source, data_dir=args.data_dir, base_url=args.base_url,
-                                workers=args.num_workers, max_attempts=args.max_attempts, backoff=args.backoff)
-    except DownloadError as e:
-        logger.error("%s", e)
-        return 1
-    print(f"{len(paths)} shards ready in {os.path.dirname(paths[0])}")
-    return 0
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # `python -m nanochat.dataset -n N`: the download runs as Ray tasks over the cluster
+    from ray_jobs.download import main
     raise SystemExit(main())

@@ -17,6 +17,7 @@ import re
 import subprocess
 import sys
 
+from nanochat import storage
 from nanochat.common import get_base_dir, get_dist_info
 from nanochat.curves import plot_curves
 
@@ -228,10 +229,10 @@ def format_duration(seconds):
 class Report:
     def __init__(self, report_dir):
         self.report_dir = report_dir
-        os.makedirs(report_dir, exist_ok=True)
+        storage.makedirs(report_dir)
 
     def path(self, name):
-        return os.path.join(self.report_dir, name)
+        return storage.join(self.report_dir, name)
 
     def log(self, section, data):
         """Write one section. data: a dict, or a list of dicts / strings (strings are written as they are)."""
@@ -245,33 +246,32 @@ class Report:
             else:
                 lines += [f"- {k}: {format_value(v)}" for k, v in item.items()]
         path = self.path(f"{slugify(section)}.md")
-        with open(path, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n\n")
+        storage.write_text(path, "\n".join(lines) + "\n\n")
         return path
 
     def reset(self, cluster=None):
         """Start a new run: remove every section and report.md, write a fresh header.md."""
-        for name in os.listdir(self.report_dir):
+        for name in storage.listdir(self.report_dir):
             if name.endswith((".md", ".png")):
-                os.remove(self.path(name))
-        with open(self.path("header.md"), "w", encoding="utf-8") as f:
-            f.write(header_markdown(cluster))
+                storage.remove(self.path(name))
+        storage.write_text(self.path("header.md"), header_markdown(cluster))
         return self.path("header.md")
 
     def generate(self):
         """Assemble report.md; -> its path."""
-        header_path = self.path("header.md")
-        header = open(header_path, encoding="utf-8").read() if os.path.exists(header_path) else \
-            "# nanochat training report\n\n(no header: run `report reset` at the start of a run)\n\n"
+        try:
+            header = storage.read_text(self.path("header.md"))
+        except FileNotFoundError:
+            header = "# nanochat training report\n\n(no header: run `report reset` at the start of a run)\n\n"
         start = extract_timestamp(header, "Run started:")
         rate_match = re.search(r"Hourly Rate: \$([0-9.]+)/hour", header)
         rate = float(rate_match.group(1)) if rate_match else 0.0
-        present = [n[:-3] for n in sorted(os.listdir(self.report_dir))
+        present = [n[:-3] for n in sorted(storage.listdir(self.report_dir))
                    if n.endswith(".md") and n not in ("header.md", "report.md")]
         order = [s for s in EXPECTED_SECTIONS if s in present] + [s for s in present if s not in EXPECTED_SECTIONS]
         metrics, end, body = {}, None, []
         for slug in order:
-            text = open(self.path(f"{slug}.md"), encoding="utf-8").read()
+            text = storage.read_text(self.path(f"{slug}.md"))
             body.append(text.rstrip("\n") + "\n")
             items = parse_items(text)
             if slug in SUMMARY_SOURCES:
@@ -296,13 +296,12 @@ class Report:
                 out.append(f"Estimated cost: ${rate * seconds / 3600:.2f} (at ${rate:.2f}/hour)\n")
         else:
             out.append("\nTotal wall clock time: unknown\n")
-        curves = plot_curves(os.path.dirname(self.report_dir), self.report_dir)
+        curves = plot_curves(storage.dirname(self.report_dir), self.report_dir)
         if curves:
             out.append("## Training curves\n")
             out += [f"![{stage}]({name})\n" for stage, name in curves]
         path = self.path("report.md")
-        with open(path, "w", encoding="utf-8") as f:
-            f.write("\n".join(out))
+        storage.write_text(path, "\n".join(out))
         return path
 
 
@@ -323,7 +322,7 @@ def get_report(base_dir=None):
     """The run's Report (<base>/report) on rank 0, a DummyReport elsewhere."""
     if get_dist_info()[1] != 0:
         return DummyReport()
-    return Report(os.path.join(base_dir or get_base_dir(), "report"))
+    return Report(storage.join(base_dir or get_base_dir(), "report"))
 
 
 if __name__ == "__main__":  # python -m nanochat.report reset|generate (nanochat's interface)

@@ -5,12 +5,13 @@ Also owns the chat template: render_conversation() turns a conversation into tok
 supervision mask (1 = the model is trained to predict this token).
 """
 import copy
-import os
+import io
 import pickle
-import tempfile
 
 import tiktoken
 import torch
+
+from nanochat import storage
 
 SPECIAL_TOKENS = [
     "<|bos|>",              # every document starts with it (also the document delimiter)
@@ -30,20 +31,6 @@ SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| 
 
 TOKENIZER_PKL = "tokenizer.pkl"
 TOKEN_BYTES_PT = "token_bytes.pt"
-
-
-def _atomic_write(path, write_fn):
-    """Write via a temp file in the same directory + os.replace, so readers never see a half-written file."""
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 class RustBPETokenizer:
@@ -83,12 +70,13 @@ class RustBPETokenizer:
 
     @classmethod
     def from_directory(cls, tokenizer_dir):
-        path = os.path.join(tokenizer_dir, TOKENIZER_PKL)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"no tokenizer at {path}")
+        path = storage.join(tokenizer_dir, TOKENIZER_PKL)
         try:
-            with open(path, "rb") as f:
-                enc = pickle.load(f)
+            data = storage.read_bytes(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no tokenizer at {path}") from None
+        try:
+            enc = pickle.loads(data)
         except Exception as e:
             raise RuntimeError(f"failed to load tokenizer from {path} (corrupt or incompatible file?): "
                                f"{type(e).__name__}: {e}") from e
@@ -105,12 +93,10 @@ class RustBPETokenizer:
 
     def save(self, tokenizer_dir):
         """Write tokenizer.pkl (the pickled Encoding) and token_bytes.pt (bytes per token, for bits-per-byte)."""
-        os.makedirs(tokenizer_dir, exist_ok=True)
-        pkl_path = os.path.join(tokenizer_dir, TOKENIZER_PKL)
-        _atomic_write(pkl_path, lambda f: pickle.dump(self.enc, f))
-        tb_path = os.path.join(tokenizer_dir, TOKEN_BYTES_PT)
+        pkl_path = storage.join(tokenizer_dir, TOKENIZER_PKL)
+        storage.write_atomic(pkl_path, lambda f: pickle.dump(self.enc, f))
         token_bytes = self.compute_token_bytes()
-        _atomic_write(tb_path, lambda f: torch.save(token_bytes, f))
+        storage.write_atomic(storage.join(tokenizer_dir, TOKEN_BYTES_PT), lambda f: torch.save(token_bytes, f))
         return pkl_path
 
     def compute_token_bytes(self):
@@ -272,22 +258,24 @@ def _tokenizer_dir(base_dir=None):
     if base_dir is None:
         from nanochat.common import get_base_dir
         base_dir = get_base_dir()
-    return os.path.join(base_dir, "tokenizer")
+    return storage.join(base_dir, "tokenizer")
 
 
 def get_tokenizer(base_dir=None):
     tokenizer_dir = _tokenizer_dir(base_dir)
-    path = os.path.join(tokenizer_dir, TOKENIZER_PKL)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"tokenizer not found at {path}; train one first with: python -m ray_jobs.tok_train")
-    return RustBPETokenizer.from_directory(tokenizer_dir)
+    try:
+        return RustBPETokenizer.from_directory(tokenizer_dir)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"tokenizer not found at {storage.join(tokenizer_dir, TOKENIZER_PKL)}; train one "
+                                f"first with: python -m ray_jobs.tok_train") from None
 
 
 def get_token_bytes(device="cpu", base_dir=None):
     """int32 tensor [V] of bytes per token (0 for specials), as written by RustBPETokenizer.save()."""
-    path = os.path.join(_tokenizer_dir(base_dir), TOKEN_BYTES_PT)
-    if not os.path.exists(path):
+    path = storage.join(_tokenizer_dir(base_dir), TOKEN_BYTES_PT)
+    try:
+        data = storage.read_bytes(path)
+    except FileNotFoundError:
         raise FileNotFoundError(f"token bytes not found at {path}; train the tokenizer first with: "
-                                f"python -m ray_jobs.tok_train")
-    with open(path, "rb") as f:
-        return torch.load(f, map_location=device)
+                                f"python -m ray_jobs.tok_train") from None
+    return torch.load(io.BytesIO(data), map_location=device)

@@ -11,13 +11,13 @@ evals (all ranks), samples (rank 0), save, stop if last, then one optimizer step
 """
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.distributed as dist
 
+from nanochat import storage
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.common import is_distributed, print0
 
@@ -81,11 +81,9 @@ def local_context(checkpoint_dir, device_type="", seed=42):
     """WorkerContext for a plain process or one torchrun rank, writing into checkpoint_dir (created)."""
     from nanochat.common import autodetect_device_type, compute_init, device_peak_flops
     _, rank, _, world, device = compute_init(device_type or autodetect_device_type(), seed=seed)
-    local = "://" not in checkpoint_dir
-    if local:
-        os.makedirs(checkpoint_dir, exist_ok=True)
+    storage.makedirs(checkpoint_dir)
     return WorkerContext(rank=rank, world_size=world, device=device, checkpoint_dir=checkpoint_dir,
-                         metrics_path=checkpoint_dir + "/metrics.jsonl" if local else None,
+                         metrics_path=storage.join(checkpoint_dir, "metrics.jsonl"),
                          peak_flops=device_peak_flops(device))
 
 
@@ -132,7 +130,9 @@ def train_loop(model, optimizer, batches, *, num_iterations, grad_accum_steps, s
     fwd = compiled_model or model
     meta = meta or {}
     count_tokens = tokens_per_step is None  # variable-length batches (SFT): count what was actually trained on
-    metrics_file = open(ctx.metrics_path, "a") if (ctx.rank == 0 and ctx.metrics_path) else None
+    metrics_file = storage.AppendLog(ctx.metrics_path) if (ctx.rank == 0 and ctx.metrics_path) else None
+    if metrics_file is not None and start_step > 0:  # which checkpoint this run (or restarted group) continued from
+        metrics_file.write(json.dumps({"step": start_step, "resumed_from": start_step, "wall": time.time()}))
     step = start_step
     try:
         while True:
@@ -156,10 +156,11 @@ def train_loop(model, optimizer, batches, *, num_iterations, grad_accum_steps, s
             if step > start_step and (last_step or (save_every > 0 and step % save_every == 0)):
                 state.step = step
                 save_training_checkpoint(ctx, step, model, optimizer, loader_state, state, meta)
+                if metrics_file is not None:  # what led up to the checkpoint is stored with it
+                    metrics_file.flush()
                 ctx.on_checkpoint(step, {"step": step, **metrics})
             if metrics_file is not None and metrics:
-                metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
-                metrics_file.flush()
+                metrics_file.write(json.dumps({"step": step, **metrics}))
             if ctx.wandb is not None and metrics:
                 ctx.wandb.log({"step": step, **metrics})
             if last_step:
@@ -218,8 +219,7 @@ def train_loop(model, optimizer, batches, *, num_iterations, grad_accum_steps, s
             if ctx.wandb is not None:
                 ctx.wandb.log({f"train/{k}": v for k, v in line.items()})
             if metrics_file is not None:
-                metrics_file.write(json.dumps(line) + "\n")
-                metrics_file.flush()
+                metrics_file.write(json.dumps(line))
     finally:
         if metrics_file is not None:
             metrics_file.close()

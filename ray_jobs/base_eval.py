@@ -20,6 +20,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
 
 from nanochat.core_eval import (EVAL_BUNDLE_URL, centered, core_metric, download_eval_bundle,  # noqa: E402
                                 load_bundle, load_task_data, write_results_csv)
+from nanochat import storage  # noqa: E402
 from ray_jobs.common import init_ray, storage_root  # noqa: E402
 from ray_jobs.eval_pool import bpb_work, core_work, open_pool, resolve_checkpoint, sample_work, shards_for  # noqa: E402
 
@@ -130,7 +131,7 @@ def main(argv=None, pool=None):
         section.append({"train bpb": out["train_bpb"], "val bpb": out["val_bpb"]})
     if "core" in out:
         core = out["core"]
-        csv_path = os.path.join(base_dir, "base_eval", f"{tag}.csv")
+        csv_path = storage.join(base_dir, "base_eval", f"{tag}.csv")
         write_results_csv(csv_path, core["results"], core["centered_results"], core["core_metric"])
         out["csv"] = csv_path
         section.append({"CORE": core["core_metric"], "max_per_task": args.max_per_task,

@@ -14,6 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
 
+from nanochat import storage  # noqa: E402
 from nanochat.base_train import (BaseTrainConfig, BatchSource, base_train_worker, checkpoint_dir,  # noqa: E402
                                  find_resume_step)
 from ray_jobs import common  # noqa: E402
@@ -39,31 +40,26 @@ class RayDataBatches(BatchSource):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(parser)
-    parser.add_argument("--cpus-per-worker", type=int, default=1)
-    parser.add_argument("--max-failures", type=int, default=3, help="worker-group restarts before giving up")
-    parser.add_argument("--loader", choices=["plain", "ray"], default="plain",
-                        help="ray: tokenize in a Ray Data actor pool per worker (needs spare CPUs in the cluster)")
-    parser.add_argument("--data-actors", type=int, default=2, help="tokenizer actors per worker with --loader ray")
+    common.add_train_args(parser)
     BaseTrainConfig.add_args(parser)
     args = parser.parse_args(argv)
     cfg = BaseTrainConfig.from_args(args)
     root = common.storage_root(args.storage)
     common.init_ray()
     ckpt_dir = checkpoint_dir(cfg, root)
-    if "://" not in ckpt_dir:
-        os.makedirs(ckpt_dir, exist_ok=True)
+    storage.makedirs(ckpt_dir)
     resume_step = find_resume_step(ckpt_dir) if cfg.resume else None
     if cfg.resume and resume_step is None:
         print(f"--resume: no checkpoint in {ckpt_dir} yet, starting fresh")
+    num_workers = common.default_num_workers(args.num_workers, args.use_gpu)
     worker_kwargs = {}
-    if args.loader == "ray":
+    if common.pick_loader(args.loader, num_workers, args.cpus_per_worker) == "ray":
         from nanochat.tokenizer import get_tokenizer
         worker_kwargs["batch_source"] = RayDataBatches(cfg, get_tokenizer(root), args.data_actors)
     final = run_trainer(
         base_train_worker, cfg, name=f"base-{os.path.basename(ckpt_dir)}", checkpoint_dir=ckpt_dir, storage=root,
-        num_workers=common.default_num_workers(args.num_workers, args.use_gpu), use_gpu=args.use_gpu,
-        resume_step=resume_step, cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures,
-        metrics_path=ckpt_dir + "/metrics.jsonl" if "://" not in ckpt_dir else None, worker_kwargs=worker_kwargs)
+        num_workers=num_workers, use_gpu=args.use_gpu,
+        resume_step=resume_step, cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures, worker_kwargs=worker_kwargs)
     print(f"base training finished: {final}")
     return final
 

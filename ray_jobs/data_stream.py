@@ -27,10 +27,12 @@ Memory / CPU knobs (StreamOptions, per worker; RAY.md §3, P1):
 """
 import math
 import os
-import pickle
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
+
+from nanochat import storage
 
 # The UDFs below run in Ray worker processes that import this module: keep torch out of the top-level imports
 # (a torch import costs seconds per actor on a small box). The loader imports it lazily.
@@ -75,11 +77,11 @@ def load_encoding(tokenizer):
     """A tiktoken.Encoding from: an Encoding, a RustBPETokenizer (anything with .enc), a tokenizer directory
     (holding tokenizer.pkl) or a storage root (holding tokenizer/tokenizer.pkl)."""
     if isinstance(tokenizer, (str, os.PathLike)):
+        from nanochat.tokenizer import RustBPETokenizer
         path = os.fspath(tokenizer)
-        for candidate in (os.path.join(path, "tokenizer.pkl"), os.path.join(path, "tokenizer", "tokenizer.pkl")):
-            if os.path.exists(candidate):
-                with open(candidate, "rb") as f:
-                    return pickle.load(f)
+        for candidate in (path, storage.join(path, "tokenizer")):
+            if storage.exists(storage.join(candidate, "tokenizer.pkl")):
+                return RustBPETokenizer.from_directory(candidate).enc
         raise FileNotFoundError(f"no tokenizer.pkl in {path} or {path}/tokenizer")
     return getattr(tokenizer, "enc", tokenizer)
 
@@ -95,10 +97,18 @@ class _Tokenize:
 
     def __call__(self, batch):
         texts = batch.column("text").to_pylist()
-        real = [t for t in texts if t is not None]
-        encoded = iter(self.enc.encode_ordinary_batch(real, num_threads=self.threads))
-        tokens = [[] if t is None else [self.bos] + next(encoded) for t in texts]
-        return batch.drop_columns(["text"]).append_column("tokens", pa.array(tokens, pa.list_(pa.int32())))
+        encoded = iter(self.enc.encode_ordinary_batch([t for t in texts if t is not None], num_threads=self.threads))
+        # one flat int32 buffer + offsets (no per-token Python objects on either side of the object store)
+        docs = [None if t is None else next(encoded) for t in texts]
+        offsets = np.zeros(len(docs) + 1, dtype=np.int32)
+        np.cumsum([0 if d is None else len(d) + 1 for d in docs], out=offsets[1:])
+        values = np.empty(offsets[-1], dtype=np.int32)
+        for d, start in zip(docs, offsets[:-1].tolist()):
+            if d is not None:
+                values[start] = self.bos
+                values[start + 1:start + 1 + len(d)] = d
+        tokens = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+        return batch.drop_columns(["text"]).append_column("tokens", tokens)
 
 
 def _upcoming_units(cursor, num_epochs, max_units):
@@ -171,10 +181,12 @@ def ray_document_batches(tokenizer, source, units, cursor, tokenizer_batch_size=
         try:
             docs, n_chunks = [], 0
             for table in batches:
-                cols = [table.column(c).to_pylist() for c in ("unit", "tokens", "chunk_end", "unit_done")]
-                for unit, tokens, chunk_end, unit_done in zip(*cols):
-                    if tokens:
-                        docs.append(tokens)
+                flat = table.column("tokens").combine_chunks()
+                offsets, values = flat.offsets.to_numpy(), flat.values.to_numpy()
+                cols = [table.column(c).to_pylist() for c in ("unit", "chunk_end", "unit_done")]
+                for k, (unit, chunk_end, unit_done) in enumerate(zip(*cols)):
+                    if offsets[k + 1] > offsets[k]:
+                        docs.append(values[offsets[k]:offsets[k + 1]].tolist())
                     if chunk_end:
                         yield docs, unit, unit_done
                         docs, n_chunks = [], n_chunks + 1

@@ -195,9 +195,10 @@ def resolve_checkpoint(source, model_tag=None, step=None, base_dir=None):
     """(tag, step) that load_model would pick, resolved once in the driver."""
     from nanochat.checkpoint_manager import SOURCE_DIRS, find_largest_model, find_last_step
     from nanochat.common import get_base_dir
-    checkpoints_dir = os.path.join(base_dir or get_base_dir(), SOURCE_DIRS[source])
+    from nanochat.storage import join
+    checkpoints_dir = join(base_dir or get_base_dir(), SOURCE_DIRS[source])
     model_tag = model_tag or find_largest_model(checkpoints_dir)
-    step = step if step is not None else find_last_step(os.path.join(checkpoints_dir, model_tag))
+    step = step if step is not None else find_last_step(join(checkpoints_dir, model_tag))
     return model_tag, step
 
 

@@ -13,17 +13,18 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
 
+from nanochat import storage  # noqa: E402
 from nanochat.base_train import find_resume_step  # noqa: E402
 from nanochat.chat_train import ChatTrainConfig, chat_train_worker, output_dir  # noqa: E402
 from ray_jobs import common  # noqa: E402
+from ray_jobs.chat_stream import render_kwargs  # noqa: E402
 from ray_jobs.ray_train import run_trainer  # noqa: E402
 
 
 def main(argv=None, stage="mid"):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(parser)
-    parser.add_argument("--cpus-per-worker", type=int, default=1)
-    parser.add_argument("--max-failures", type=int, default=3, help="worker-group restarts before giving up")
+    common.add_train_args(parser)
     ChatTrainConfig.add_args(parser)
     parser.set_defaults(stage=stage)
     args = parser.parse_args(argv)
@@ -31,14 +32,13 @@ def main(argv=None, stage="mid"):
     cfg = ChatTrainConfig.from_args(args).resolved()
     common.init_ray()
     ckpt_dir = output_dir(cfg, root)
-    if "://" not in ckpt_dir:
-        os.makedirs(ckpt_dir, exist_ok=True)
+    storage.makedirs(ckpt_dir)
     resume_step = find_resume_step(ckpt_dir) if cfg.resume else None
+    num_workers = common.default_num_workers(args.num_workers, args.use_gpu)
     final = run_trainer(
         chat_train_worker, cfg, name=f"{stage}-{os.path.basename(ckpt_dir)}", checkpoint_dir=ckpt_dir, storage=root,
-        num_workers=common.default_num_workers(args.num_workers, args.use_gpu), use_gpu=args.use_gpu,
-        resume_step=resume_step, cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures,
-        metrics_path=ckpt_dir + "/metrics.jsonl" if "://" not in ckpt_dir else None)
+        num_workers=num_workers, use_gpu=args.use_gpu, resume_step=resume_step, cpus_per_worker=args.cpus_per_worker,
+        max_failures=args.max_failures, worker_kwargs=render_kwargs(args, num_workers))
     print(f"{stage} finished: {final}")
     return final
 

@@ -3,10 +3,10 @@ Running a nanochat worker function under Ray Train (shared by base_train, mid_tr
 
 Ray Train starts the process group, places the workers, restarts them after a failure and keeps a record of the
 checkpoints. The checkpoints themselves are written by nanochat.checkpoint_manager straight into the storage root
-in nanochat's layout; what we report to Ray is a tiny pointer ({"step", "run_id"}) so a restarted worker group
-knows which run to continue. On restart the workers resume from the newest *complete* step of their run in the
-checkpoint dir, which may be newer than the last pointer Ray registered (a hard crash can drop the in-flight
-report, RAY.md P4).
+in nanochat's layout; what we report to Ray is a tiny pointer ({"step", "run_id"}). Workers of a restarted group
+resume from the newest *complete* step of their run (its run id is in every meta file) on storage, whether or not
+Ray registered it: the controller takes reports from a one-slot queue it drains every couple of seconds, so a
+worker killed right after a checkpoint is often restarted before Ray knows that checkpoint exists.
 """
 import json
 import os
@@ -15,7 +15,9 @@ import uuid
 
 import torch
 
+from nanochat.base_train import find_resume_step
 from nanochat.checkpoint_manager import read_meta
+from nanochat.storage import join, pyarrow_filesystem
 from nanochat.train import WorkerContext
 
 
@@ -44,21 +46,9 @@ def _floats(metrics):
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
-def _restart_pointer():
-    """The pointer of the latest checkpoint Ray registered for this run (None on a first start)."""
-    import ray.train
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as d:
-        with open(os.path.join(d, "pointer.json")) as f:
-            return json.load(f)
-
-
 def worker_entry(train_config):
     """Runs in every Ray Train worker: build the context, work out where to resume, call the nanochat worker."""
     import ray.train
-    from nanochat.base_train import find_resume_step
     from nanochat.common import device_peak_flops
     tc = dict(train_config)
     os.environ["NANOCHAT_BASE_DIR"] = tc["base_dir"]  # the storage root, whatever this node's environment says
@@ -72,10 +62,9 @@ def worker_entry(train_config):
     torch.set_num_threads(max(1, tc.get("threads_per_worker") or torch.get_num_threads()))
     ckpt_dir = tc["checkpoint_dir"]
     run_id, resume_step = tc["run_id"], tc["resume_step"]
-    pointer = _restart_pointer()
-    if pointer is not None:  # a restarted worker group: continue this run from its newest complete step
-        run_id = pointer["run_id"]
-        resume_step = find_resume_step(ckpt_dir, run_id)
+    newest = find_resume_step(ckpt_dir, run_id)
+    if newest is not None:  # a restarted worker group: continue this run from its newest complete step
+        resume_step = newest
         if rank == 0:
             print(f"restarted: resuming run {run_id[:8]} from step {resume_step}", flush=True)
     ctx = RayWorkerContext(run_id, rank=rank, world_size=world, device=device, checkpoint_dir=ckpt_dir,
@@ -89,32 +78,30 @@ def run_trainer(worker_fn, cfg, *, name, checkpoint_dir, storage, num_workers, u
     """Launch `worker_fn(cfg, ctx, run_id=, resume_step=, **worker_kwargs)` on num_workers Ray Train workers and
     return the final checkpoint's meta (step, loop_state, ...) merged with its reported metrics. Each call is a new
     Ray run (fresh name); resuming a previous run is explicit (resume_step), restarts after failures are automatic
-    (max_failures)."""
+    (max_failures). Rank 0 logs to metrics_path (default: metrics.jsonl in the checkpoint dir)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     run_id = uuid.uuid4().hex
     resources = {"CPU": cpus_per_worker}
     if use_gpu:
         resources["GPU"] = 1
-    ray_storage = storage.rstrip("/") + "/ray_runs" if "://" in storage else os.path.join(storage, "ray_runs")
+    # Ray Train's own records live under the same root, through the same filesystem (and endpoint) as ours
+    ray_fs, ray_storage = pyarrow_filesystem(join(storage, "ray_runs"))
     trainer = TorchTrainer(
         worker_entry,
         train_loop_config=dict(worker_fn=worker_fn, cfg=cfg, run_id=run_id, resume_step=resume_step,
                                checkpoint_dir=checkpoint_dir, base_dir=storage, use_gpu=use_gpu,
-                               metrics_path=metrics_path,
+                               metrics_path=metrics_path or join(checkpoint_dir, "metrics.jsonl"),
                                threads_per_worker=cpus_per_worker, worker_kwargs=worker_kwargs or {}),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=f"{name}-{run_id[:8]}", storage_path=ray_storage,
+            name=f"{name}-{run_id[:8]}", storage_path=ray_storage, storage_filesystem=ray_fs,
             # finite limits: a lost node must not hang the job forever (RAY.md P5)
             failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     result = trainer.fit()
-    final = {}
-    if result.checkpoint is not None:
-        with result.checkpoint.as_directory() as d:
-            with open(os.path.join(d, "pointer.json")) as f:
-                pointer = json.load(f)
-        final = {**read_meta(checkpoint_dir, pointer["step"]).get("loop_state", {}), **(result.metrics or {})}
-    return final
+    last = find_resume_step(checkpoint_dir, run_id)
+    if last is None:
+        return {}
+    return {**read_meta(checkpoint_dir, last).get("loop_state", {}), **(result.metrics or {})}

@@ -13,13 +13,13 @@ any stage flag (stage names below; `--set serve.port=8001` passes flags to serve
 the path of the report.
 """
 import argparse
-import json
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
 
+from nanochat import storage  # noqa: E402
 from ray_jobs import common  # noqa: E402
 
 STAGES = ["data", "tok_train", "tok_eval", "base_train", "base_eval", "mid_train", "chat_eval_mid", "chat_sft",
@@ -30,7 +30,7 @@ TRAINING = {"base_train", "mid_train", "chat_sft", "chat_rl"}
 PRESETS = {
     # a tiny model that runs the whole pipeline on a 2-core CPU box, offline (shipped corpus and task files)
     "demo": {
-        "data": {"num-shards": 0},
+        "data": {"num-shards": 0, "allow-fallback": True},
         "tok_train": {"data": "auto", "vocab-size": 4096, "max-chars": 3_000_000},
         "tok_eval": {"data": "auto"},
         # depth 4 at half width (128 = 2 heads of 64): the depth dial with a CPU-sized aspect ratio
@@ -102,10 +102,8 @@ class StageLog:
     """ROOT/speedrun/stages.json: which stages finished, with their results."""
 
     def __init__(self, root):
-        self.dir = os.path.join(root, "speedrun")
-        os.makedirs(self.dir, exist_ok=True)
-        self.path = os.path.join(self.dir, "stages.json")
-        self.stages = json.load(open(self.path)) if os.path.exists(self.path) else {}
+        self.path = storage.join(root, "speedrun", "stages.json")
+        self.stages = storage.read_json(self.path, default={})
 
     def done(self, stage):
         return self.stages.get(stage, {}).get("done", False)
@@ -115,22 +113,22 @@ class StageLog:
 
     def record(self, stage, done, result=None, seconds=None):
         self.stages[stage] = {"done": done, "time": time.time(), "seconds": seconds, "result": result}
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.stages, f, indent=2, default=str)
-        os.replace(tmp, self.path)
+        storage.write_json(self.path, self.stages, indent=2, default=str)
 
 
 def run_stage(stage, flags, args, task_data):
     """Run one stage in this driver (sharing its Ray connection) and return its result."""
     common_flags = {"storage": args.storage}
     if stage == "data":
-        from nanochat.dataset import download_or_fallback
-        n = flags.get("num-shards", 0)
+        from nanochat.dataset import DEFAULT_HUB, download_or_fallback, resolve_source
+        from ray_jobs.download import download
+        n = int(flags.get("num-shards", 0))
         if n <= 0:
             return {"source": "auto (downloaded shards if present, else the shipped corpus)"}
-        src = download_or_fallback(n)
-        return {"source": src.description}
+        if flags.get("allow-fallback"):  # the demo: offline, the shipped corpus stands in (a log line says so)
+            return {"source": download_or_fallback(n, download=download).description}
+        download(n)  # real runs: a failed or partial download fails the stage, naming every missing shard
+        return {"source": resolve_source(DEFAULT_HUB).description}
     if stage in TRAINING:
         common_flags.update({"num-workers": args.num_workers, "use-gpu": args.use_gpu})
         if stage != "base_train":

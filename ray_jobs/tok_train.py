@@ -18,7 +18,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `python ray_jobs/x.py` runs
-from ray_jobs.common import add_common_args, init_ray, storage_root  # noqa: E402  (common fixes the rest of sys.path)
+from nanochat import storage  # noqa: E402
+from ray_jobs.common import add_common_args, init_ray, storage_root  # noqa: E402
 
 logger = logging.getLogger("tok_train")
 
@@ -45,23 +46,6 @@ def train_tokenizer(source, vocab_size, max_chars, doc_cap):
     tokenizer = RustBPETokenizer.train_from_iterator(training_text(source, max_chars, doc_cap, stats), vocab_size)
     stats["train_time"] = time.time() - t0
     return tokenizer, stats
-
-
-def save_tokenizer(tokenizer, root):
-    """Save into ROOT/tokenizer; a URI root (s3://, gs://) is written locally first, then uploaded with pyarrow."""
-    if "://" not in root:
-        tokenizer.save(os.path.join(root, "tokenizer"))
-        return os.path.join(root, "tokenizer")
-    import tempfile
-
-    import pyarrow.fs as pafs
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save(tmp)
-        fs, base = pafs.FileSystem.from_uri(root.rstrip("/") + "/tokenizer")
-        fs.create_dir(base, recursive=True)
-        for name in os.listdir(tmp):
-            pafs.copy_files(os.path.join(tmp, name), f"{base}/{name}", destination_filesystem=fs)
-    return root.rstrip("/") + "/tokenizer"
 
 
 def main(argv=None):
@@ -94,7 +78,8 @@ def main(argv=None):
 
     encoded = tokenizer.encode(ROUND_TRIP_TEXT)
     assert tokenizer.decode(encoded) == ROUND_TRIP_TEXT, "tokenizer round trip failed"
-    path = save_tokenizer(tokenizer, root)
+    path = storage.join(root, "tokenizer")
+    tokenizer.save(path)
 
     token_bytes = tokenizer.compute_token_bytes().float()
     n_special = len(tokenizer.get_special_tokens())

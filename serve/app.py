@@ -41,6 +41,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, ConfigDict, ValidationError
 from ray import serve
 
+from nanochat.storage import is_uri
 from serve.scheduler import AsyncRequests, Overloaded, SamplingParams, Scheduler
 
 logger = logging.getLogger("nanochat.serve")
@@ -97,7 +98,7 @@ class ServeConfig:
             out[f.name] = v
         cfg = cls(**out)
         cfg.storage = cfg.storage or os.environ.get("NANOCHAT_BASE_DIR")
-        if cfg.storage and "://" not in cfg.storage:  # replicas run in another directory
+        if cfg.storage and not is_uri(cfg.storage):  # replicas run in another directory
             cfg.storage = os.path.abspath(cfg.storage)
         cfg.api_key = cfg.api_key or os.environ.get("NANOCHAT_API_KEY") or None
         return cfg

@@ -15,6 +15,8 @@ import json
 import os
 import sys
 
+from nanochat.storage import is_uri
+
 CLEAR, EXIT = {"clear", "/clear"}, {"quit", "exit", "/quit", "/exit"}
 
 
@@ -26,7 +28,7 @@ class LocalChat:
         from nanochat.common import autodetect_device_type
         from nanochat.engine import Engine
         device = args.device_type or autodetect_device_type()
-        base_dir = os.path.abspath(args.storage) if args.storage else None
+        base_dir = (args.storage if is_uri(args.storage) else os.path.abspath(args.storage)) if args.storage else None
         self.model, self.tokenizer, _ = load_model(args.source, device, "eval", args.model_tag, args.step,
                                                    base_dir=base_dir)
         if self.tokenizer is None:

@@ -1,7 +1,8 @@
 """CustomJSON: your own conversations (e.g. the model's identity) from a JSONL file."""
 import json
-from pathlib import Path
+import os
 
+from nanochat import storage
 from tasks.common import Task, validate_messages
 
 
@@ -14,31 +15,30 @@ class CustomJSON(Task):
 
     def __init__(self, filepath, missing_ok=False, **kwargs):
         super().__init__(**kwargs)
-        self.filepath = Path(filepath)
+        self.filepath = os.fspath(filepath)  # a local path or a storage URI
         self.conversations = []
-        if not self.filepath.is_file():
+        if not storage.isfile(self.filepath):
             hint = (f"CustomJSON: conversations file not found: {self.filepath} (create it with one JSON array "
                     f"of {{role, content}} messages per line)")
             if not missing_ok:
                 raise FileNotFoundError(hint)
             print(f"WARNING: {hint}; using 0 conversations")
             return
-        with open(self.filepath, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{self.filepath}:{lineno}"
-                try:
-                    messages = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{where}: invalid JSON: {e}") from None
-                if isinstance(messages, dict) and "messages" in messages:
-                    messages = messages["messages"]
-                try:
-                    validate_messages(messages, allow_system=False)
-                except ValueError as e:
-                    raise ValueError(f"{where}: {e}") from None
-                self.conversations.append(messages)
+        for lineno, line in enumerate(storage.read_text(self.filepath).split("\n"), 1):
+            if not line.strip():
+                continue
+            where = f"{self.filepath}:{lineno}"
+            try:
+                messages = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: invalid JSON: {e}") from None
+            if isinstance(messages, dict) and "messages" in messages:
+                messages = messages["messages"]
+            try:
+                validate_messages(messages, allow_system=False)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+            self.conversations.append(messages)
 
     @property
     def eval_type(self):

@@ -12,6 +12,7 @@ Identity conversations (CustomJSON) are used when `identity` (a JSONL path) exis
 import logging
 import os
 
+from nanochat import storage
 from tasks.arc import ARC
 from tasks.common import TaskMixture
 from tasks.customjson import CustomJSON
@@ -57,7 +58,7 @@ def _words(task_data):
 
 
 def _identity(identity):
-    if identity and os.path.exists(identity):
+    if identity and storage.isfile(identity):
         return [CustomJSON(identity)]
     return []
 

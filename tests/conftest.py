@@ -1,5 +1,11 @@
-"""Shared fixtures: a tiny trained tokenizer, small models, and the session's Ray instance."""
+"""Shared fixtures: a tiny trained tokenizer, small models, the session's Ray instance and a local S3 server."""
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -110,3 +116,52 @@ def ray_cluster(_ray_session_guard):
     yield cluster
     ray.shutdown()
     cluster.shutdown()
+
+
+# -----------------------------------------------------------------------------
+# A local S3 server (moto's standalone server) for storage roots like s3://bucket/run. Its endpoint and dummy
+# credentials are in the environment from the start, so every Ray process of the session (workers inherit the
+# environment of the Ray that the first test starts) talks to it; the server itself starts on first use.
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# (test modules also import this file as a plain module: the port is chosen once per process, not per import)
+_S3_PORT = os.environ.setdefault("NANOCHAT_TEST_S3_PORT", str(_free_port()))
+S3_ENV = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{_S3_PORT}", "AWS_ACCESS_KEY_ID": "testing",
+          "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+os.environ.update(S3_ENV)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """The endpoint URL of a moto S3 server this session owns (ended by its pid)."""
+    import requests
+    url = S3_ENV["AWS_ENDPOINT_URL"]
+    port = url.rsplit(":", 1)[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", port],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 60
+    while True:
+        assert proc.poll() is None, "moto server exited"
+        try:
+            requests.get(url + "/moto-api/", timeout=2)
+            break
+        except requests.ConnectionError:
+            assert time.time() < deadline, "moto server did not come up in 60 s"
+            time.sleep(0.2)
+    yield url
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+@pytest.fixture
+def s3_root(s3_server):
+    """s3://<a fresh bucket>/run on the local S3 server."""
+    import fsspec
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    fsspec.filesystem("s3").mkdir(bucket)
+    return f"s3://{bucket}/run"

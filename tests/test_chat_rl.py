@@ -4,6 +4,8 @@ import gzip
 import json
 import math
 import os
+import shutil
+from collections import Counter
 from dataclasses import asdict, replace
 
 import pytest
@@ -11,7 +13,8 @@ import torch
 
 from conftest import SHARED_DATA, perturbed
 from nanochat.chat_rl import RLConfig, chat_rl_worker, completion_rewards, group_advantages, output_dir, \
-    pass_at_k, pg_loss, rollout_batch, rollout_seed, start_cursor, step_examples
+    pass_at_k, pg_loss, rollout_batch, rollout_seed, start_cursor
+from nanochat.chat_train import rendered_conversations
 from nanochat.checkpoint_manager import list_steps, load_checkpoint, read_meta, save_checkpoint
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.train import WorkerContext
@@ -19,7 +22,7 @@ from tasks.gsm8k import GSM8K
 
 ROWS = [{"question": f"Tom has {i} apples and buys 3 more. How many apples does he have?",
          "answer": f"He has {i}+3 = <<{i}+3={i + 3}>>{i + 3} apples.\n#### {i + 3}"} for i in range(12)]
-TAGS = ("plain", "launcher", "crash")
+TAGS = ("plain", "launcher", "crash", "crash-ref")
 
 
 def write_gsm8k(root, train_rows, test_rows):
@@ -125,9 +128,15 @@ def test_pg_loss_matches_a_by_hand_computation(tiny_tokenizer):
 
 
 def test_rank_striding_seeds_cursor_and_pass_at_k():
-    # global positions g: rank g % W; 4 problems per step over 2 ranks, cycling over 5 problems
-    assert step_examples(0, 2, 2, 5) == [0, 2] and step_examples(1, 2, 2, 5) == [1, 3]
-    assert step_examples(4, 2, 2, 5) == [4, 1] and step_examples(5, 2, 2, 5) == [0, 2]
+    # global positions g: rank g % W; 4 problems per step over 2 ranks, cycling over 5 problems: the prompt
+    # stream of a rank yields its problems of step 1, then step 2, ...
+    class Echo:  # a "tokenizer" whose prompt is the problem itself
+        render_for_completion = staticmethod(lambda conv: conv)
+
+    def problems(cursor, count):
+        stream = rendered_conversations(list(range(5)), Echo, None, cursor, 2, completion=True)
+        return [ids for _, (_, ids, _) in zip(range(count), stream)]
+    assert problems(0, 4) == [0, 2, 4, 1] and problems(1, 4) == [1, 3, 0, 2]
     assert start_cursor(None, 1, 4, 3) == 13
     saved = [{"rank": 0, "world_size": 2, "next": 12}, {"rank": 1, "world_size": 2, "next": 13}]
     assert [start_cursor(saved, r, 4, 3) for r in range(4)] == [12, 13, 14, 15]  # resume on 4 workers
@@ -242,19 +251,39 @@ def test_launcher_two_ray_workers_and_report(rl_storage, ray_local, monkeypatch)
     assert "- GSM8K: " in report and "- pass@2: " in report
 
 
-def test_killed_worker_resumes_from_checkpoint(rl_storage, tiny_tokenizer, ray_local, tmp_path):
+def metrics_lines(ckpt):
+    return [json.loads(line) for line in open(os.path.join(ckpt, "metrics.jsonl"))]
+
+
+def test_killed_worker_resumes_from_the_first_checkpoint(rl_storage, tiny_tokenizer, ray_local, tmp_path):
+    """Rank 1 dies right after the first checkpoint (step 2), before Ray has usually registered it. The restarted
+    group must resume from the step-2 checkpoint on storage, not from step 0."""
     from ray_jobs.ray_train import run_trainer
     cfg = RLConfig(model_tag="crash", num_iterations=4, device_batch_size=2, examples_per_step=2, num_samples=2,
                    max_new_tokens=8, eval_every=-1, eval_examples=2, save_every=2,
                    task_data=os.path.join(rl_storage, "task_data"))
-    ckpt = output_dir(cfg, rl_storage)
-    os.makedirs(ckpt, exist_ok=True)
+
+    def run(tag, hook):
+        c = replace(cfg, model_tag=tag)
+        ckpt = output_dir(c, rl_storage)
+        shutil.rmtree(ckpt, ignore_errors=True)
+        os.makedirs(ckpt)
+        final = run_trainer(chat_rl_worker, c, name=f"rl-{tag}", checkpoint_dir=ckpt, storage=rl_storage,
+                            num_workers=2, use_gpu=False, max_failures=2,
+                            worker_kwargs=dict(tokenizer=tiny_tokenizer, step_hook=hook))
+        return final, ckpt
+
+    _, ref = run("crash-ref", None)
     marker = str(tmp_path / "crashed")
-    # rank 1 dies going from step 3 to 4; the group restarts from the step-2 checkpoint and ends at exactly step 4
-    final = run_trainer(chat_rl_worker, cfg, name="rl-crash", checkpoint_dir=ckpt, storage=rl_storage,
-                        num_workers=2, use_gpu=False, max_failures=2,
-                        worker_kwargs=dict(tokenizer=tiny_tokenizer, step_hook=CrashAt(3, 1, marker)))
+    final, ckpt = run("crash", CrashAt(2, 1, marker))
     assert os.path.exists(marker)  # it really died
     assert final["step"] == 4 and list_steps(ckpt) == [2, 4]
     meta = read_meta(ckpt, 4)
     assert meta["loop_state"]["step"] == 4 and [s["next"] for s in meta["loader_states"]] == [8, 9]
+    lines = metrics_lines(ckpt)
+    assert [r["resumed_from"] for r in lines if "resumed_from" in r] == [2]  # the restarted group loaded step 2
+    trained = Counter(r["step"] for r in lines if "reward" in r)
+    assert trained == Counter({1: 1, 2: 1, 3: 1, 4: 1}), trained  # every step trained once: nothing from 0 again
+    ref_model, got_model = (load_checkpoint(d, 4, "cpu")[0] for d in (ref, ckpt))
+    for k in ref_model:  # same data, same optimizer state: the uninterrupted run's weights
+        torch.testing.assert_close(got_model[k], ref_model[k], rtol=1e-5, atol=1e-6)

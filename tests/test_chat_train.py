@@ -1,4 +1,5 @@
 """Midtraining and SFT: batch construction (packing, masks, padding, striding, resume) and end-to-end stages."""
+import functools
 import json
 import os
 from dataclasses import asdict
@@ -103,7 +104,8 @@ def test_mid_then_sft_plain_process(stage_storage, tiny_tokenizer, monkeypatch):
     assert [r["step"] for r in losses if "raw_loss" in r] == [1, 2, 3, 4, 5, 6]
 
 
-def test_sft_on_ray_two_workers(stage_storage, tiny_tokenizer, ray_local):
+def test_sft_on_ray_two_workers_fed_by_ray_data(stage_storage, tiny_tokenizer, ray_local):
+    from ray_jobs.chat_stream import ray_rendered_conversations
     from ray_jobs.ray_train import run_trainer
     cfg = ChatTrainConfig(stage="sft", source="base", max_seq_len=64, device_batch_size=2,
                           target_examples_per_step=4, num_iterations=4, eval_every=2, eval_steps=2, save_every=2,
@@ -116,7 +118,10 @@ def test_sft_on_ray_two_workers(stage_storage, tiny_tokenizer, ray_local):
     if not os.path.exists(os.path.join(base, "ray")):
         os.symlink(os.path.join(base, "d2"), os.path.join(base, "ray"))
     final = run_trainer(chat_train_worker, cfg, name="sft-ray", checkpoint_dir=ckpt, storage=stage_storage,
-                        num_workers=2, use_gpu=False, max_failures=0, worker_kwargs=dict(tokenizer=tiny_tokenizer))
+                        num_workers=2, use_gpu=False, max_failures=0,
+                        # the training conversations rendered in Ray Data (the real task mixture, shipped to actors)
+                        worker_kwargs=dict(tokenizer=tiny_tokenizer,
+                                           render=functools.partial(ray_rendered_conversations, num_actors=1)))
     assert final["step"] == 4 and list_steps(ckpt) == [2, 4]
     meta = read_meta(ckpt, 4)
     assert meta["world_size"] == 2 and [s["rank"] for s in meta["loader_states"]] == [0, 1]

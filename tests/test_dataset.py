@@ -34,7 +34,7 @@ def shard_texts(i, n=10):
 
 class ShardServer:
     def __init__(self, root):
-        self.root, self.hits, self.truncate_once = root, Counter(), {}
+        self.root, self.hits, self.truncate_once, self.fail_first = root, Counter(), {}, {}
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -44,6 +44,9 @@ class ShardServer:
                 path = os.path.join(server.root, name)
                 if not os.path.isfile(path):
                     self.send_error(404, "File not found")
+                    return
+                if server.hits[name] <= server.fail_first.get(name, 0):  # a transient server error
+                    self.send_error(500, "Internal Server Error")
                     return
                 with open(path, "rb") as f:
                     data = f.read()
@@ -136,33 +139,17 @@ def test_complete_shards_are_skipped_and_corrupt_ones_replaced(server, tmp_path)
     assert (out / shard_name(0)).read_bytes() == good
 
 
-def test_missing_shard_fails_after_retries(server, tmp_path):
+def test_missing_shard_fails_fast_and_transient_errors_are_retried(server, tmp_path):
     os.remove(os.path.join(server.root, shard_name(2)))
+    server.fail_first[shard_name(1)] = 2  # 500, 500, then 200
     with pytest.raises(DownloadError) as e:
         download_shards(3, data_dir=str(tmp_path / "d"), base_url=server.url, max_attempts=3, **FAST)
     msg = str(e.value)
     assert "1 of 4 shards failed" in msg and f"{server.url}/{shard_name(2)}" in msg and "404" in msg
-    assert "after 3 attempts" in msg and server.hits[shard_name(2)] == 3
+    assert server.hits[shard_name(2)] == 1  # a 4xx is final: no retries
+    assert server.hits[shard_name(1)] == 3  # the 5xx were retried
     assert not os.path.exists(tmp_path / "d" / shard_name(2))
     assert is_valid_parquet(tmp_path / "d" / shard_name(1))  # the others still completed
-
-
-def test_cli_with_env_url_and_fineweb_names(tmp_path, monkeypatch):
-    root = tmp_path / "hub"
-    root.mkdir()
-    for i in [0, 1, 1822]:
-        write_parquet(root / shard_name(i), shard_texts(i))
-    s = ShardServer(str(root))
-    try:
-        monkeypatch.setenv("NANOCHAT_DATA_URL", s.url)
-        out = tmp_path / "fw"
-        rc = dataset.main(["-n", "2", "-w", "2", "--dataset", "fineweb-edu", "--dir", str(out), "--backoff", "0"])
-        assert rc == 0
-        assert sorted(os.listdir(out)) == [shard_name(0), shard_name(1), shard_name(1822)]
-        assert dataset.main(["-n", "3", "--source", "fineweb", "--data-dir", str(out), "--backoff", "0",
-                             "--max-attempts", "1"]) == 1  # shard 2 does not exist on the server
-    finally:
-        s.close()
 
 
 # -----------------------------------------------------------------------------

@@ -1,5 +1,4 @@
 """The whole pipeline as a Ray job: the demo preset with tiny step counts, its artifacts, resume, and serving the\nresult from a `ray start --head` cluster the test owns."""
-import json
 import os
 import secrets
 import shutil
@@ -14,6 +13,7 @@ import pytest
 import requests
 import yaml
 
+from nanochat import storage
 from ray_jobs.speedrun import PRESETS, STAGES, parse_overrides
 
 TINY_RUN = [  # the demo preset, cut down to a few steps and problems per stage
@@ -47,16 +47,19 @@ def free_port():
 
 def check_run(root, report):
     """Every stage's artifacts exist and the report card has a number in each column that applies."""
-    assert os.path.exists(os.path.join(root, "tokenizer", "tokenizer.pkl"))
-    assert os.path.exists(os.path.join(root, "tokenizer", "token_bytes.pt"))
+    assert storage.exists(storage.join(root, "tokenizer", "tokenizer.pkl"))
+    assert storage.exists(storage.join(root, "tokenizer", "token_bytes.pt"))
     for stage_dir, last in [("base_checkpoints", 6), ("mid_checkpoints", 4), ("chatsft_checkpoints", 4),
                             ("chatrl_checkpoints", 2)]:
-        ckpt = os.path.join(root, stage_dir, "d4")
-        assert os.path.exists(os.path.join(ckpt, f"meta_{last:06d}.json")), stage_dir
-        assert os.path.exists(os.path.join(ckpt, f"model_{last:06d}.pt")), stage_dir
-    stages = json.load(open(os.path.join(root, "speedrun", "stages.json")))
+        ckpt = storage.join(root, stage_dir, "d4")
+        assert storage.exists(storage.join(ckpt, f"meta_{last:06d}.json")), stage_dir
+        assert storage.exists(storage.join(ckpt, f"model_{last:06d}.pt")), stage_dir
+        assert storage.exists(storage.join(ckpt, "metrics.jsonl")), stage_dir
+    assert storage.exists(storage.join(root, "base_eval", "d4.csv"))
+    assert storage.exists(storage.join(root, "report", "curves_base.png"))
+    stages = storage.read_json(storage.join(root, "speedrun", "stages.json"))
     assert all(stages[s]["done"] for s in STAGES)
-    text = open(report).read()
+    text = storage.read_text(report)
     table = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
              for line in text.splitlines() if line.startswith("| ") and not line.startswith("| Metric")}
     assert table["CORE"][0] not in ("", "-")
@@ -77,19 +80,22 @@ def ray_head():
     its process id (never `ray stop`, which would end every Ray of this user on the machine)."""
     temp_dir = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")  # short: Ray's unix sockets live under it
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NANOCHAT_", "RAY_ADDRESS"))}
-    env.update(PATH=os.path.dirname(sys.executable) + os.pathsep + env["PATH"],  # the job's `python` (RAY.md P7)
-               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))  # clients need it too (RAY.md P6)
+    home = tempfile.mkdtemp(prefix="rayhome")  # so a stray default root (~/.cache/nanochat) would show
+    env.update(PATH=os.path.dirname(sys.executable) + os.pathsep + env["PATH"],  # the job's `python`
+               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16),  # clients need it too
+               HOME=home)
     dashboard_port = free_port()
     ports = {"port": free_port(), "dashboard-port": dashboard_port, "ray-client-server-port": free_port(),
              "node-manager-port": free_port(), "object-manager-port": free_port(),
              "dashboard-agent-listen-port": free_port(), "dashboard-agent-grpc-port": free_port(),
              "metrics-export-port": free_port(), "runtime-env-agent-port": free_port()}
-    cmd = [RAY_BIN, "start", "--head", "--block", "--num-cpus", "4", "--node-ip-address", "127.0.0.1",
+    cmd = [RAY_BIN, "start", "--head", "--block", "--num-cpus", "2", "--node-ip-address", "127.0.0.1",
            "--dashboard-host", "127.0.0.1", "--include-dashboard", "true", "--temp-dir", temp_dir,
            "--disable-usage-stats"] + [a for k, v in ports.items() for a in (f"--{k}", str(v))]
     log = open(os.path.join(temp_dir, "head.log"), "w")
     # its own process group: if it hangs on the way down, the group (all it started) goes with it
     head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    nodes = [head]
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
         deadline = time.time() + 120
@@ -101,25 +107,47 @@ def ray_head():
                 break
             except requests.ConnectionError:
                 time.sleep(1)
-        yield address, env
+        # a second node joins the head: stages and actors may land on either
+        worker_ports = {k: free_port() for k in ("node-manager-port", "object-manager-port", "metrics-export-port",
+                                                 "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                 "runtime-env-agent-port")}
+        worker = subprocess.Popen(
+            [RAY_BIN, "start", "--address", f"127.0.0.1:{ports['port']}", "--block", "--num-cpus", "2",
+             "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
+            + [a for k, v in worker_ports.items() for a in (f"--{k}", str(v))],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        nodes.append(worker)
+        while len(alive_nodes(address, env)) < 2:
+            assert worker.poll() is None, open(log.name).read()[-3000:]
+            assert time.time() < deadline, "the second node did not join in time"
+            time.sleep(1)
+        yield address, env, temp_dir
     finally:
-        head.send_signal(signal.SIGTERM)  # `ray start --block` takes its raylet, GCS and workers down with it
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
+        for node in reversed(nodes):  # `ray start --block` takes its raylet (and, on the head, GCS) down with it
+            node.send_signal(signal.SIGTERM)
+            try:
+                node.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(node.pid, signal.SIGKILL)
+                node.wait()
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
+        shutil.rmtree(home, ignore_errors=True)
 
 
-def submit_job(address, env, argv):
-    """`ray job submit --working-dir . -- python ray_jobs/speedrun.py ARGV` from the repo root, as a user types it;
+def alive_nodes(address, env):
+    r = requests.get(address + "/nodes?view=summary", timeout=10,
+                     headers={"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"})
+    return [n for n in r.json()["data"]["summary"] if n["raylet"]["state"] == "ALIVE"] if r.ok else []
+
+
+def submit_job(address, env, argv, cwd=REPO_ROOT):
+    """`ray job submit --working-dir . -- python ray_jobs/speedrun.py ARGV` from a checkout, as a user types it;
     without --no-wait it tails the job's logs until it ends. -> the job's logs, once it succeeded."""
     job_id = f"speedrun-{secrets.token_hex(4)}"
     submit = subprocess.run([RAY_BIN, "job", "submit", "--address", address, "--submission-id", job_id,
                              "--working-dir", ".", "--", "python", "ray_jobs/speedrun.py"] + argv,
-                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1200)
+                            cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
     assert submit.returncode == 0, (submit.stdout[-6000:], submit.stderr[-3000:])
     status = subprocess.run([RAY_BIN, "job", "status", "--address", address, job_id],
                             env=env, capture_output=True, text=True, timeout=60)
@@ -128,37 +156,58 @@ def submit_job(address, env, argv):
                           env=env, capture_output=True, text=True, timeout=60).stdout
 
 
-def test_demo_speedrun_as_ray_job_resume_and_serve(ray_head, tmp_path):
-    address, env = ray_head
-    root = str(tmp_path / "run")
+def local_leaks(*dirs):
+    """Paths under `dirs` that a URI root must never produce: directories named after the URI scheme ("s3:") or a
+    default local root."""
+    leaks = []
+    for d in dirs:
+        for parent, subdirs, _ in os.walk(d):
+            leaks += [os.path.join(parent, s) for s in subdirs if s == "s3:" or s.startswith("s3:")]
+            subdirs[:] = [s for s in subdirs if s not in (".git", ".venv", "node_modules")]
+    return leaks
+
+
+def checkout_copy(dest):
+    """The repo's sources in another directory: a second `ray job submit` from a fresh checkout."""
+    shutil.copytree(REPO_ROOT, dest, ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache",
+                                                                 "*.egg-info"))
+    return dest
+
+
+def test_demo_speedrun_as_ray_job_on_two_nodes_with_an_s3_root(ray_head, s3_root, tmp_path):
+    """The README's `ray job submit ... --storage s3://...` on a 2-node cluster whose nodes share only a bucket."""
+    address, env, ray_temp = ray_head
+    root = s3_root
     argv = ["--preset", "demo", "--storage", root, "--num-actors", "1"]
     for item in TINY_RUN:
         argv += ["--set", item]
     logs = submit_job(address, env, argv)
     report = logs.strip().splitlines()[-1]  # the contract: the report's path is the last line
-    assert report == os.path.join(root, "report", "report.md"), logs[-2000:]
+    assert report == storage.join(root, "report", "report.md"), logs[-2000:]
     check_run(root, report)
 
-    # Re-running resumes. Say RL died after its step-2 checkpoint on its way to step 4: the re-run skips every
-    # finished stage and continues RL from step 2 (redoing steps 1-2 would re-save step 2 under a new run id).
+    # Re-running resumes, from another checkout (a new working directory, as a new `ray job submit` gets). Say RL
+    # died after its step-2 checkpoint on its way to step 4: the re-run skips every finished stage and continues RL
+    # from step 2 (redoing steps 1-2 would re-save step 2 under a new run id).
     from nanochat.checkpoint_manager import read_meta
-    stages_path = os.path.join(root, "speedrun", "stages.json")
-    stages = json.load(open(stages_path))
+    stages_path = storage.join(root, "speedrun", "stages.json")
+    stages = storage.read_json(stages_path)
     stages["chat_rl"]["done"] = False
-    json.dump(stages, open(stages_path, "w"))
-    rl_dir = os.path.join(root, "chatrl_checkpoints", "d4")
+    storage.write_json(stages_path, stages)
+    rl_dir = storage.join(root, "chatrl_checkpoints", "d4")
     step2 = read_meta(rl_dir, 2)
     serve_port = free_port()
+    other = checkout_copy(str(tmp_path / "checkout"))
     logs = submit_job(address, env, argv + ["--set", "chat_rl.num-iterations=4",
-                                            "--serve", "--set", f"serve.port={serve_port}"])
+                                            "--serve", "--set", f"serve.port={serve_port}"], cwd=other)
     skipped = {line.split()[1].rstrip(":") for line in logs.splitlines() if "done already, skipping" in line}
     assert skipped == set(STAGES) - {"chat_rl", "report"}, logs[-3000:]
     assert read_meta(rl_dir, 2) == step2
     assert read_meta(rl_dir, 4)["loop_state"]["step"] == 4
-    assert json.load(open(stages_path))["chat_rl"]["done"]
+    assert storage.read_json(stages_path)["chat_rl"]["done"]
     assert report in logs.splitlines()  # last but for Serve's replica logs, which may trail
 
-    # the job deployed Serve on the cluster and returned; the app outlives it and answers from the final checkpoint
+    # the job deployed Serve on the cluster and returned; the app outlives it and answers from the bucket's checkpoint
     url = f"http://127.0.0.1:{serve_port}"
     health = requests.get(url + "/health", timeout=30).json()
     assert health["model"] == "nanochat-rl" and health["step"] == 4, health
@@ -174,7 +223,7 @@ def test_demo_speedrun_as_ray_job_resume_and_serve(ray_head, tmp_path):
     with pytest.raises(requests.ConnectionError):
         requests.get(url + "/health", timeout=10)
 
-    # the declarative way: `serve deploy` of the shipped serve/config.yaml, pointed at this run
+    # the declarative way: `serve deploy` of the shipped serve/config.yaml, pointed at this run's bucket
     config = yaml.safe_load(open(os.path.join(REPO_ROOT, "serve", "config.yaml")))
     config["http_options"]["port"] = deploy_port = free_port()
     config["applications"][0]["args"].update(storage=root, source="rl")
@@ -194,3 +243,7 @@ def test_demo_speedrun_as_ray_job_resume_and_serve(ray_head, tmp_path):
         assert time.time() < deadline, "the deployed config never became healthy"
         time.sleep(2)
     assert health.json()["model"] == "nanochat-rl" and health.json()["step"] == 4, health.text
+
+    # every artifact is in the bucket: nothing under the working directories, the cluster's dirs or a default root
+    assert local_leaks(REPO_ROOT, other, ray_temp) == []
+    assert not os.path.exists(os.path.join(env["HOME"], ".cache", "nanochat"))
