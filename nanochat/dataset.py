@@ -23,7 +23,6 @@ file order); the dataloader stripes them over workers. read_unit(unit) -> list[s
 """
 import glob
 import hashlib
-import io
 import json
 import logging
 import math

@@ -178,7 +178,7 @@ class Engine:
         special = tok.encode_special
         python_start, python_end = special("<|python_start|>"), special("<|python_end|>")
         output_start, output_end = special("<|output_start|>"), special("<|output_end|>")
-        stop_tokens = {special("<|assistant_end|>"), tok.get_bos_token_id()}
+        stop_tokens = tok.turn_end_ids()
 
         # prefill once at batch 1, then fan the cache out to num_samples rows
         prefill_cache = KVCache.for_model(model, 1, len(tokens))
@@ -225,7 +225,7 @@ class Engine:
     def generate_batch(self, tokens, num_samples=1, **kwargs):
         """Non-streaming: (sequences, masks), each a list of num_samples token lists including the prompt
         (mask 0) and excluding the terminating token."""
-        stop_tokens = {self.tokenizer.encode_special("<|assistant_end|>"), self.tokenizer.get_bos_token_id()}
+        stop_tokens = self.tokenizer.turn_end_ids()
         results = [list(tokens) for _ in range(num_samples)]
         masks = [[0] * len(tokens) for _ in range(num_samples)]
         done = [False] * num_samples

@@ -13,11 +13,9 @@ mount, or an object store URI (s3://, gs://, memory://, ...) shared by every nod
 - A URI whose filesystem package is missing fails at once, naming the extra to install (`pip install
   -e ".[s3]"` for s3://, `".[gcs]"` for gs://).
 """
-import contextlib
 import io
 import json
 import os
-import shutil
 import tempfile
 import time
 
@@ -256,28 +254,6 @@ def remove(path):
         pass
 
 
-def copy_from_local(local, path):
-    """Upload (or copy) one local file to `path`, atomically."""
-    with open(local, "rb") as src:
-        write_atomic(path, lambda f: shutil.copyfileobj(src, f, 1 << 24))
-
-
-@contextlib.contextmanager
-def local_copy(path):
-    """A local path holding the file's contents, for libraries that insist on one; a temp copy for URIs, deleted
-    afterwards."""
-    if not is_uri(path):
-        yield local_path(path)
-        return
-    fd, tmp = tempfile.mkstemp(prefix="nanochat-", suffix="-" + basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f, open_read(path) as src:
-            shutil.copyfileobj(src, f, 1 << 24)
-        yield tmp
-    finally:
-        os.remove(tmp)
-
-
 def pyarrow_filesystem(path):
     """(pyarrow FileSystem, path within it), e.g. for Ray Data and Ray Train, backed by the same fsspec filesystem
     as everything else here (so the same credentials and endpoint apply)."""
@@ -301,7 +277,7 @@ class AppendLog:
                 self._lines = read_text(path).splitlines(keepends=True)
             except FileNotFoundError:
                 self._lines = []
-            self._dirty, self._last = False, 0.0
+            self._dirty, self._last = False, time.monotonic()
         else:
             makedirs(dirname(local_path(path)))
             self._f = open(local_path(path), "a")

@@ -29,8 +29,21 @@ SPECIAL_TOKENS = [
 # at small vocab sizes. Note rustbpe's built-in default is the {1,3} variant, so we always pass this one.
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 
+TURN_END_TOKENS = ("<|assistant_end|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>")
+
 TOKENIZER_PKL = "tokenizer.pkl"
 TOKEN_BYTES_PT = "token_bytes.pt"
+
+
+class _EncodingUnpickler(pickle.Unpickler):
+    """Builds only what a tokenizer.pkl holds (a tiktoken Encoding from plain strings, bytes and ints): whoever can
+    write the storage root must not get to run code on every node that loads it."""
+
+    def find_class(self, module, name):
+        if (module, name) == ("tiktoken.core", "Encoding"):
+            return tiktoken.Encoding
+        raise pickle.UnpicklingError(f"it references {module}.{name}, and a tokenizer pickle may only contain a "
+                                     f"tiktoken.core.Encoding")
 
 
 class RustBPETokenizer:
@@ -76,7 +89,9 @@ class RustBPETokenizer:
         except FileNotFoundError:
             raise FileNotFoundError(f"no tokenizer at {path}") from None
         try:
-            enc = pickle.loads(data)
+            enc = _EncodingUnpickler(io.BytesIO(data)).load()
+        except pickle.UnpicklingError as e:
+            raise RuntimeError(f"refusing to load tokenizer {path}: {e}") from None
         except Exception as e:
             raise RuntimeError(f"failed to load tokenizer from {path} (corrupt or incompatible file?): "
                                f"{type(e).__name__}: {e}") from e
@@ -128,6 +143,12 @@ class RustBPETokenizer:
 
     def get_bos_token_id(self):
         return self.bos_token_id
+
+    def turn_end_ids(self):
+        """Tokens that end the assistant's turn when sampled: <|assistant_end|>, BOS, and the tokens that can only
+        belong to another turn (<|user_start|>, <|user_end|>, <|assistant_start|>), which a reply must never show
+        as text. Tool tokens keep their meaning."""
+        return {self.encode_special(t) for t in TURN_END_TOKENS} | {self.get_bos_token_id()}
 
     def encode_special(self, text):
         """Id of a special token given its exact string (KeyError if it is not one)."""
@@ -278,4 +299,4 @@ def get_token_bytes(device="cpu", base_dir=None):
     except FileNotFoundError:
         raise FileNotFoundError(f"token bytes not found at {path}; train the tokenizer first with: "
                                 f"python -m ray_jobs.tok_train") from None
-    return torch.load(io.BytesIO(data), map_location=device)
+    return torch.load(io.BytesIO(data), map_location=device, weights_only=True)

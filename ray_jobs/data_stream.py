@@ -133,7 +133,7 @@ class StreamOptions:
     prefetch_batches: int = 4      # blocks (= units) kept ready ahead of the packer
     object_store_memory: int = DEFAULT_OBJECT_STORE_MEMORY  # backpressure budget of this job's blocks
     units_per_job: int = DEFAULT_UNITS_PER_JOB
-    docs_per_block: int = 256      # units are grouped into blocks of about this many documents
+    docs_per_block: int = 1024     # units are grouped into blocks of about this many documents (an actor call each)
     tokenizer_threads: int = 1     # per actor; the pool is the parallelism
 
 

@@ -127,6 +127,11 @@ def main(argv=None):
         print(row)
     for note in notes:
         print("note:", note)
+    from nanochat.report import get_report
+    get_report(root).log("Tokenizer evaluation", [
+        {"source": src.description},
+        *({f"{label} bytes/token ({name})": round(r["ratio"], 3) for name, r in per_text.items()}
+          for label, per_text in results.items()), *notes])
     return {"ratios": {label: {k: round(v["ratio"], 3) for k, v in r.items()} for label, r in results.items()},
             "results": results, "skipped": notes, "source": src.description}
 

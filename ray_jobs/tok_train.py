@@ -97,6 +97,8 @@ def main(argv=None):
     logger.info("token bytes over %d regular tokens: min %d, max %d, mean %.2f, std %.2f (%d special tokens)",
                 len(regular), result["token_bytes_min"], result["token_bytes_max"], result["token_bytes_mean"],
                 result["token_bytes_std"], n_special)
+    from nanochat.report import get_report
+    get_report(root).log("Tokenizer training", {"max_chars": max_chars, "doc_cap": args.doc_cap, **result})
     print(result)
     return result
 

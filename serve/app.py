@@ -53,7 +53,11 @@ MAX_MESSAGES = 500
 MAX_MESSAGE_CHARS = 8000
 MAX_TOTAL_CHARS = 32000
 MAX_BODY_BYTES = 1 << 20  # 32000 characters JSON-escaped fit comfortably
+WS_MAX_QUEUED_TURNS = 8  # per socket, beside the one being answered
 TEMPERATURE_RANGE = (0.0, 2.0)
+# below this (but above 0, which is greedy) logits / temperature leave what floats hold: softcapped logits are
+# within +-15, and 15 / 1e-3 is far from overflow even in bf16
+MIN_TEMPERATURE = 1e-3
 TOP_K_RANGE = (0, 200)
 MAX_TOKENS_RANGE = (1, 4096)
 MAX_N = 8
@@ -184,6 +188,9 @@ def validate(messages, temperature, top_k, top_p, max_tokens, seed, stop, n=1):
     if convo[-1]["role"] != "user":
         raise ApiError(400, "the last message must be from the user", param="messages")
     _in_range("temperature", temperature, *TEMPERATURE_RANGE)
+    if temperature is not None and 0 < temperature < MIN_TEMPERATURE:
+        raise ApiError(400, f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE} (got {temperature})",
+                       param="temperature")
     _in_range("top_k", top_k, *TOP_K_RANGE)
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ApiError(400, f"top_p must be in (0, 1] (got {top_p})", param="top_p")
@@ -430,7 +437,8 @@ def make_api(service):
     @app.websocket("/ws")
     async def ws(websocket: WebSocket):
         await websocket.accept()
-        inbox, current = asyncio.Queue(), {}
+        # bounded: a client that sends turns faster than they are answered waits instead of growing the queue
+        inbox, current = asyncio.Queue(maxsize=WS_MAX_QUEUED_TURNS), {"received": 0, "cancelled_upto": 0}
 
         async def reader():  # runs beside generation, so a disconnect or {"cancel": true} stops it at once
             try:
@@ -439,18 +447,24 @@ def make_api(service):
                     if msg["type"] == "websocket.disconnect":
                         break
                     raw = msg.get("text") if msg.get("text") is not None else msg.get("bytes")
-                    if _is_cancel(raw):
+                    if _is_cancel(raw):  # stops the running turn and every turn received before the cancel
+                        current["cancelled_upto"] = current["received"]
                         if current.get("batch"):
                             current["batch"].cancel()
                         continue
-                    await inbox.put(raw)
+                    current["received"] += 1
+                    await inbox.put((current["received"], raw))
             finally:
                 if current.get("batch"):
                     current["batch"].cancel()
                 await inbox.put(None)
         reader_task = asyncio.create_task(reader())
         try:
-            while (raw := await inbox.get()) is not None:
+            while (item := await inbox.get()) is not None:
+                turn, raw = item
+                if turn <= current["cancelled_upto"]:  # cancelled before it started: answered, never run
+                    await websocket.send_json({"done": True, "finish_reason": "cancelled", "usage": usage(0, 0)})
+                    continue
                 try:
                     req = parse(raw.encode() if isinstance(raw, str) else raw, ChatRequest)
                     prompt, current["batch"] = chat_job(req)
@@ -537,6 +551,8 @@ def make_api(service):
 
 
 def parse(body, model_cls):
+    if len(body) > MAX_BODY_BYTES:  # HTTP bodies are cut off while reading; WebSocket frames arrive whole
+        raise ApiError(413, f"request body is {len(body)} bytes (limit {MAX_BODY_BYTES})")
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -545,6 +561,8 @@ def parse(body, model_cls):
         data = json.loads(text)
     except ValueError as e:
         raise ApiError(400, f"malformed JSON: {e}") from None
+    except RecursionError:
+        raise ApiError(400, "malformed JSON: nested too deeply") from None
     try:
         return model_cls.model_validate(data)
     except ValidationError as e:
@@ -556,7 +574,7 @@ def parse(body, model_cls):
 def _is_cancel(raw):
     try:
         data = json.loads(raw)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         return False
     return isinstance(data, dict) and data.get("cancel") is True and len(data) == 1
 

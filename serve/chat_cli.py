@@ -38,7 +38,7 @@ class LocalChat:
         S = self.tokenizer.encode_special
         self.user_start, self.user_end = S("<|user_start|>"), S("<|user_end|>")
         self.assistant_start, self.assistant_end = S("<|assistant_start|>"), S("<|assistant_end|>")
-        self.stop_tokens = {self.assistant_end, self.tokenizer.get_bos_token_id()}
+        self.stop_tokens = self.tokenizer.turn_end_ids()
         self.clear()
 
     def clear(self):

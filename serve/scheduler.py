@@ -100,7 +100,7 @@ class Scheduler:
         self.cache = KVCache.for_model(model, max_batch, self.seq_len)
         self.prev = None  # (max_batch, 1, C) smear state per row, allocated at the first prefill
         special = tokenizer.encode_special
-        self.stop_tokens = {special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+        self.stop_tokens = tokenizer.turn_end_ids()
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
         self.rows = []  # active requests; rows[i] lives in cache row i
@@ -179,7 +179,12 @@ class Scheduler:
                         admit.append(self.waiting.popleft())
                 try:
                     for req in admit:
-                        self._admit(req)
+                        try:
+                            self._admit(req)
+                        except Exception as e:  # one prompt that cannot be prefilled fails alone
+                            logger.exception("prefill failed")
+                            self.stats["errors"] += 1
+                            self._finish(req, "error", error=f"prefill failed: {type(e).__name__}: {e}")
                     self._retire()
                     if self.rows:
                         self._decode_step()
@@ -209,7 +214,9 @@ class Scheduler:
             self.prev[row] = view.prev_embedding[0]
         self.rows.append(req)
         self.stats["admitted"] += 1
-        self._accept(req, self._sample([req], logits)[0])
+        token = self._sample([req], logits)[0]
+        if req.finish_reason is None:  # sampling may have failed it
+            self._accept(req, token)
 
     def _decode_step(self):
         n = len(self.rows)
@@ -226,22 +233,35 @@ class Scheduler:
                 self._accept(req, token)
 
     def _sample(self, reqs, logits):
-        """One token per request with its own parameters and generator; one host sync for the whole batch."""
-        out = [None] * len(reqs)
-        if any(r.params.temperature == 0 for r in reqs):
-            greedy = logits.argmax(dim=-1)
+        """One token per request with its own parameters and generator; one host sync for the whole batch.
+        Guarded per row: a request whose scaled logits are not finite, or whose sampling raises, ends alone with an
+        error (its row sampled from zeros meanwhile, so nothing invalid reaches the device's sampler); the others
+        get exactly the tokens they would get alone."""
+        out, finite = [None] * len(reqs), [None] * len(reqs)
         for i, r in enumerate(reqs):
             p = r.params
             if r.forced:
                 continue  # the calculator's output overrides sampling
-            if p.temperature == 0:
-                out[i] = greedy[i:i + 1]
+            row = logits[i:i + 1] if p.temperature == 0 else logits[i:i + 1] / p.temperature
+            finite[i] = torch.isfinite(row).all().view(1)
+            row = torch.where(finite[i], row, torch.zeros_like(row))
+            try:
+                out[i] = row.argmax(dim=-1) if p.temperature == 0 else \
+                    sample_next_token(row, r.rng, 1.0, p.top_k or None, p.top_p)[0]
+            except RuntimeError as e:
+                self.stats["errors"] += 1
+                self._finish(r, "error", error=f"sampling failed: {e}")
+                finite[i] = None
+        picked = [i for i, t in enumerate(out) if finite[i] is not None]
+        values = torch.stack([torch.cat([out[i].long(), finite[i].long()]) for i in picked]).tolist() \
+            if picked else []
+        for i, (token, ok) in zip(picked, values):
+            if ok:
+                out[i] = token
             else:
-                out[i] = sample_next_token(logits[i:i + 1], r.rng, p.temperature, p.top_k or None, p.top_p)[0]
-        picked = [i for i, t in enumerate(out) if t is not None]
-        values = torch.cat([out[i] for i in picked]).tolist() if picked else []
-        for i, v in zip(picked, values):
-            out[i] = v
+                self.stats["errors"] += 1
+                out[i] = None
+                self._finish(reqs[i], "error", error=f"non-finite logits at temperature {reqs[i].params.temperature}")
         return out
 
     def _accept(self, req, token):

@@ -12,7 +12,7 @@ from conftest import SHARED_DATA, TINY_VOCAB, TOY_CORPUS
 from nanochat.base_train import BaseTrainConfig, base_train_worker, checkpoint_dir, find_resume_step
 from nanochat.checkpoint_manager import list_steps, load_checkpoint, read_meta
 from nanochat.schedules import lr_multiplier
-from nanochat.storage import copy_from_local, join, listdir, makedirs, read_text
+from nanochat.storage import join, listdir, makedirs, read_text, write_bytes
 from nanochat.tokenizer import get_tokenizer
 from nanochat.train import WorkerContext
 from ray_jobs.base_train import RayDataBatches
@@ -263,7 +263,7 @@ def test_two_nodes_ray_data_from_a_bucket_and_a_killed_worker(tiny_tokenizer, ra
     docs = [f"{i}: {TOY_CORPUS[i % len(TOY_CORPUS)]}" for i in range(400)]
     for i in range(4):
         local = write_parquet(tmp_path / f"part{i}.parquet", docs[i * 100:(i + 1) * 100], row_group_size=10)
-        copy_from_local(str(local), join(s3_root, "data", f"part{i}.parquet"))
+        write_bytes(join(s3_root, "data", f"part{i}.parquet"), local.read_bytes())
     tiny_tokenizer.save(join(s3_root, "tokenizer"))
     cfg = replace(TINY, num_iterations=4, save_every=2, eval_every=2, data=join(s3_root, "data"))
     # the same run fed by the plain loader (reading the bucket in-process): the reference

@@ -80,3 +80,4 @@ def test_wandb_off_by_default_and_clear_error_when_missing(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_wandb)
     with pytest.raises(ImportError, match="pip install wandb"):
         init_wandb("myrun", "nanochat", {})
+

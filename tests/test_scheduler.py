@@ -2,6 +2,7 @@
 calculator, UTF-8 safe streaming, cancellation and overload."""
 import asyncio
 import threading
+import time
 
 import pytest
 import torch
@@ -239,3 +240,59 @@ def test_length_limits(tiny_tokenizer):
     assert done == {"done": True, "finish_reason": "length", "prompt_tokens": P, "completion_tokens": 7}
     texts, done = scripted_run(tok, [], then=word, seq_len=P + 6, max_tokens=100)  # the context fills first
     assert done["finish_reason"] == "length" and done["completion_tokens"] == 6
+
+
+def test_a_poison_request_fails_alone(model, tiny_tokenizer):
+    """temperature 1e-300 turns the logits into inf/NaN: that request ends with an error, and the 8 beside it
+    (greedy and seeded sampling) produce exactly what they produce alone. A prompt whose prefill raises fails
+    alone too."""
+    s = Scheduler(model, tiny_tokenizer, max_batch=9, max_waiting=16).start()
+    try:
+        prompts = [tiny_tokenizer.encode(p, prepend="<|bos|>") for p in PROMPTS + PROMPTS[:2]]
+        jobs = [(p, SamplingParams(max_tokens=20, temperature=0.0 if i % 2 else 0.8, seed=i))
+                for i, p in enumerate(prompts)]
+        alone = [generate(s, *job, timeout=60) for job in jobs]
+        poison = (prompts[0], SamplingParams(max_tokens=20, temperature=1e-300, seed=1))
+        bad_id = (prompts[0] + [TINY_VOCAB + 7], SamplingParams(max_tokens=20, temperature=0.0))  # no such token
+        for bad, message in ((poison, "non-finite logits"), (bad_id, "prefill failed")):
+            results = run_concurrently(s, [bad] + jobs)
+            text, done = results[0]
+            assert done["finish_reason"] == "error" and message in done["error"], done
+            assert results[1:] == alone
+        deadline = time.time() + 10  # the last rows are retired just after their final events went out
+        while s.snapshot()["active"] and time.time() < deadline:
+            time.sleep(0.01)
+        assert s.snapshot()["active"] == 0 and s.alive()
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("special", ["<|user_start|>", "<|user_end|>", "<|assistant_start|>"])
+def test_tokens_of_other_turns_end_the_reply(model, tiny_tokenizer, special):
+    """A model that samples a token which can only belong to another turn ends its reply there (finish_reason
+    "stop"), in the scheduler and in the Engine, instead of showing it as text."""
+    import copy
+    tok = tiny_tokenizer
+    prompt = tok.encode("Hello world", prepend="<|bos|>")
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    s = Scheduler(model, tok, max_batch=2).start()
+    try:
+        _, reference = generate(s, prompt, params, timeout=60)
+    finally:
+        s.stop()
+    ref_tokens = Engine(model, tok).generate_batch(prompt, max_tokens=12, temperature=0.0)[0][0][len(prompt):]
+    assert reference["completion_tokens"] == 12 and len(ref_tokens) == 12
+    # the special token now scores 10x what the 4th reply token scored: greedy picks it there, or earlier
+    hijacked = copy.deepcopy(model)
+    with torch.no_grad():
+        hijacked.lm_head.weight[tok.encode_special(special)] = 10 * model.lm_head.weight[ref_tokens[3]]
+    s = Scheduler(hijacked, tok, max_batch=2).start()
+    try:
+        text, done = generate(s, prompt, params, timeout=60)
+    finally:
+        s.stop()
+    n = done["completion_tokens"]
+    assert done["finish_reason"] == "stop" and n <= ref_tokens.index(ref_tokens[3]) and "<|" not in text
+    assert text == tok.decode(ref_tokens[:n])
+    engine_tokens = Engine(hijacked, tok).generate_batch(prompt, max_tokens=12, temperature=0.0)[0][0][len(prompt):]
+    assert engine_tokens == ref_tokens[:n]

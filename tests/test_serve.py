@@ -229,11 +229,32 @@ def test_websocket_several_turns(url):
             replies.append(("".join(tokens), msg))
         ws.send("not json")
         bad = json.loads(ws.recv(timeout=30))
+        ws.send("[" * 100_000 + "]" * 100_000)  # RecursionError in the JSON parser used to kill the socket's reader
+        deep = json.loads(ws.recv(timeout=30))
+        ws.send(json.dumps({"message": "x" * (1 << 20)}))  # frames are capped like HTTP bodies
+        huge = json.loads(ws.recv(timeout=30))
+        # cancel stops the running turn and the one queued behind it (each still gets its "done"); the next turn
+        # is answered
+        ws.send(json.dumps({"message": "Hello", "max_tokens": 900, "temperature": 0}))
+        ws.send(json.dumps({"message": "Hello", "max_tokens": 7, "temperature": 0}))
+        ws.send(json.dumps({"cancel": True}))
+        cancelled = []
+        for _ in range(2):
+            while "token" in (msg := json.loads(ws.recv(timeout=30))):
+                pass
+            cancelled.append(msg)
+        ws.send(json.dumps({"message": "Hi", "max_tokens": 3, "temperature": 0}))
+        while "token" in (after := json.loads(ws.recv(timeout=30))):
+            pass
     assert replies[0][1]["done"] and replies[0][1]["usage"]["completion_tokens"] == 8
     assert replies[0][0] == chat(url, message="Hello", max_tokens=8, temperature=0).json()["response"]
     assert replies[1][1]["status"] == 400 and "temperature" in replies[1][1]["error"]
     assert replies[2][1]["done"] and replies[2][1]["usage"]["completion_tokens"] == 5
     assert bad["status"] == 400 and "JSON" in bad["error"]
+    assert deep["status"] == 400 and "nested too deeply" in deep["error"]
+    assert huge["status"] == 413 and "limit" in huge["error"]
+    assert [m["finish_reason"] for m in cancelled] == ["cancelled", "cancelled"]
+    assert cancelled[1]["usage"]["completion_tokens"] == 0 and after["usage"]["completion_tokens"] == 3
 
 
 def _msgs(*contents):
@@ -253,6 +274,8 @@ BAD_INPUTS = [  # (body, status, words the message must contain)
     ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, 400, "alternate"),
     ({"message": "hi", "temperature": 2.5}, 400, "temperature must be between 0.0 and 2.0"),
     ({"message": "hi", "temperature": -0.1}, 400, "temperature"),
+    ({"message": "hi", "temperature": 1e-300}, 400, "temperature must be 0 (greedy) or at least 0.001"),
+    ({"message": "hi", "seed": -1}, 400, "seed must be between 0"),
     ({"message": "hi", "top_k": 201}, 400, "top_k must be between 0 and 200"),
     ({"message": "hi", "max_tokens": 0}, 400, "max_tokens must be between 1 and 4096"),
     ({"message": "hi", "max_tokens": 4097}, 400, "max_tokens"),
@@ -261,6 +284,7 @@ BAD_INPUTS = [  # (body, status, words the message must contain)
     ({"message": " ".join(f"w{i}" for i in range(1200))}, 400, "context of 1024 tokens"),
     ({"message": 5}, 422, "message"),
     ({"message": "hi", "temperature": "hot"}, 422, "temperature"),
+    (b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply"),
     ({"messages": "hi"}, 422, "messages"),
     ({"messages": [{"content": "hi"}]}, 422, "role"),
     ([1, 2, 3], 422, "invalid request"),

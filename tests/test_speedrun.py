@@ -39,6 +39,34 @@ def test_overrides_parse_and_reject_unknown_stages():
     assert set(PRESETS) == {"demo", "d20", "d24"} and STAGES[-1] == "report"
 
 
+def test_data_stage_falls_back_only_for_the_demo(tmp_path, monkeypatch, ray_local):
+    """d20/d24 download their shards (Ray tasks) and fail naming every missing one; the demo falls back to the
+    shipped corpus when the mirror cannot serve them."""
+    from argparse import Namespace
+
+    from nanochat.dataset import DownloadError, shard_name
+    from ray_jobs.speedrun import run_stage
+    from test_dataset import ShardServer, shard_texts, write_parquet
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    for i in (0, 6542):  # shard 1 is missing on the mirror
+        write_parquet(hub / shard_name(i), shard_texts(i))
+    server = ShardServer(str(hub))
+    try:
+        monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "root"))
+        monkeypatch.setenv("NANOCHAT_DATA_URL", server.url)
+        args = Namespace(storage=str(tmp_path / "root"))
+        with pytest.raises(DownloadError, match=shard_name(1)):
+            run_stage("data", {**PRESETS["d20"]["data"], "num-shards": 2}, args, None)
+        assert server.hits[shard_name(1)] == 1  # a 404 is final
+        demo = run_stage("data", {**PRESETS["demo"]["data"], "num-shards": 2}, args, None)
+        assert demo["source"].startswith("offline fallback corpus")
+        assert run_stage("data", {**PRESETS["d20"]["data"], "num-shards": 1}, args, None)["source"].startswith(
+            "climbmix hub shards (1 train")  # what is there is enough for a smaller run
+    finally:
+        server.close()
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -182,6 +210,8 @@ def test_demo_speedrun_as_ray_job_on_two_nodes_with_an_s3_root(ray_head, s3_root
     for item in TINY_RUN:
         argv += ["--set", item]
     logs = submit_job(address, env, argv)
+    # 4 CPUs in the cluster, 1 per training worker: every training stage took Ray Data, its default path
+    assert sum("--loader auto: ray" in line for line in logs.splitlines()) == 4, logs[-3000:]
     report = logs.strip().splitlines()[-1]  # the contract: the report's path is the last line
     assert report == storage.join(root, "report", "report.md"), logs[-2000:]
     check_run(root, report)

@@ -35,9 +35,6 @@ def test_write_read_list_remove(root):
     storage.remove(storage.join(root, "a", "moved.json"))
     storage.remove(storage.join(root, "a", "moved.json"))  # missing is fine
     assert storage.listdir(storage.join(root, "a")) == ["c"]
-    with storage.local_copy(storage.join(root, "a", "c", "d.txt")) as local:
-        assert open(local).read() == "hello"
-    assert storage.is_uri(root) != os.path.exists(local)  # a temp copy for URIs, removed afterwards
 
 
 def test_failed_write_keeps_the_previous_file(root):

@@ -37,6 +37,9 @@ def test_tok_train_then_eval(ray_local, root, capsys):
     assert ours["korean"] < ours["news"]  # trained on English only
     for label in ["gpt2", "gpt4"]:  # compared when tiktoken can load them, else skipped with a note
         assert label in out["ratios"] or any(note.startswith(label) for note in out["skipped"])
+    # both jobs write their report card sections
+    assert "- vocab_size: 2048" in (root / "report" / "tokenizer-training.md").read_text()
+    assert "- ours bytes/token (news): " in (root / "report" / "tokenizer-evaluation.md").read_text()
 
 
 def test_tok_train_too_little_text_hints_at_vocab_size(ray_local, root):

@@ -301,6 +301,26 @@ def test_corrupt_pickle_names_file(tmp_path):
         RustBPETokenizer.from_directory(str(tok_dir))
 
 
+class _RunsCode:
+    """A pickle payload that would run a shell command when loaded by plain pickle."""
+
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_tokenizer_pickle_cannot_run_code(tmp_path, monkeypatch, tiny_tokenizer):
+    monkeypatch.chdir(tmp_path)
+    tok_dir = tmp_path / "tokenizer"
+    tok_dir.mkdir()
+    (tok_dir / "tokenizer.pkl").write_bytes(pickle.dumps(_RunsCode()))
+    with pytest.raises(RuntimeError, match=r"refusing to load .*tokenizer.pkl: it references (posix|os)\.system"):
+        get_tokenizer(base_dir=str(tmp_path))
+    assert not (tmp_path / "pwned").exists()
+    # what nanochat (and upstream nanochat) write, a pickled tiktoken Encoding, still loads
+    (tok_dir / "tokenizer.pkl").write_bytes(pickle.dumps(tiny_tokenizer.enc))
+    assert get_tokenizer(base_dir=str(tmp_path)).encode("hello world") == tiny_tokenizer.encode("hello world")
+
+
 # -----------------------------------------------------------------------------
 # real text (optional: needs the shared data directory next to the repo)
 
