@@ -82,6 +82,7 @@ class ServeConfig:
     cors_origins: str = ""  # comma-separated origins allowed cross-site ("*" = any); empty = no CORS
     max_batch: int = 16  # KV-cache rows per replica
     max_waiting: int = 64  # waiting requests per replica before answering 503
+    stall_timeout: float = 60.0  # a scheduler step running longer than this = unhealthy (Serve replaces it)
 
     @classmethod
     def from_args(cls, args):
@@ -228,7 +229,8 @@ class ChatService:
             self.model_id = f"nanochat-{cfg.source}" + (f"-{cfg.model_tag}" if cfg.model_tag else "")
         self.seq_len = model.config.sequence_len
         self.assistant_start = tokenizer.encode_special("<|assistant_start|>")
-        self.scheduler = Scheduler(model, tokenizer, cfg.max_batch, cfg.max_waiting).start()
+        self.scheduler = Scheduler(model, tokenizer, cfg.max_batch, cfg.max_waiting,
+                                   stall_timeout=cfg.stall_timeout).start()
         self.started = time.time()
         try:
             self.replica = serve.get_replica_context().replica_id.unique_id
@@ -302,7 +304,7 @@ class ChatService:
             yield i, ev
 
     def health(self):
-        return {"status": "ok" if self.scheduler.alive() else "scheduler stopped", "model_loaded": True,
+        return {"status": self.scheduler.health_problem() or "ok", "model_loaded": True,
                 "model": self.model_id, "step": self.step, "replica": self.replica, "pid": os.getpid(),
                 "device": self.device,
                 "uptime_s": round(time.time() - self.started, 1), "scheduler": self.scheduler.snapshot()}
@@ -594,8 +596,9 @@ class ChatServer:
         return make_api(self.service)
 
     def check_health(self):  # raising makes Serve replace the replica
-        if not self.service.scheduler.alive():
-            raise RuntimeError("scheduler thread died")
+        problem = self.service.scheduler.health_problem()
+        if problem:
+            raise RuntimeError(problem)
 
     def __del__(self):
         if hasattr(self, "service"):
@@ -642,6 +645,9 @@ def parse_args(argv=None):
     parser.add_argument("--cors-origins", default="", help="comma-separated allowed origins, '*' for any")
     parser.add_argument("--max-batch", type=int, default=16, help="KV-cache rows per replica")
     parser.add_argument("--max-waiting", type=int, default=64, help="queued requests per replica before 503")
+    parser.add_argument("--stall-timeout", type=float, default=60.0,
+                        help="seconds a scheduler step may run before the replica reports itself unhealthy and Ray "
+                             "Serve replaces it")
     return parser.parse_args(argv)
 
 

@@ -92,8 +92,13 @@ class _RowsView(KVCache):
 
 
 class Scheduler:
-    def __init__(self, model, tokenizer, max_batch=16, max_waiting=64, seq_len=None):
+    def __init__(self, model, tokenizer, max_batch=16, max_waiting=64, seq_len=None, stall_timeout=60.0,
+                 max_failed_steps=5):
         self.model, self.tokenizer = model, tokenizer
+        # health: a step running for more than stall_timeout seconds (hung), or this many failed steps in a row
+        # (e.g. a sticky device error), and the replica reports itself unhealthy
+        self.stall_timeout, self.max_failed_steps = stall_timeout, max_failed_steps
+        self.step_started, self.failed_steps = None, 0  # step_started: monotonic time of the running step
         self.device = model.get_device()
         self.max_batch, self.max_waiting = max_batch, max_waiting
         self.seq_len = seq_len or model.config.sequence_len
@@ -129,6 +134,17 @@ class Scheduler:
 
     def alive(self):
         return self.thread is not None and self.thread.is_alive()
+
+    def health_problem(self):
+        """None when healthy, else what is wrong (the thread died, a step hangs, steps keep failing)."""
+        if not self.alive():
+            return "scheduler thread died"
+        started = self.step_started
+        if started is not None and time.monotonic() - started > self.stall_timeout:
+            return f"a scheduler step has been running for {time.monotonic() - started:.0f} s (hung?)"
+        if self.failed_steps >= self.max_failed_steps:
+            return f"the last {self.failed_steps} scheduler steps failed"
+        return None
 
     def submit(self, prompt, params, sink):
         return self.submit_many([(prompt, params, sink)])[0]
@@ -167,6 +183,7 @@ class Scheduler:
                 with self.cv:
                     while self.running and not self.rows and not self.waiting:
                         self.cv.wait()
+                    self.step_started = time.monotonic()  # a step starts: it must end within stall_timeout
                     if not self.running:
                         break
                     if any(r.cancelled for r in self.waiting):  # gone before their turn: free their places
@@ -189,12 +206,16 @@ class Scheduler:
                     if self.rows:
                         self._decode_step()
                         self._retire()
+                    self.failed_steps = 0
                 except Exception as e:  # a broken step fails the requests in it, not the server
                     logger.exception("scheduler step failed")
+                    self.failed_steps += 1
                     self.stats["errors"] += 1
                     for req in self.rows + [r for r in admit if r.finish_reason is None]:
                         self._finish(req, "error", error=f"{type(e).__name__}: {e}")
                     self.rows = []
+                finally:
+                    self.step_started = None
         # shutting down: nobody will serve what is left
         for req in self.rows + list(self.waiting):
             self._finish(req, "cancelled")

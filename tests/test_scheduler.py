@@ -296,3 +296,50 @@ def test_tokens_of_other_turns_end_the_reply(model, tiny_tokenizer, special):
     assert text == tok.decode(ref_tokens[:n])
     engine_tokens = Engine(hijacked, tok).generate_batch(prompt, max_tokens=12, temperature=0.0)[0][0][len(prompt):]
     assert engine_tokens == ref_tokens[:n]
+
+
+def test_a_hung_step_or_steps_that_keep_failing_make_it_unhealthy(model, tiny_tokenizer):
+    """What /health and Ray Serve's check_health report: a step that hangs with work pending, or a run of failing
+    steps (a sticky device error), turns the replica unhealthy; a working step makes it healthy again."""
+    import copy
+    m = copy.deepcopy(model)
+    forward, gate, mode = m.forward, threading.Event(), {"hang": False, "fail": False}
+
+    def faulty(ids, *args, **kwargs):
+        if mode["hang"]:
+            gate.wait(30)
+        if mode["fail"] and ids.shape[1] == 1:  # decode steps fail, prefill works
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return forward(ids, *args, **kwargs)
+    m.forward = faulty
+    s = Scheduler(m, tiny_tokenizer, max_batch=2, stall_timeout=0.5, max_failed_steps=3).start()
+    prompt = tiny_tokenizer.encode("Hello", prepend="<|bos|>")
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+
+    def wait_for(cond, timeout=10):
+        deadline = time.time() + timeout
+        while not cond() and time.time() < deadline:
+            time.sleep(0.02)
+        return cond()
+    try:
+        time.sleep(0.7)
+        assert s.health_problem() is None  # idle for longer than the stall timeout is fine
+        mode["hang"] = True
+        results = []
+        t = threading.Thread(target=lambda: results.append(generate(s, prompt, params, timeout=60)))
+        t.start()
+        assert wait_for(lambda: (s.health_problem() or "").startswith("a scheduler step has been running"))
+        mode["hang"] = False
+        gate.set()
+        t.join()
+        assert results[0][1]["finish_reason"] == "length" and wait_for(lambda: s.health_problem() is None)
+        mode["fail"] = True
+        for _ in range(3):
+            assert generate(s, prompt, params, timeout=60)[1]["finish_reason"] == "error"
+        assert s.health_problem() == "the last 3 scheduler steps failed"
+        mode["fail"] = False
+        assert generate(s, prompt, params, timeout=60)[1]["finish_reason"] == "length"
+        assert s.health_problem() is None
+    finally:
+        gate.set()
+        s.stop()
