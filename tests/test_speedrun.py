@@ -151,8 +151,9 @@ def ray_head():
             time.sleep(1)
         yield address, env, temp_dir
     finally:
-        for node in reversed(nodes):  # `ray start --block` takes its raylet (and, on the head, GCS) down with it
+        for node in nodes:  # `ray start --block` takes its raylet (and, on the head, GCS) down with it
             node.send_signal(signal.SIGTERM)
+        for node in nodes:  # both shut down at once, not one after the other
             try:
                 node.wait(timeout=60)
             except subprocess.TimeoutExpired:
