@@ -97,20 +97,25 @@ def check_parquet(path, require_text=True):
     """Raise ValueError naming `path` unless it is a complete parquet file (magic bytes at both ends, a readable
     footer) with a `text` column."""
     try:
-        size = storage.size(path)
-        with storage.open_read(path) as f:
-            head = f.read(4)
-            f.seek(max(size - 4, 0))
-            tail = f.read(4)
+        f = storage.open_read(path)
     except OSError as e:
         raise ValueError(f"{path}: cannot read: {e}") from e
-    if size < 12 or head != b"PAR1" or tail != b"PAR1":
-        raise ValueError(f"{path}: not a complete parquet file ({size} bytes, bad magic bytes; truncated?)")
-    try:
-        with storage.open_read(path) as f:
+    with f:  # one open file for all the checks (on an object store: ranged reads of one object)
+        try:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(size - 4, 0))
+            tail = f.read(4)
+            f.seek(0)
+            head = f.read(4)
+        except OSError as e:
+            raise ValueError(f"{path}: cannot read: {e}") from e
+        if size < 12 or head != b"PAR1" or tail != b"PAR1":
+            raise ValueError(f"{path}: not a complete parquet file ({size} bytes, bad magic bytes; truncated?)")
+        try:
+            f.seek(0)
             schema = pq.ParquetFile(f).schema_arrow
-    except Exception as e:
-        raise ValueError(f"{path}: unreadable parquet footer: {type(e).__name__}: {e}") from e
+        except Exception as e:
+            raise ValueError(f"{path}: unreadable parquet footer: {type(e).__name__}: {e}") from e
     if require_text and schema.get_field_index("text") < 0:
         raise ValueError(f"{path}: parquet file has no 'text' column (columns: {', '.join(schema.names)})")
 
@@ -239,9 +244,7 @@ class Unit(NamedTuple):
     index: int  # parquet row group, or block of `block_docs` documents in a .txt/.jsonl file
 
 
-_COMPRESSED = (".gz", ".bz2", ".zst", ".lz4")
-
-_CODECS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".lz4": "lz4"}  # pyarrow codec names
+_CODECS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".lz4": "lz4"}  # compressed extensions: pyarrow codecs
 
 
 def file_kind(path):
@@ -249,7 +252,7 @@ def file_kind(path):
     name = os.path.basename(path).lower()
     if name.endswith(".parquet"):
         return "parquet"
-    for ext in _COMPRESSED:
+    for ext in _CODECS:
         if name.endswith(ext):
             name = name[: -len(ext)]
             break

@@ -58,8 +58,8 @@ def main(argv=None):
         worker_kwargs["batch_source"] = RayDataBatches(cfg, get_tokenizer(root), args.data_actors)
     final = run_trainer(
         base_train_worker, cfg, name=f"base-{os.path.basename(ckpt_dir)}", checkpoint_dir=ckpt_dir, storage=root,
-        num_workers=num_workers, use_gpu=args.use_gpu,
-        resume_step=resume_step, cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures, worker_kwargs=worker_kwargs)
+        num_workers=num_workers, use_gpu=args.use_gpu, resume_step=resume_step, cpus_per_worker=args.cpus_per_worker,
+        max_failures=args.max_failures, worker_kwargs=worker_kwargs)
     print(f"base training finished: {final}")
     return final
 

@@ -80,8 +80,10 @@ def load_encoding(tokenizer):
         from nanochat.tokenizer import RustBPETokenizer
         path = os.fspath(tokenizer)
         for candidate in (path, storage.join(path, "tokenizer")):
-            if storage.exists(storage.join(candidate, "tokenizer.pkl")):
+            try:
                 return RustBPETokenizer.from_directory(candidate).enc
+            except FileNotFoundError:
+                continue
         raise FileNotFoundError(f"no tokenizer.pkl in {path} or {path}/tokenizer")
     return getattr(tokenizer, "enc", tokenizer)
 

@@ -258,23 +258,25 @@ class Scheduler:
         Guarded per row: a request whose scaled logits are not finite, or whose sampling raises, ends alone with an
         error (its row sampled from zeros meanwhile, so nothing invalid reaches the device's sampler); the others
         get exactly the tokens they would get alone."""
-        out, finite = [None] * len(reqs), [None] * len(reqs)
+        temperatures = torch.tensor([r.params.temperature or 1.0 for r in reqs], dtype=logits.dtype,
+                                    device=logits.device)
+        scaled = logits / temperatures[:, None]
+        finite = torch.isfinite(scaled).all(dim=-1)
+        scaled = torch.where(finite[:, None], scaled, torch.zeros_like(scaled))
+        greedy = scaled.argmax(dim=-1)
+        out = [None] * len(reqs)
         for i, r in enumerate(reqs):
             p = r.params
             if r.forced:
                 continue  # the calculator's output overrides sampling
-            row = logits[i:i + 1] if p.temperature == 0 else logits[i:i + 1] / p.temperature
-            finite[i] = torch.isfinite(row).all().view(1)
-            row = torch.where(finite[i], row, torch.zeros_like(row))
             try:
-                out[i] = row.argmax(dim=-1) if p.temperature == 0 else \
-                    sample_next_token(row, r.rng, 1.0, p.top_k or None, p.top_p)[0]
+                out[i] = greedy[i:i + 1] if p.temperature == 0 else \
+                    sample_next_token(scaled[i:i + 1], r.rng, 1.0, p.top_k or None, p.top_p)[0]
             except RuntimeError as e:
                 self.stats["errors"] += 1
                 self._finish(r, "error", error=f"sampling failed: {e}")
-                finite[i] = None
-        picked = [i for i, t in enumerate(out) if finite[i] is not None]
-        values = torch.stack([torch.cat([out[i].long(), finite[i].long()]) for i in picked]).tolist() \
+        picked = [i for i, t in enumerate(out) if t is not None]
+        values = torch.stack([torch.cat([out[i], finite[i:i + 1].long()]) for i in picked]).tolist() \
             if picked else []
         for i, (token, ok) in zip(picked, values):
             if ok:

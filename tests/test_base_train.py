@@ -183,7 +183,8 @@ def lr_scale(cfg):
     from nanochat.schedules import derive_hyperparameters
     config = model_config(cfg, TINY_VOCAB)
     hp = derive_hyperparameters(config, cfg.target_param_data_ratio, cfg.total_batch_size, cfg.num_iterations,
-                                cfg.target_flops, cfg.weight_decay, tokens_per_fwdbwd=cfg.device_batch_size * cfg.max_seq_len)
+                                cfg.target_flops, cfg.weight_decay,
+                                tokens_per_fwdbwd=cfg.device_batch_size * cfg.max_seq_len)
     return hp["batch_lr_scale"]
 
 
