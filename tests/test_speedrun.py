@@ -244,7 +244,11 @@ def test_demo_speedrun_as_ray_job_on_two_nodes_with_an_s3_root(ray_head, s3_root
     assert health["model"] == "nanochat-rl" and health["step"] == 4, health
     r = requests.post(url + "/chat", json={"message": "What is 2+2?", "max_tokens": 8}, timeout=60)
     assert r.status_code == 200, r.text
-    assert isinstance(r.json()["response"], str) and r.json()["usage"]["completion_tokens"] > 0
+    # a demo model may end its turn at once (a sampled end-of-turn token is a legitimate "stop" with no text), so
+    # this checks that the reply was generated, not what it says
+    reply = r.json()
+    assert reply["finish_reason"] in ("stop", "length") and reply["usage"]["prompt_tokens"] > 0, reply
+    assert reply["usage"]["completion_tokens"] == 8 or reply["finish_reason"] == "stop", reply
 
     # and `serve shutdown` (as the README says) takes it down
     serve_bin = os.path.join(os.path.dirname(RAY_BIN), "serve")
