@@ -5,10 +5,13 @@ concurrency levels, and the throughput ratio of the highest level to 1 client (c
     python bench/bench_serve.py                          # in-process scheduler, random-weight model
     python bench/bench_serve.py --depth 6 --max-tokens 128 --concurrency 1,4,16
     python bench/bench_serve.py --url http://127.0.0.1:8000 [--api-key KEY]   # a running server, over HTTP (SSE)
+    python bench/bench_serve.py --mixed 64 [--url URL]   # 64 concurrent streams over SSE, OpenAI SSE and WebSocket,
+                                                          # a third disconnecting mid-stream
 
 Each client sends its requests one after another (streaming) until the level's request count is done, so the
 load is bounded; --url must be a loopback address. The in-process model has random weights with special tokens
-masked, so every reply runs to --max-tokens. Last line: one JSON object.
+masked, so every reply runs to --max-tokens. --mixed without --url serves the in-process model over real HTTP (uvicorn,
+the app without Ray) and afterwards reports whether every batch row was freed. Last line: one JSON object.
 """
 import argparse
 import asyncio
@@ -17,6 +20,7 @@ import json
 import socket
 import threading
 import time
+from collections import Counter
 from urllib.parse import urlparse
 
 
@@ -151,6 +155,146 @@ def run_http_level(args, prompts, concurrency, n_requests):
     return records, time.perf_counter() - t0
 
 
+# -----------------------------------------------------------------------------
+# mixed load: every streaming route at once, some clients walking away mid-stream
+
+async def _stream_once(session, url, kind, index, max_tokens, api_key, disconnect_after):
+    """One client. Returns {kind, status, ttft, tokens, done, disconnected, error}."""
+    import aiohttp
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    out = dict(kind=kind, status=None, ttft=None, tokens=0, done=False, disconnected=False, error=None)
+    message = f"load {index}: {PROMPTS[index % len(PROMPTS)]}"
+    start, seen = time.perf_counter(), 0
+
+    def on_text():
+        nonlocal seen
+        seen += 1
+        if out["ttft"] is None:
+            out["ttft"] = time.perf_counter() - start
+        return disconnect_after is not None and seen >= disconnect_after
+
+    if kind == "ws":
+        async with session.ws_connect(url.replace("http", "ws", 1) + "/ws", headers=headers) as ws:
+            out["status"] = 101
+            await ws.send_json({"message": message, "max_tokens": max_tokens, "temperature": 0})
+            async for msg in ws:
+                event = json.loads(msg.data)
+                if "token" in event and on_text():
+                    out["disconnected"] = True
+                    break
+                if "error" in event:
+                    out["status"], out["error"] = event.get("status"), event["error"]
+                    break
+                if event.get("done"):
+                    out["done"], out["tokens"] = True, event["usage"]["completion_tokens"]
+                    break
+        return out
+    if kind == "chat-sse":
+        route, body = "/chat", {"message": message, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    else:
+        route, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": message}],
+                                               "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                                               "stream_options": {"include_usage": True}}
+    async with session.post(url + route, json=body, headers=headers,
+                            timeout=aiohttp.ClientTimeout(total=600)) as r:
+        out["status"] = r.status
+        if r.status != 200:
+            out["error"] = (await r.text())[:200]
+            return out
+        async for line in r.content:
+            if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                out["error"] = str(event["error"])[:200]
+                break
+            text = event.get("token") or any(c["delta"].get("content") for c in event.get("choices", []))
+            if text and on_text():
+                out["disconnected"] = True
+                break  # leaving the block closes the connection
+            if event.get("usage") and (event.get("done") or not event.get("choices")):
+                out["done"], out["tokens"] = True, event["usage"]["completion_tokens"]
+    return out
+
+
+async def mixed_load(url, streams=64, max_tokens=32, api_key=None):
+    """`streams` clients at once, round-robin over SSE /chat, SSE /v1/chat/completions and WebSocket /ws; one in
+    three (of each kind) disconnects after its second text event. Returns the summary (see summarize_mixed)."""
+    import aiohttp
+    kinds = ("chat-sse", "openai-sse", "ws")
+    connector = aiohttp.TCPConnector(limit=0)  # every stream its own connection
+    t0 = time.perf_counter()
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async def guarded(i):
+            disconnect_after = 2 if (i // len(kinds)) % 3 == 0 else None
+            try:
+                return await _stream_once(session, url, kinds[i % len(kinds)], i, max_tokens, api_key,
+                                          disconnect_after)
+            except Exception as e:  # a refused or dropped connection is a failure of the server, not of the bench
+                return dict(kind=kinds[i % len(kinds)], status=None, ttft=None, tokens=0, done=False,
+                            disconnected=False, error=f"{type(e).__name__}: {e}")
+        records = await asyncio.gather(*[guarded(i) for i in range(streams)])
+    return summarize_mixed(records, time.perf_counter() - t0)
+
+
+def summarize_mixed(records, wall):
+    ttft = [r["ttft"] for r in records if r["ttft"] is not None]
+    tokens = sum(r["tokens"] for r in records)
+    ms = lambda v: None if v is None else round(v * 1000, 1)  # noqa: E731
+    failed = [r for r in records if not r["done"] and not r["disconnected"]]
+    return dict(streams=len(records), completed=sum(r["done"] for r in records),
+                disconnected=sum(r["disconnected"] for r in records), failed=len(failed),
+                statuses=dict(Counter(str(r["status"]) for r in records)),
+                errors=[f"{r['kind']}: {r['status']} {r['error']}" for r in failed][:5],
+                seconds=round(wall, 2), completion_tokens=tokens, tok_per_s=round(tokens / wall, 1),
+                ttft_ms_p50=ms(percentile(ttft, 50)), ttft_ms_p99=ms(percentile(ttft, 99)))
+
+
+class LocalServer:
+    """The serve app without Ray, on uvicorn in a thread at a free loopback port: real HTTP and WebSocket."""
+
+    def __init__(self, app):
+        import uvicorn
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                                    ws="websockets-sansio", lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("local server did not start")
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def run_mixed(args, tokenizer=None, scheduler=None):
+    if args.url:
+        return asyncio.run(mixed_load(args.url, args.mixed, args.max_tokens, args.api_key)), {}
+    from serve.app import ChatService, ServeConfig, make_api
+    cfg = ServeConfig(max_batch=args.max_batch, max_waiting=max(64, args.mixed))
+    scheduler.stop()  # the service runs its own
+    service = ChatService(cfg, scheduler.model, tokenizer)
+    try:
+        with LocalServer(make_api(service)) as server:
+            summary = asyncio.run(mixed_load(server.url, args.mixed, args.max_tokens))
+        deadline = time.time() + 30  # cancellations of the disconnected streams land within a step or two
+        while (service.scheduler.rows or service.scheduler.waiting) and time.time() < deadline:
+            time.sleep(0.05)
+        stats = service.scheduler.snapshot()
+        return summary, dict(active_after=stats["active"], waiting_after=stats["waiting"],
+                             cancelled=stats["cancelled"])
+    finally:
+        service.close()
+
+
 PROMPTS = ["Why is the sky blue?", "Write a haiku about the sea.", "What is 12*34?", "Tell me a joke.",
            "Explain recursion in one sentence.", "List three prime numbers.", "What is the capital of France?",
            "Summarize the plot of Hamlet."]
@@ -166,9 +310,24 @@ def main():
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--device", default=None)
     parser.add_argument("--url", default=None, help="benchmark a running server instead (loopback only)")
-    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--api-key", default=None, help="Bearer key of the server at --url")
+    parser.add_argument("--mixed", type=int, default=0,
+                        help="instead of levels: this many concurrent streams over SSE, OpenAI SSE and WebSocket, "
+                             "a third disconnecting mid-stream")
+    parser.add_argument("--max-batch", type=int, default=16, help="batch rows of the in-process server (--mixed)")
     args = parser.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
+
+    if args.mixed:
+        scheduler, tokenizer = (None, None) if args.url else build_local(args)[:2]
+        summary, server = run_mixed(args, tokenizer, scheduler)
+        print(f"{summary['streams']} streams: {summary['completed']} completed, {summary['disconnected']} "
+              f"disconnected, {summary['failed']} failed in {summary['seconds']}s; {summary['tok_per_s']} tok/s; "
+              f"TTFT p50/p99 {summary['ttft_ms_p50']}/{summary['ttft_ms_p99']} ms; statuses {summary['statuses']}"
+              + (f"; rows active/waiting afterwards {server['active_after']}/{server['waiting_after']}"
+                 if server else ""))
+        print(json.dumps(dict(bench="serve-mixed", url=args.url, max_tokens=args.max_tokens, **summary, **server)))
+        return
 
     if args.url:
         check_loopback(args.url)

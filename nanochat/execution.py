@@ -1,18 +1,24 @@
-"""Run untrusted, model-generated Python (HumanEval completions) in a separate, fresh interpreter.
+"""Run untrusted, model-generated Python (HumanEval completions, code rewards) in a fresh, isolated interpreter.
 
-Each call starts `sys.executable` in its own session/process group, inside a scratch temp dir, with a
-scrubbed environment (PATH only), stdin at EOF, a wall-clock timeout (the whole group is SIGKILLed) and a
-guard prelude that sets memory/file-size rlimits and disables destructive os/shutil/subprocess functions
-and IPv4/IPv6 sockets.
+Each call starts `sys.executable` on nanochat/sandbox_guard.py, which isolates itself before it runs the program:
+no network (a network namespace, else a seccomp filter), its own unprivileged uid when the parent is root (so it
+cannot read the parent's /proc/<pid>/environ, and everything it leaves behind is killed by uid, whatever
+setsid()/setpgid() it called), a process-count limit, no writes outside its private temp dir (Landlock), memory
+and file-size limits, a scrubbed environment whose HOME and TMPDIR are that temp dir, stdin at EOF, and a wall-clock
+timeout. A run passes only if the program returned normally: the guard then prints a random per-run nonce as the
+last line of stdout, which sys.exit(0), os._exit(0) or a killed process cannot produce.
 
-This is NOT a security sandbox: it stops honest mistakes of a language model (runaway loops, huge
-allocations, `shutil.rmtree`), not an adversary (ctypes, `_socket`, `os.open(..., O_TRUNC)` and re-imports
-all get around it). Run it in a container if the code may be hostile.
+What the kernel did not allow is reported in ExecutionResult.isolation and degrades to the next layer: no network
+namespace -> the seccomp filter; not root -> no uid of its own (no process-count limit, and setsid() escapes the
+group kill); no Landlock (Linux < 5.13) -> writes limited by file permissions only. The guard also disables
+destructive os/shutil/subprocess functions at the Python level, against honest mistakes.
 
-Thread-safe and usable from Ray workers: no signals or handlers in the parent, no global state, no
-preexec_fn (which is unsafe in threaded parents); every limit is applied by the child itself.
+Thread-safe and usable from Ray workers: no signals or handlers in the parent, no global state, no preexec_fn
+(unsafe in threaded parents); every limit is applied by the child itself.
 """
+import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -25,6 +31,11 @@ from dataclasses import dataclass
 MAX_OUTPUT_BYTES = 1 << 20
 # RLIMIT_FSIZE: no single file (stdout included) may grow past this, so a print loop can't fill the disk
 MAX_FILE_BYTES = 64 << 20
+# RLIMIT_NPROC of the run's own uid: processes and threads of this run alone
+MAX_PROCESSES = 16
+GUARD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_guard.py")
+# each run as root gets a uid of its own from this range (no account needs to exist for it)
+SANDBOX_UIDS = (1 << 20, 1 << 30)
 
 
 @dataclass
@@ -35,61 +46,12 @@ class ExecutionResult:
     error: str | None = None  # a one-line reason when not successful (usually the last traceback line)
     timeout: bool = False
     memory_exceeded: bool = False
+    isolation: tuple = ()  # what the kernel allowed: netns or seccomp, uid, nproc, landlock
 
     def __repr__(self):
         flags = "".join(f", {k}=True" for k in ("timeout", "memory_exceeded") if getattr(self, k))
         return (f"ExecutionResult(success={self.success}, stdout={self.stdout[:200]!r}, "
                 f"stderr={self.stderr[:200]!r}, error={self.error!r}{flags})")
-
-
-# The guard runs first in the child. argv: [-c, program_path, memory_limit_bytes, file_limit_bytes].
-# The program is read from a file (not passed on the command line: one argv string is capped at 128 KiB).
-_GUARD = r'''
-import builtins, faulthandler, os, platform, sys
-_path, _mem, _fsize = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-with open(_path, encoding="utf-8") as _f:
-    _src = _f.read()
-sys.argv = ["<program>"]
-import resource
-if _mem > 0 and platform.system() != "Darwin":  # RLIMIT_AS is not enforced on macOS; setting it can fail
-    for _r in (resource.RLIMIT_AS, resource.RLIMIT_DATA, resource.RLIMIT_STACK):
-        resource.setrlimit(_r, (_mem, _mem))
-resource.setrlimit(resource.RLIMIT_FSIZE, (_fsize, _fsize))
-faulthandler.disable()
-os.environ["OMP_NUM_THREADS"] = "1"
-
-# no network (best effort): IPv4/IPv6 sockets and DNS fail; AF_UNIX stays (asyncio needs a socketpair)
-import socket as _socket_mod
-class _NoNetSocket(_socket_mod.socket):
-    def __init__(self, family=_socket_mod.AF_INET, *args, **kwargs):
-        if family in (_socket_mod.AF_INET, _socket_mod.AF_INET6):
-            raise OSError("network access is disabled in the nanochat sandbox")
-        super().__init__(family, *args, **kwargs)
-def _no_net(*args, **kwargs):
-    raise OSError("network access is disabled in the nanochat sandbox")
-_socket_mod.socket = _NoNetSocket
-_socket_mod.create_connection = _socket_mod.getaddrinfo = _socket_mod.gethostbyname = _no_net
-
-# destructive or escaping functions become None, so calling them raises TypeError. (os.putenv, on the
-# classic list, stays: it only touches this process's environment and numpy's import calls it.)
-builtins.exit = builtins.quit = None
-for _name in ("kill", "system", "remove", "removedirs", "rmdir", "fchdir", "setuid", "fork",
-              "forkpty", "killpg", "rename", "renames", "truncate", "replace", "unlink", "fchmod", "fchown",
-              "chmod", "chown", "chroot", "lchflags", "lchmod", "lchown", "getcwd", "chdir",
-              "posix_spawn", "posix_spawnp", "spawnv", "spawnve", "spawnvp", "spawnvpe", "execv", "execve",
-              "execvp", "execvpe", "popen"):
-    if hasattr(os, _name):
-        setattr(os, _name, None)
-import shutil, subprocess
-shutil.rmtree = shutil.move = shutil.chown = None
-subprocess.Popen = None
-builtins.help = None
-for _mod in ("ipdb", "joblib", "resource", "psutil", "tkinter"):
-    sys.modules[_mod] = None
-
-# the program gets fresh globals, so none of the names above are visible to it
-exec(compile(_src, "<program>", "exec"), {"__name__": "__main__", "__builtins__": builtins})
-'''
 
 
 def _last_line(text):
@@ -105,6 +67,22 @@ def _read(path):
         return ""
     text = data[:MAX_OUTPUT_BYTES].decode("utf-8", errors="replace")
     return text + ("\n[output truncated]" if len(data) > MAX_OUTPUT_BYTES else "")
+
+
+def _strip_end_marker(path, marker):
+    """Did stdout end with the run's marker (the program returned normally)? If so, cut it off the file."""
+    try:
+        with open(path, "rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size < len(marker):
+                return False
+            f.seek(size - len(marker))
+            if f.read() != marker:
+                return False
+            f.truncate(size - len(marker))
+            return True
+    except OSError:
+        return False
 
 
 def _wait_exited(proc, timeout):
@@ -139,40 +117,104 @@ def _kill_group(pid):
         pass
 
 
-def execute_code(code, timeout=5.0, maximum_memory_bytes=256 * 1024 * 1024):
-    """Run `code` (a str of Python source) in a fresh interpreter and return an ExecutionResult.
+def _processes_of(uid):
+    """Live (non-zombie) pids whose /proc entry belongs to `uid`."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and os.stat(f"/proc/{entry}").st_uid == uid:
+                with open(f"/proc/{entry}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                        pids.append(int(entry))
+        except OSError:  # gone meanwhile
+            pass
+    return pids
+
+
+def _kill_uid(uid):
+    """SIGKILL every process of `uid` (this run's alone), wherever setsid()/setpgid() took it. Through a pidfd whose
+    owner is checked after opening it, so a pid reused by another process in between is never signalled; repeated
+    until none is left (a process forked meanwhile shows up in the next pass; RLIMIT_NPROC bounds them)."""
+    for _ in range(100):
+        pids = _processes_of(uid)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                fd = os.pidfd_open(pid)
+            except OSError:
+                continue
+            try:
+                if os.stat(f"/proc/{pid}").st_uid == uid:
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        time.sleep(0.005)
+    raise RuntimeError(f"sandbox processes of uid {uid} survive SIGKILL")
+
+
+def execute_code(code, timeout=5.0, maximum_memory_bytes=256 * 1024 * 1024, network="auto"):
+    """Run `code` (a str of Python source) in a fresh, isolated interpreter and return an ExecutionResult.
     timeout: wall-clock seconds, interpreter start-up included. maximum_memory_bytes: address-space limit
-    (RLIMIT_AS); None disables it."""
+    (RLIMIT_AS); None disables it. network: "auto" (a network namespace where the kernel allows it, else the
+    seccomp filter) or "seccomp" (the filter only)."""
     root = tempfile.mkdtemp(prefix="nanochat_exec_")
+    own_uid = os.geteuid() == 0 and os.path.isdir("/proc")  # (its processes are found, and killed, through /proc)
+    uid = secrets.randbelow(SANDBOX_UIDS[1] - SANDBOX_UIDS[0]) + SANDBOX_UIDS[0] if own_uid else -1
     try:
-        workdir = os.path.join(root, "work")  # the program's cwd holds only what the program writes
-        os.mkdir(workdir)
-        program_path = os.path.join(root, "program.py")
+        workdir = os.path.join(root, "work")  # the program's cwd, HOME and TMPDIR: only what it writes
+        os.mkdir(workdir, 0o700)
+        if uid >= 0:
+            os.chmod(root, 0o711)  # the run's uid reaches its workdir, and nothing else in here
+            os.chown(workdir, uid, uid)
+        program_path, report_path = os.path.join(root, "program.py"), os.path.join(root, "isolation.json")
         with open(program_path, "w", encoding="utf-8") as f:
             f.write(code)
         stdout_path, stderr_path = os.path.join(root, "stdout"), os.path.join(root, "stderr")
         mem = maximum_memory_bytes if maximum_memory_bytes else -1  # -1 == RLIM_INFINITY
-        cmd = [sys.executable, "-I", "-X", "utf8", "-c", _GUARD, program_path, str(mem), str(MAX_FILE_BYTES)]
+        cmd = [sys.executable, "-I", "-B", "-X", "utf8", GUARD, program_path, report_path, str(mem),
+               str(MAX_FILE_BYTES), str(MAX_PROCESSES), network, str(uid), root]
+        env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
+        nonce = secrets.token_hex(16)
         with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
-            proc = subprocess.Popen(cmd, cwd=workdir, env={"PATH": "/usr/bin:/bin"}, stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=err, start_new_session=True, close_fds=True)
+            proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdin=subprocess.PIPE, stdout=out, stderr=err,
+                                    start_new_session=True, close_fds=True)
+        try:
+            proc.stdin.write(nonce.encode() + b"\n")
+            proc.stdin.close()
+        except OSError:  # the child died at start-up; its stderr says why
+            pass
         try:
             exited = _wait_exited(proc, timeout)
         finally:
-            # kill the whole group: a timed-out program, or anything it left running; then reap
+            # kill the whole group: a timed-out program, or anything it left running; then everything of its uid
             _kill_group(proc.pid)
-            proc.wait()
+            proc.wait(timeout=30)
+            if uid >= 0:
+                _kill_uid(uid)
+        reached_end = _strip_end_marker(stdout_path, f"\n{nonce}\n".encode())
         stdout, stderr = _read(stdout_path), _read(stderr_path)
+        try:
+            with open(report_path) as f:
+                isolation = tuple(json.load(f))
+        except (OSError, ValueError):
+            isolation = ()
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
     if not exited:
-        return ExecutionResult(False, stdout, stderr, error=f"timed out after {timeout} s", timeout=True)
+        return ExecutionResult(False, stdout, stderr, error=f"timed out after {timeout} s", timeout=True,
+                               isolation=isolation)
     memory_exceeded = "MemoryError" in stderr or "Cannot allocate memory" in stderr
+    if proc.returncode == 0 and reached_end:
+        return ExecutionResult(True, stdout, stderr, isolation=isolation)
     if proc.returncode == 0:
-        return ExecutionResult(True, stdout, stderr)
-    if proc.returncode < 0:
+        error = "the program exited before its end (sys.exit, os._exit or the like): not a pass"
+    elif proc.returncode < 0:
         error = _last_line(stderr) or f"killed by signal {-proc.returncode}"
     else:
         error = _last_line(stderr) or f"exit status {proc.returncode}"
-    return ExecutionResult(False, stdout, stderr, error=error, memory_exceeded=memory_exceeded)
+    return ExecutionResult(False, stdout, stderr, error=error, memory_exceeded=memory_exceeded,
+                           isolation=isolation)

