@@ -26,7 +26,7 @@ class GPTConfig:
     n_head: int = 6
     n_kv_head: int = 6
     n_embd: int = 768
-    window_pattern: str = "SSSL"  # tiled over layers, L = full context, S = short window; last layer always L
+    window_pattern: str = "SSSL"  # tiled over layers, L = window of sequence_len, S = short window; last layer L
     # Newer architecture pieces (defaults = nanochat's current model). A nanochat meta file does not name these,
     # so the defaults must stay equal to nanochat's behaviour.
     use_resid_lambdas: bool = True  # x = resid_lambda[i] * x + x0_lambda[i] * x0 before each block
@@ -153,9 +153,9 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache.insert(self.layer_idx, k, v)
             k, v = k[:, :mask.size(-1)], v[:, :mask.size(-1)]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D) for SDPA
-        if kv_cache is None and window is None:
+        if kv_cache is None and T - 1 <= window:  # the window reaches back to the first token: plain causal
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        elif kv_cache is None and q.is_cuda and window < T:
+        elif kv_cache is None and q.is_cuda and self.training:  # fixed training shapes: one compile
             y = flex_sliding_window_attention(q, k, v, window)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
@@ -218,14 +218,15 @@ class GPT(nn.Module):
 
     @staticmethod
     def _compute_window_sizes(config):
-        """Per-layer left window (None = full context). Short window: config.short_window, else T/4 rounded up to a
-        multiple of 128."""
+        """Per-layer left window: a query at position i sees keys i - window .. i. L layers (and the last layer)
+        get sequence_len, S layers config.short_window, else T/4 rounded up to a multiple of 128. Every layer has a
+        window, as nanochat's do: past sequence_len tokens, even L layers stop seeing the start."""
         pattern = config.window_pattern.upper()
         assert pattern and set(pattern) <= {"S", "L"}, f"window_pattern must use only S and L, got {pattern!r}"
         T = config.sequence_len
         short = config.short_window or math.ceil(T / 4 / 128) * 128
-        sizes = [short if pattern[i % len(pattern)] == "S" and short < T else None for i in range(config.n_layer)]
-        sizes[-1] = None
+        sizes = [short if pattern[i % len(pattern)] == "S" else T for i in range(config.n_layer)]
+        sizes[-1] = T
         return sizes
 
     def _precompute_rotary(self, seq_len, device=None):
@@ -291,7 +292,7 @@ class GPT(nn.Module):
         n_matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         cfg = self.config
         H, D, T = cfg.n_head, cfg.n_embd // cfg.n_head, cfg.sequence_len
-        attn = sum(12 * H * D * min(w if w is not None else T, T) for w in self.window_sizes)
+        attn = sum(12 * H * D * min(w, T) for w in self.window_sizes)
         return 6 * n_matmul + attn
 
     def setup_optimizer(self, unembedding_lr=0.008, embedding_lr=0.3, matrix_lr=0.02, weight_decay=0.0,
@@ -362,12 +363,12 @@ class GPT(nn.Module):
                 kv_cache.prev_embedding = x[:, -1:]
                 x = self._smear(x, prev) if prev is not None else (self._smear(x, None) if T > 1 else x)
 
-        # one mask per distinct window, shared by the layers (not needed for full causal training attention)
+        # one mask per distinct window, shared by the layers (not needed where the window covers the whole input)
         masks = {}
         for w in set(self.window_sizes):
             if kv_cache is not None:
                 masks[w] = attention_mask(positions, k_len, w)
-            elif w is not None and not idx.is_cuda:
+            elif T - 1 > w and not (idx.is_cuda and self.training):  # (evals vary in length: no flex compiles)
                 masks[w] = attention_mask(positions, T, w)
 
         x0 = x

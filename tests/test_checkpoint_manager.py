@@ -243,8 +243,8 @@ def reference_old_forward(sd, cfg, idx):
     rope, rms = reference_rope(T, D), reference_rms
 
     pattern = cfg["window_pattern"]
-    windows = [cfg["sequence_len"] // 2 if pattern[i % len(pattern)] == "S" else None for i in range(L)]
-    windows[-1] = None
+    windows = [cfg["sequence_len"] // 2 if pattern[i % len(pattern)] == "S" else cfg["sequence_len"] for i in range(L)]
+    windows[-1] = cfg["sequence_len"]
     rows, cols = torch.arange(T)[:, None], torch.arange(T)[None, :]
     x = x0 = rms(sd["transformer.wte.weight"][idx])
     for i in range(L):
@@ -259,7 +259,7 @@ def reference_old_forward(sd, cfg, idx):
             v = v + gate[..., None] * sd[f"value_embeds.{i}.weight"][idx].view(B, T, Hkv, D)
         q, k = rms(rope(q)), rms(rope(k))
         k, v = k.repeat_interleave(H // Hkv, dim=2), v.repeat_interleave(H // Hkv, dim=2)
-        allowed = (cols <= rows) & ((rows - cols <= windows[i]) if windows[i] else True)
+        allowed = (cols <= rows) & (rows - cols <= windows[i])
         att = (torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(D)).masked_fill(~allowed, float("-inf"))
         y = torch.einsum("bhqk,bkhd->bqhd", att.softmax(-1), v).reshape(B, T, C)
         x = x + y @ w["attn.c_proj.weight"].T
@@ -278,8 +278,9 @@ def test_load_old_era_nanochat_checkpoint_matches_the_old_forward(tmp_path):
     loaded, _, _ = build_model(ckpt, 7, "cpu", "eval", base_dir=str(tmp_path))
     c = loaded.config
     assert (c.ve_gate_channels, c.ve_gate_scale, c.rope_base, c.qk_scale, c.short_window) == (32, 2.0, 10000.0, 1.0, 32)
-    assert loaded.window_sizes == [32, 32, 32, None]
-    tokens = torch.randint(0, TINY["vocab_size"], (2, 48), generator=torch.Generator().manual_seed(3))  # > window
+    assert loaded.window_sizes == [32, 32, 32, 64]
+    # past the short window, and past sequence_len (where OLD's L layers stop seeing the start too)
+    tokens = torch.randint(0, TINY["vocab_size"], (2, 80), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(loaded(tokens), reference_old_forward(sd, config, tokens), rtol=1e-4, atol=1e-4)
 

@@ -218,6 +218,107 @@ def test_real_task_files(model, tiny_tokenizer):
 
 
 # -----------------------------------------------------------------------------
+# Parity with nanochat's evaluate_example on prompts longer than the model's context
+
+REF_TEMPLATES = {  # nanochat renders its prompts with Jinja; these templates say the same thing
+    "multiple_choice": "{% for ex in shots %}{{ ex.query }}{{ d }}{{ ex.choices[ex.gold] }}\n\n{% endfor %}"
+                       "{{ item.query }}{{ d }}{{ option }}",
+    "schema": "{% for ex in shots %}{{ ex.context_options[ex.gold] }}{{ d }}{{ ex.continuation }}\n\n{% endfor %}"
+              "{{ option }}{{ d }}{{ item.continuation }}",
+    "language_modeling": "{% for ex in shots %}{{ ex.context | trim }}{{ d }}{{ ex.continuation }}\n\n{% endfor %}"
+                         "{{ item.context | trim }}{{ d }}{% if full %}{{ item.continuation }}{% endif %}",
+}
+
+
+def reference_example(model, tokenizer, data, idx, meta):
+    """nanochat's evaluate_example rules, written out: few-shot draw, Jinja prompts, spans from the common
+    prefix / suffix, the left crop when the model exposes max_seq_len, BOS padding, nanochat's forward (the
+    independent reference of test_gpt), lowest mean loss with Python's min/index tie-breaking."""
+    from jinja2 import Template
+
+    from test_gpt import reference_nanochat_forward
+    item, kind, d = data[idx], meta["task_type"], meta["continuation_delimiter"]
+    shots = []
+    if meta["num_fewshot"] > 0:
+        pool = [i for i in range(len(data)) if i != idx]
+        shots = [data[i] for i in random.Random(1234 + idx).sample(pool, meta["num_fewshot"])]
+    template = Template(REF_TEMPLATES[kind])
+    if kind == "language_modeling":
+        prompts = [template.render(shots=shots, d=d, item=item, full=False).strip(),
+                   template.render(shots=shots, d=d, item=item, full=True)]
+    else:
+        options = item["choices"] if kind == "multiple_choice" else item["context_options"]
+        prompts = [template.render(shots=shots, d=d, item=item, option=o) for o in options]
+    bos = tokenizer.get_bos_token_id()
+    seqs = [[bos] + tokenizer.encode(p) for p in prompts]
+    if kind == "language_modeling":
+        spans, seqs = [(len(seqs[0]), len(seqs[1]))], seqs[1:]
+    elif kind == "multiple_choice":
+        start = next((i for i in range(min(map(len, seqs))) if len({s[i] for s in seqs}) > 1), min(map(len, seqs)))
+        spans = [(start, len(s)) for s in seqs]
+    else:
+        tail = next((i for i in range(min(map(len, seqs))) if len({s[-1 - i] for s in seqs}) > 1),
+                    min(map(len, seqs)))
+        spans = [(len(s) - tail, len(s)) for s in seqs]
+    limit = getattr(model, "max_seq_len", None)
+    if limit is not None:
+        cuts = [max(0, len(s) - limit) for s in seqs]
+        spans = [(a - c, b - c) for (a, b), c in zip(spans, cuts)]
+        seqs = [s[c:] for s, c in zip(seqs, cuts)]
+    ids = torch.full((len(seqs), max(map(len, seqs))), bos, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+    gpt = getattr(model, "inner", model)
+    with torch.no_grad():
+        logits = reference_nanochat_forward(gpt, ids)
+    losses = F.cross_entropy(logits.transpose(1, 2)[:, :, :-1], ids[:, 1:], reduction="none")
+    if kind == "language_modeling":
+        a, b = spans[0]
+        return bool((logits[0, a - 1:b - 1].argmax(-1) == ids[0, a:b]).all())
+    means = [losses[i, a - 1:b - 1].mean().item() for i, (a, b) in enumerate(spans)]
+    return means.index(min(means)) == item["gold"]
+
+
+class CroppedModel(torch.nn.Module):
+    """A model that says how long a sequence it takes (nanochat crops prompts from the left for such models)."""
+
+    def __init__(self, inner, max_seq_len):
+        super().__init__()
+        self.inner, self.max_seq_len = inner, max_seq_len
+
+    def forward(self, ids):
+        return self.inner(ids)
+
+
+WORDS = "red blue green quick brown fox jumps over lazy dog alpha beta gamma delta one two three".split()
+LONG_MC = [{"query": f"Question {i}: which word follows {WORDS[i % 16]} {WORDS[(i * 7) % 16]}?",
+            "choices": [WORDS[(i + j) % 16] for j in range(3)] + ([WORDS[i % 16]] if i % 5 == 0 else []),
+            "gold": 3 if i % 5 == 0 else i % 3} for i in range(14)]  # every fifth: a tied pair (0 and 3)
+LONG_SCHEMA = [{"context_options": [f"{WORDS[i % 16]} met {WORDS[(i + 3) % 16]} so", f"{WORDS[(i + 5) % 16]} left so"],
+                "continuation": f"the {WORDS[(i * 3) % 16]} {WORDS[(i * 5) % 16]} stayed.", "gold": i % 2}
+               for i in range(14)]
+LONG_LM = [{"context": f"Count {i}: {' '.join(WORDS[(i + j) % 16] for j in range(4))} then ",
+            "continuation": f"{WORDS[(i + 4) % 16]} {i}"} for i in range(14)]
+
+
+@pytest.mark.parametrize("task_type,data,k,delimiter", [("multiple_choice", LONG_MC, 10, "\nAnswer: "),
+                                                        ("schema", LONG_SCHEMA, 8, " "),
+                                                        ("language_modeling", LONG_LM, 10, " ")])
+@pytest.mark.parametrize("max_seq_len", [None, 96])  # no crop (our GPT, like nanochat's), and the left crop
+def test_core_matches_nanochat_rules_past_the_context(tiny_tokenizer, task_type, data, k, delimiter, max_seq_len):
+    from test_gpt import WINDOWED
+    config = GPTConfig(**{**WINDOWED, "sequence_len": 64, "vocab_size": 320, "short_window": 16})
+    gpt = perturbed(build_model(config), scale=0.1).eval()
+    model = gpt if max_seq_len is None else CroppedModel(gpt, max_seq_len)
+    meta = {"task_type": task_type, "num_fewshot": k, "continuation_delimiter": delimiter}
+    tokens, _, _ = ce.prepare_example(tiny_tokenizer, data, 0, meta)
+    assert min(map(len, tokens)) > 2 * config.sequence_len  # the few-shot prompts outgrow the context
+    ours = [ce.evaluate_example(model, tiny_tokenizer, data, i, meta, "cpu") for i in range(len(data))]
+    assert ours == [reference_example(model, tiny_tokenizer, data, i, meta) for i in range(len(data))]
+    assert 0 < sum(ours) < len(data) or task_type == "language_modeling"  # decisions that can tell a difference
+
+
+# -----------------------------------------------------------------------------
 # Centering, CORE, CSV
 
 def test_centering_and_core():

@@ -11,6 +11,12 @@ from nanochat.gpt import GPT, GPTConfig, attention_mask, build_model, flex_slidi
 SMALL = dict(sequence_len=512, vocab_size=300, n_layer=4, n_head=4, n_kv_head=2, n_embd=64)
 
 
+@pytest.fixture(autouse=True)
+def seeded():
+    """Inputs drawn from torch's global generator are the same on every run, whatever ran before."""
+    torch.manual_seed(0)
+
+
 def meta_model(**kw):
     with torch.device("meta"):
         return GPT(GPTConfig(**kw))
@@ -30,7 +36,7 @@ def test_default_config_is_nanochat_d12_with_its_state_dict():
     assert ve_layers == [1, 3, 5, 7, 9, 11]
     assert sd["transformer.h.11.attn.ve_gate.weight"] == (6, 12)
     assert "transformer.h.10.attn.ve_gate.weight" not in sd
-    assert model.window_sizes == [512, 512, 512, None] * 2 + [512, 512, 512, None]
+    assert model.window_sizes == [512, 512, 512, 2048] * 3  # S = T/4 (rounded up to 128), L = T
     # no rotary buffers in the checkpoint
     assert "cos" not in sd and "sin" not in sd
 
@@ -87,7 +93,7 @@ def test_each_piece_can_be_turned_off():
     for flag, removed in cases.items():
         keys = set(meta_model(**SMALL, **{flag: False}).state_dict())
         assert keys == full - removed, flag
-    assert build_model(GPTConfig(**SMALL, window_pattern="L")).window_sizes == [None] * 4
+    assert build_model(GPTConfig(**SMALL, window_pattern="L")).window_sizes == [512] * 4
 
 
 def reference_baseline_forward(model, idx):
@@ -138,13 +144,77 @@ def test_causality(cfg):
 
 def test_sliding_window_limits_context():
     model = perturbed(build_model(GPTConfig(**SMALL)))  # window 128 on layers 0-2, full on layer 3
-    assert model.window_sizes == [128, 128, 128, None]
+    assert model.window_sizes == [128, 128, 128, 512]
     full = build_model(GPTConfig(**{**SMALL, "window_pattern": "L"}))
     full.load_state_dict(model.state_dict())
     idx = torch.randint(0, 300, (1, 200))
     a, b = model(idx), full(idx)
     torch.testing.assert_close(a[:, :129], b[:, :129])  # within the window nothing changes
     assert (a[:, 129:] - b[:, 129:]).abs().max() > 1e-3
+
+
+def reference_nanochat_forward(model, idx):
+    """nanochat's current GPT written out independently: smear, x0 / residual lambdas, gated value embeddings, QK
+    norm and scale, backout, softcap, and its windows: every layer sees keys i - w .. i, with w = sequence_len for L
+    layers and the last layer, and T/4 rounded up to 128 (or short_window) for S layers."""
+    cfg = model.config
+    B, T = idx.shape
+    H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head
+    rope, rms = reference_rope(T, D, base=cfg.rope_base), reference_rms
+    short = cfg.short_window or -(-cfg.sequence_len // 4 // 128) * 128
+    windows = [short if cfg.window_pattern[i % len(cfg.window_pattern)] == "S" else cfg.sequence_len
+               for i in range(cfg.n_layer)]
+    windows[-1] = cfg.sequence_len
+    gap = torch.arange(T)[:, None] - torch.arange(T)[None, :]
+
+    x = rms(model.transformer.wte.weight[idx])
+    gate = model.smear_lambda * torch.sigmoid(x[:, 1:, :24] @ model.smear_gate.weight.T)
+    x = torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
+    x0, x_half = x, None
+    for i, blk in enumerate(model.transformer.h):
+        x = model.resid_lambdas[i] * x + model.x0_lambdas[i] * x0
+        h = rms(x)
+        q = (h @ blk.attn.c_q.weight.T).view(B, T, H, D)
+        k = (h @ blk.attn.c_k.weight.T).view(B, T, Hkv, D)
+        v = (h @ blk.attn.c_v.weight.T).view(B, T, Hkv, D)
+        if str(i) in model.value_embeds:
+            g = cfg.ve_gate_scale * torch.sigmoid(h[..., :cfg.ve_gate_channels] @ blk.attn.ve_gate.weight.T)
+            v = v + g[..., None] * model.value_embeds[str(i)].weight[idx].view(B, T, Hkv, D)
+        q, k = rms(rope(q)) * cfg.qk_scale, rms(rope(k)) * cfg.qk_scale
+        k, v = k.repeat_interleave(H // Hkv, dim=2), v.repeat_interleave(H // Hkv, dim=2)
+        att = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(D)
+        att = att.masked_fill(~((gap >= 0) & (gap <= windows[i])), float("-inf")).softmax(-1)
+        x = x + torch.einsum("bhqk,bkhd->bqhd", att, v).reshape(B, T, -1) @ blk.attn.c_proj.weight.T
+        h = rms(x)
+        x = x + F.relu(h @ blk.mlp.c_fc.weight.T).square() @ blk.mlp.c_proj.weight.T
+        if i == cfg.n_layer // 2:
+            x_half = x
+    x = rms(x - model.backout_lambda * x_half)
+    logits = x @ model.lm_head.weight.T
+    return 15 * torch.tanh(logits[..., :cfg.vocab_size] / 15)
+
+
+WINDOWED = dict(sequence_len=256, vocab_size=300, n_layer=4, n_head=4, n_kv_head=2, n_embd=64, window_pattern="SSSL")
+
+
+@pytest.mark.parametrize("short_window", [0, 64])  # today's T/4 rounded up to 128, and OLD nanochat's T/2 style
+@pytest.mark.parametrize("length", [200, 256, 282, 768])  # below, at, 1.1x and 3x sequence_len
+def test_windows_match_nanochat_at_every_length(length, short_window):
+    """Past sequence_len an L layer stops seeing the start too (nanochat's window is sequence_len, not 'all'):
+    the training forward and a KV-cache decode both give the reference logits."""
+    from nanochat.engine import KVCache
+    model = perturbed(build_model(GPTConfig(**WINDOWED, short_window=short_window)), scale=0.1).eval()
+    assert model.window_sizes == [short_window or 128] * 3 + [256]
+    idx = torch.randint(0, 300, (2, length), generator=torch.Generator().manual_seed(length))
+    with torch.no_grad():
+        ref = reference_nanochat_forward(model, idx)
+        torch.testing.assert_close(model(idx), ref, rtol=1e-4, atol=1e-4)
+        # KV cache: prefill most of it in one go, then decode the rest one token at a time
+        cache = KVCache.for_model(model, 2, length)
+        split = length - 24
+        outs = [model(idx[:, :split], kv_cache=cache)]
+        outs += [model(idx[:, t:t + 1], kv_cache=cache) for t in range(split, length)]
+        torch.testing.assert_close(torch.cat(outs, dim=1), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_attention_mask_semantics():
