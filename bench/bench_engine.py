@@ -1,8 +1,18 @@
 """
-Decode speed: Engine (prefill once, KV cache) vs naive GPT.generate (full re-forward per token), same model,
-same prompt, greedy, exactly --new-tokens tokens each (special-token logits are zeroed so neither stops early).
+Decode speed, same model and prompt, greedy, exactly --new-tokens tokens per row (special-token logits are zeroed
+so nothing stops early):
+
+- Engine.generate_batch (prefill once, KV cache, --num-samples rows decoded together) vs naive GPT.generate (full
+  re-forward per token, batch 1);
+- the serving scheduler decoding --num-samples requests of the same prompt at once: the same batch as the Engine,
+  through continuous batching's per-row positions (its step should cost no more per token than the Engine's);
+- with --compare-nanochat DIR (a checkout of karpathy/nanochat): nanochat's own Engine and ours on the same weights,
+  each in a worker process of the same make (one script, only the import path differs: both packages are called
+  `nanochat`), rounds alternated and their order flipped each round, so both see the same machine; the greedy
+  tokens must be identical.
 
     python bench/bench_engine.py --depth 4 --new-tokens 256
+    python bench/bench_engine.py --seq-len 128 --num-samples 4 --new-tokens 200 --compare-nanochat ~/nanochat
 The model has nanochat's real vocabulary size (--vocab-size 32768) and the depth dial's shape. The tokenizer (only
 used for the prompt and the special tokens) is trained on the fly on Python's bundled documentation (offline,
 ~0.5 MB of prose, --tokenizer-vocab 4096); the random model may emit ids beyond it, which are just ints here.
@@ -10,7 +20,13 @@ Last line: one JSON object.
 """
 import argparse
 import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from dataclasses import asdict
 
 import pydoc_data.topics
 import torch
@@ -20,21 +36,126 @@ from nanochat.engine import Engine
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.tokenizer import RustBPETokenizer
 
+# Runs with either checkout first on the import path: builds that checkout's GPT from the bench's state dict and
+# answers each "run" line on stdin with one timed Engine.generate_batch, as a JSON line.
+NANOCHAT_WORKER = r"""
+import json, sys, time, torch
+from nanochat.engine import Engine
+from nanochat.gpt import GPT, GPTConfig
+spec = json.load(open(sys.argv[1]))
+torch.set_num_threads(spec["threads"])
+with torch.device("meta"):
+    model = GPT(GPTConfig(**spec["config"]))
+model.to_empty(device=spec["device"])
+model.init_weights()  # the rotary buffers; every weight comes from the state dict
+model.load_state_dict(torch.load(spec["weights"], map_location=spec["device"]), strict=True)
+model.eval()
+class Tokenizer:  # what the Engines ask of a tokenizer when no tool is used
+    def encode_special(self, s): return spec["specials"][s]
+    def get_bos_token_id(self): return spec["specials"]["<|bos|>"]
+    def turn_end_ids(self): return {spec["specials"][s] for s in spec["turn_end"]}
+engine = Engine(model, Tokenizer())
+for line in sys.stdin:
+    t0 = time.perf_counter()
+    rows, _ = engine.generate_batch(spec["prompt"], num_samples=spec["num_samples"], max_tokens=spec["new_tokens"],
+                                    temperature=0.0)
+    if spec["device"] == "cuda":
+        torch.cuda.synchronize()
+    print(json.dumps({"seconds": time.perf_counter() - t0, "rows": rows}), flush=True)
+"""
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class EngineWorker:
+    """The Engine of a checkout in a worker process; run() times one generate_batch there."""
+
+    def __init__(self, checkout, model, tokenizer, prompt, args, workdir):
+        weights, spec_path = os.path.join(workdir, "weights.pt"), os.path.join(workdir, "spec.json")
+        if not os.path.exists(weights):
+            torch.save(model.state_dict(), weights)
+        keys = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "window_pattern")
+        config = {k: v for k, v in asdict(model.config).items() if k in keys}
+        specials = {s: tokenizer.encode_special(s) for s in tokenizer.get_special_tokens()}
+        with open(spec_path, "w") as f:
+            json.dump(dict(config=config, weights=weights, specials=specials, prompt=prompt, device=args.device,
+                           turn_end=["<|bos|>", "<|assistant_end|>", "<|user_start|>", "<|user_end|>",
+                                     "<|assistant_start|>"],
+                           num_samples=args.num_samples, new_tokens=args.new_tokens,
+                           threads=torch.get_num_threads()), f)
+        self.proc = subprocess.Popen([sys.executable, "-c", NANOCHAT_WORKER, spec_path], cwd=checkout,
+                                     env={**os.environ, "PYTHONPATH": checkout}, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+
+    def run(self):
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("an engine worker died (see its stderr above)")
+        out = json.loads(line)
+        return out["rows"], out["seconds"]
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+class AnyIdTokenizer:
+    """The tokenizer, but any id of the (larger) model vocabulary decodes to some bytes: the scheduler streams text,
+    and the random model samples ids the small prompt tokenizer does not have."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.vocab = tokenizer, tokenizer.get_vocab_size()
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+    def decode_single_token_bytes(self, token):
+        return self.tokenizer.decode_single_token_bytes(token % self.vocab)
+
+
+def scheduler_decode(model, tokenizer, prompt, args):
+    """num_samples requests of the prompt through the serving scheduler at once: (seconds, rows of tokens). The loop
+    runs on this thread, which built the model, as a replica runs it (see Scheduler.run)."""
+    from serve.scheduler import SamplingParams, Scheduler
+    scheduler = Scheduler(model, AnyIdTokenizer(tokenizer), max_batch=args.num_samples, max_waiting=args.num_samples,
+                          seq_len=len(prompt) + args.new_tokens + 1)
+    done = []
+    params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, top_k=0)
+
+    def sink(ev):
+        if ev.get("done"):
+            done.append(ev)
+            if len(done) == args.num_samples:
+                scheduler.stop()  # the loop returns after this step
+    scheduler.running = True  # accepts the requests before its loop starts
+    requests = scheduler.submit_many([(prompt, params, sink)] * args.num_samples)
+    t0 = time.perf_counter()
+    scheduler.run()
+    return time.perf_counter() - t0, [list(prompt) + r.generated for r in requests]
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--depth", type=int, default=4, help="model depth (the depth dial sets the width)")
+    parser.add_argument("--seq-len", type=int, default=512, help="the model's sequence_len (its L-layer window)")
+    parser.add_argument("--window-pattern", default="SSSL", help="sliding-window pattern of the layers")
     parser.add_argument("--vocab-size", type=int, default=32768, help="model vocabulary")
-    parser.add_argument("--tokenizer-vocab", type=int, default=4096)
-    parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument("--num-samples", type=int, default=1, help="rows decoded in parallel by the engine")
-    parser.add_argument("--device", default=autodetect_device_type())
+    parser.add_argument("--tokenizer-vocab", type=int, default=4096, help="vocabulary of the prompt's tokenizer")
+    parser.add_argument("--new-tokens", type=int, default=256, help="tokens decoded per row")
+    parser.add_argument("--num-samples", type=int, default=1, help="rows decoded in parallel (Engine, scheduler)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds of each contender (median reported)")
+    parser.add_argument("--compare-nanochat", default=None, metavar="DIR",
+                        help="a nanochat checkout: also time its Engine on the same weights")
+    parser.add_argument("--device", default=autodetect_device_type(), help="cpu | cuda | mps")
     args = parser.parse_args()
 
     device = torch.device(args.device)
     tokenizer = RustBPETokenizer.train_from_iterator(iter(pydoc_data.topics.topics.values()), args.tokenizer_vocab)
-    config = GPTConfig.from_depth(args.depth, sequence_len=512, vocab_size=max(args.vocab_size,
-                                                                              tokenizer.get_vocab_size()))
+    config = GPTConfig.from_depth(args.depth, sequence_len=args.seq_len, window_pattern=args.window_pattern,
+                                  vocab_size=max(args.vocab_size, tokenizer.get_vocab_size()))
     torch.manual_seed(0)
     model = build_model(config, device).eval()
     with torch.no_grad():  # random weights: give projections some signal, and never sample a special token
@@ -44,6 +165,7 @@ def main():
             model.lm_head.weight[tokenizer.encode_special(s)] = 0
     prompt = tokenizer.encode("The capital of France is", prepend="<|bos|>")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    new = args.new_tokens * args.num_samples
 
     def timed(fn):
         sync()
@@ -53,18 +175,55 @@ def main():
         return out, time.perf_counter() - t0
 
     engine = Engine(model, tokenizer)
-    engine_tokens, engine_dt = timed(lambda: [col[0] for col, _ in engine.generate(
-        prompt, num_samples=args.num_samples, max_tokens=args.new_tokens, temperature=0.0)])
+
+    def ours():
+        return timed(lambda: engine.generate_batch(prompt, num_samples=args.num_samples, max_tokens=args.new_tokens,
+                                                   temperature=0.0)[0])
+    contenders = {"engine": ours, "scheduler": lambda: scheduler_decode(model, tokenizer, prompt, args)[::-1]}
+    with tempfile.TemporaryDirectory() as workdir:
+        workers = []
+        if args.compare_nanochat:
+            checkout = os.path.abspath(os.path.expanduser(args.compare_nanochat))
+            workers = [EngineWorker(path, model, tokenizer, prompt, args, workdir) for path in (REPO, checkout)]
+            contenders.update(ours_worker=workers[0].run, nanochat_worker=workers[1].run)
+        try:
+            outputs, seconds = {}, {name: [] for name in contenders}
+            for name, fn in contenders.items():  # warm-up
+                outputs[name] = fn()[0]
+            for r in range(args.rounds):  # alternated, so drift on a shared machine hits every contender alike
+                for name, fn in (list(contenders.items()) if r % 2 == 0 else list(contenders.items())[::-1]):
+                    rows, dt = fn()
+                    assert rows == outputs[name], f"{name}: greedy output changed between rounds"
+                    seconds[name].append(dt)
+        finally:
+            for worker in workers:
+                worker.close()
     naive_tokens, naive_dt = timed(lambda: list(model.generate(prompt, args.new_tokens, temperature=0.0)))
-    assert len(engine_tokens) == len(naive_tokens) == args.new_tokens
+    assert all(len(r) == len(prompt) + args.new_tokens for r in outputs["engine"])
+
+    tok_per_s = {name: round(new / statistics.median(s), 1) for name, s in seconds.items()}
+    for name, s in seconds.items():
+        print(f"{name}: tok/s per round {[round(new / x) for x in s]}")
     result = dict(bench="decode", device=str(device), depth=args.depth, vocab=config.vocab_size,
-                  prompt_tokens=len(prompt), new_tokens=args.new_tokens, num_samples=args.num_samples,
-                  engine_tok_per_sec=round(args.new_tokens * args.num_samples / engine_dt, 1),
+                  seq_len=args.seq_len, window_pattern=args.window_pattern, prompt_tokens=len(prompt),
+                  new_tokens=args.new_tokens, num_samples=args.num_samples, rounds=args.rounds,
+                  engine_tok_per_sec=tok_per_s["engine"], scheduler_tok_per_sec=tok_per_s["scheduler"],
                   naive_tok_per_sec=round(args.new_tokens / naive_dt, 1),
-                  speedup=round(naive_dt / engine_dt * args.num_samples, 2),
-                  outputs_identical=engine_tokens == naive_tokens)
-    print(f"engine {result['engine_tok_per_sec']} tok/s vs naive {result['naive_tok_per_sec']} tok/s "
-          f"-> {result['speedup']}x (identical greedy outputs: {result['outputs_identical']})")
+                  speedup=round(naive_dt / statistics.median(seconds["engine"]) * args.num_samples, 2),
+                  outputs_identical=outputs["engine"][0][len(prompt):] == naive_tokens,
+                  scheduler_identical=outputs["scheduler"] == outputs["engine"])
+    print(f"engine {result['engine_tok_per_sec']} tok/s, scheduler {result['scheduler_tok_per_sec']} tok/s "
+          f"({args.num_samples} rows); naive {result['naive_tok_per_sec']} tok/s -> engine {result['speedup']}x "
+          f"(identical greedy outputs: engine/naive {result['outputs_identical']}, "
+          f"scheduler/engine {result['scheduler_identical']})")
+    if workers:
+        result.update(ours_worker_tok_per_sec=tok_per_s["ours_worker"],
+                      nanochat_worker_tok_per_sec=tok_per_s["nanochat_worker"],
+                      vs_nanochat=round(tok_per_s["ours_worker"] / tok_per_s["nanochat_worker"], 3),
+                      nanochat_identical=outputs["nanochat_worker"] == outputs["ours_worker"] == outputs["engine"])
+        print(f"in worker processes: our Engine {result['ours_worker_tok_per_sec']} tok/s, nanochat's "
+              f"{result['nanochat_worker_tok_per_sec']} tok/s: ours {result['vs_nanochat']}x "
+              f"(identical greedy outputs: {result['nanochat_identical']})")
     print(json.dumps(result))
 
 

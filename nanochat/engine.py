@@ -26,6 +26,7 @@ class KVCache:
         self.cache_seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
         self.prev_embedding = None  # (B, 1, C): last token's normed embedding, needed by smear during decode
         self.n_layers, self.batch_size, self.max_seq_len = num_layers, batch_size, seq_len
+        self.write = None  # where this forward's new keys go, set by begin()
 
     @classmethod
     def for_model(cls, model, batch_size, seq_len):
@@ -39,23 +40,43 @@ class KVCache:
     def get_layer_cache(self, layer_idx):
         return self.k_cache[layer_idx], self.v_cache[layer_idx]
 
+    def begin(self, T):
+        """Before a forward of T new tokens per row: the rows' position range (lo, hi), in one host sync, a check
+        that they fit, and where insert() will write them (a slice when every row is at the same position, as in
+        the Engine; else one flat index per new token)."""
+        lo, hi = (int(p) for p in torch.aminmax(self.cache_seqlens))
+        if hi + T > self.max_seq_len:
+            raise ValueError(f"KV cache overflow: position {hi + T - 1} >= cache length {self.max_seq_len}")
+        flat = None
+        if lo != hi:
+            pos = self.cache_seqlens.long()[:, None] + torch.arange(T, device=self.cache_seqlens.device)
+            rows = torch.arange(self.batch_size, device=pos.device)[:, None]
+            flat = (rows * self.k_cache.size(2) + pos).view(-1)
+        self.write = (T, lo, flat)
+        return lo, hi
+
     def insert(self, layer_idx, k, v):
         """Write k, v (B, T, H, D) at each row's current position; return the layer's full cache."""
-        B, T = k.shape[:2]
-        pos = self.cache_seqlens.long()[:, None] + torch.arange(T, device=k.device)
-        if int(pos.max()) >= self.max_seq_len:
-            raise ValueError(f"KV cache overflow: position {int(pos.max())} >= cache length {self.max_seq_len}")
-        rows = torch.arange(B, device=k.device)[:, None]
-        self.k_cache[layer_idx][rows, pos] = k.to(self.k_cache.dtype)
-        self.v_cache[layer_idx][rows, pos] = v.to(self.v_cache.dtype)
-        return self.k_cache[layer_idx], self.v_cache[layer_idx]
+        B, T, H, D = k.shape
+        if self.write is None or self.write[0] != T:
+            self.begin(T)
+        _, lo, flat = self.write
+        k_layer, v_layer = self.k_cache[layer_idx], self.v_cache[layer_idx]
+        if flat is None:
+            k_layer[:, lo:lo + T] = k
+            v_layer[:, lo:lo + T] = v
+        else:  # a layer's rows are contiguous, in the cache and in a view of some of its rows
+            k_layer.view(-1, H, D).index_copy_(0, flat, k.reshape(B * T, H, D).to(k_layer.dtype))
+            v_layer.view(-1, H, D).index_copy_(0, flat, v.reshape(B * T, H, D).to(v_layer.dtype))
+        return k_layer, v_layer
 
     def advance(self, n):
         self.cache_seqlens += n
+        self.write = None
 
     def reset(self):
         self.cache_seqlens.zero_()
-        self.prev_embedding = None
+        self.prev_embedding, self.write = None, None
 
     def prefill(self, other):
         """Copy a (batch-1) cache into every row of this one."""

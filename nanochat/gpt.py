@@ -95,10 +95,31 @@ def attention_mask(q_pos, k_len, window):
     """Boolean mask (B|1, 1, Tq, k_len) for queries at absolute positions q_pos (B|1, Tq). With a KV cache, slots
     past a row's own position are never visible, so stale or empty cache entries need no extra masking."""
     diff = q_pos[:, :, None] - torch.arange(k_len, device=q_pos.device)[None, None, :]
-    mask = diff >= 0
-    if window is not None:
-        mask = mask & (diff <= window)
-    return mask[:, None]
+    return ((diff >= 0) & (diff <= window))[:, None]
+
+
+@dataclass
+class AttentionPlan:
+    """How the layers of one window size attend in this forward: keys [key_start, key_stop) of the input or the
+    cache, and then a causal mask (is_causal), an explicit mask, FlexAttention, or nothing (one new token per row,
+    all rows at one position: the key range alone is the window)."""
+    key_start: int
+    key_stop: int
+    mask: torch.Tensor | None = None
+    is_causal: bool = False
+    flex: bool = False
+
+
+def plan_attention(positions, T, window, lo, hi, cached, flex_ok):
+    """positions (B|1, T) are absolute; lo..hi the range of the rows' cache positions (0, 0 without a cache)."""
+    key_stop = hi + T
+    if lo == hi and lo == 0 and T - 1 <= window:  # from the start, within the window: plain causal
+        return AttentionPlan(0, T, is_causal=True)
+    if cached and lo == hi and T == 1:  # decode, rows in step (the Engine): the window is a slice of the cache
+        return AttentionPlan(max(0, hi - window), key_stop)
+    if not cached and flex_ok:
+        return AttentionPlan(0, T, flex=True)
+    return AttentionPlan(0, key_stop, mask=attention_mask(positions, key_stop, window))
 
 
 _flex_cache = {}
@@ -137,7 +158,7 @@ class CausalSelfAttention(nn.Module):
         use_ve = config.use_value_embeds and has_ve(layer_idx, config.n_layer)
         self.ve_gate = Linear(self.ve_gate_channels, self.n_kv_head, bias=False) if use_ve else None
 
-    def forward(self, x, ve, cos_sin, window, mask, kv_cache):
+    def forward(self, x, ve, cos_sin, window, plan, kv_cache):
         B, T, C = x.size()
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -149,16 +170,15 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         q, k = norm(q) * self.qk_scale, norm(k) * self.qk_scale
         gqa = self.n_head != self.n_kv_head
-        if kv_cache is not None:  # attend over the cache up to the furthest position any row has reached
+        if kv_cache is not None:
             k, v = kv_cache.insert(self.layer_idx, k, v)
-            k, v = k[:, :mask.size(-1)], v[:, :mask.size(-1)]
+            k, v = k[:, plan.key_start:plan.key_stop], v[:, plan.key_start:plan.key_stop]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D) for SDPA
-        if kv_cache is None and T - 1 <= window:  # the window reaches back to the first token: plain causal
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        elif kv_cache is None and q.is_cuda and self.training:  # fixed training shapes: one compile
+        if plan.flex:
             y = flex_sliding_window_attention(q, k, v, window)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, is_causal=plan.is_causal,
+                                               enable_gqa=gqa)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)
 
@@ -179,8 +199,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, ve, cos_sin, window, mask, kv_cache):
-        x = x + self.attn(norm(x), ve, cos_sin, window, mask, kv_cache)
+    def forward(self, x, ve, cos_sin, window, plan, kv_cache):
+        x = x + self.attn(norm(x), ve, cos_sin, window, plan, kv_cache)
         return x + self.mlp(norm(x))
 
 
@@ -328,16 +348,20 @@ class GPT(nn.Module):
 
     # -------------------------------------------------------------------------
 
-    def _rotary(self, positions):
-        """cos/sin for absolute positions (B|1, T) -> (B|1, T, 1, D/2), growing the tables if needed."""
-        need = int(positions.max()) + 1  # one host sync per forward, also used to size the cache window
-        if need > self.cos.size(0):
-            self.rotary_seq_len = need + 128
+    def _rotary(self, positions, lo, hi, T):
+        """cos/sin -> (B|1, T, 1, D/2) for absolute positions (B, T), or, with positions None, for lo .. lo + T - 1 in
+        every row (a slice, no gather); the tables grow when hi + T passes them."""
+        if hi + T > self.cos.size(0):
+            self.rotary_seq_len = hi + T + 128
             self.cos, self.sin = self._precompute_rotary(self.rotary_seq_len, self.cos.device)
+        if positions is None:
+            return self.cos[None, lo:lo + T, None], self.sin[None, lo:lo + T, None]
         return self.cos[positions][:, :, None], self.sin[positions][:, :, None]
 
     def _smear(self, x, prev):
         """x[t] += lambda * sigmoid(gate(x[t][:24])) * x[t-1]; prev is the embedding before x[0] (or None)."""
+        if prev is not None and x.size(1) == 1:  # decode: nothing to shift
+            return x + self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :24])) * prev
         shifted = x[:, :-1] if prev is None else torch.cat([prev, x[:, :-1]], dim=1)
         cur = x[:, 1:] if prev is None else x
         gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(cur[..., :24]))
@@ -347,12 +371,13 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         B, T = idx.size()
         cfg = self.config
-        if kv_cache is None:
-            positions = torch.arange(T, device=idx.device)[None]
-        else:  # each row continues from its own cache position (rows may differ: continuous batching)
+        lo, hi = (0, 0) if kv_cache is None else kv_cache.begin(T)  # (begin: the one host sync of a forward)
+        if lo == hi:  # every row at the same position (training, the Engine)
+            positions = torch.arange(lo, lo + T, device=idx.device)[None]
+            cos_sin = self._rotary(None, lo, hi, T)
+        else:  # each row continues from its own cache position (continuous batching)
             positions = kv_cache.cache_seqlens.to(idx.device).long()[:, None] + torch.arange(T, device=idx.device)
-        cos_sin = self._rotary(positions)
-        k_len = int(positions.max()) + 1
+            cos_sin = self._rotary(positions, lo, hi, T)
 
         x = norm(self.transformer.wte(idx).to(self.cos.dtype))
         if cfg.use_smear:
@@ -363,13 +388,11 @@ class GPT(nn.Module):
                 kv_cache.prev_embedding = x[:, -1:]
                 x = self._smear(x, prev) if prev is not None else (self._smear(x, None) if T > 1 else x)
 
-        # one mask per distinct window, shared by the layers (not needed where the window covers the whole input)
-        masks = {}
-        for w in set(self.window_sizes):
-            if kv_cache is not None:
-                masks[w] = attention_mask(positions, k_len, w)
-            elif T - 1 > w and not (idx.is_cuda and self.training):  # (evals vary in length: no flex compiles)
-                masks[w] = attention_mask(positions, T, w)
+        # one plan (and mask, if any) per distinct window, shared by its layers. FlexAttention only for training on
+        # CUDA: its shapes are fixed, while evals vary in length and would compile again for each
+        flex_ok = idx.is_cuda and self.training
+        plans = {w: plan_attention(positions, T, w, lo, hi, kv_cache is not None, flex_ok)
+                 for w in set(self.window_sizes)}
 
         x0 = x
         backout_layer = cfg.n_layer // 2
@@ -379,7 +402,7 @@ class GPT(nn.Module):
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
             w = self.window_sizes[i]
-            x = block(x, ve, cos_sin, w, masks.get(w), kv_cache)
+            x = block(x, ve, cos_sin, w, plans[w], kv_cache)
             if cfg.use_backout and i == backout_layer:
                 x_backout = x
         if kv_cache is not None:

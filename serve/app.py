@@ -32,6 +32,8 @@ import hmac
 import json
 import logging
 import os
+import queue
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, fields
@@ -111,7 +113,10 @@ class ChatService:
         self.device = "cuda" if cfg.gpus_per_replica and torch.cuda.is_available() else "cpu"
         self.step = None  # checkpoint step, when loaded from storage
         if model is None:
-            model, tokenizer, self.step = self._load(cfg, self.device)
+            model, tokenizer, self.step, self.scheduler = self._load_and_schedule(cfg, self.device)
+        else:
+            self.scheduler = Scheduler(model, tokenizer, cfg.max_batch, cfg.max_waiting,
+                                       stall_timeout=cfg.stall_timeout).start()
         self.model, self.tokenizer = model, tokenizer
         if cfg.checkpoint:
             self.model_id = f"nanochat-{os.path.basename(cfg.checkpoint.rstrip('/'))}"
@@ -119,8 +124,6 @@ class ChatService:
             self.model_id = f"nanochat-{cfg.source}" + (f"-{cfg.model_tag}" if cfg.model_tag else "")
         self.seq_len = model.config.sequence_len
         self.assistant_start = tokenizer.encode_special("<|assistant_start|>")
-        self.scheduler = Scheduler(model, tokenizer, cfg.max_batch, cfg.max_waiting,
-                                   stall_timeout=cfg.stall_timeout).start()
         self.started = time.time()
         self.open_sockets = 0
         try:
@@ -143,6 +146,29 @@ class ChatService:
             lambda: len(self.scheduler.waiting))
         Gauge("nanochat_open_websockets", "WebSockets open on this replica", registry=r).set_function(
             lambda: self.open_sockets)
+
+    @classmethod
+    def _load_and_schedule(cls, cfg, device):
+        """Load the model on a thread that then runs the scheduler, so that all of the replica's torch work happens
+        on one thread (see Scheduler.run): (model, tokenizer, step, scheduler), or the loading error."""
+        ready = queue.Queue()
+
+        def torch_thread():
+            try:
+                model, tokenizer, step = cls._load(cfg, device)
+                scheduler = Scheduler(model, tokenizer, cfg.max_batch, cfg.max_waiting,
+                                      stall_timeout=cfg.stall_timeout)
+                scheduler.running, scheduler.thread = True, threading.current_thread()  # accepts work from now
+            except BaseException as e:
+                ready.put(e)
+                return
+            ready.put((model, tokenizer, step, scheduler))
+            scheduler.run()
+        threading.Thread(target=torch_thread, name="nanochat-scheduler", daemon=True).start()
+        out = ready.get()
+        if isinstance(out, BaseException):
+            raise out
+        return out
 
     @staticmethod
     def _load(cfg, device):

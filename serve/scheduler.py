@@ -89,6 +89,7 @@ class _RowsView(KVCache):
         self.cache_seqlens = cache.cache_seqlens[start:stop]
         self.prev_embedding = prev_embedding
         self.n_layers, self.batch_size, self.max_seq_len = cache.n_layers, stop - start, cache.max_seq_len
+        self.write = None
 
 
 class Scheduler:
@@ -120,16 +121,24 @@ class Scheduler:
     # public API (any thread)
 
     def start(self):
+        """Run the loop on a thread of its own."""
         self.running = True
         self.thread = threading.Thread(target=self._loop, name="nanochat-scheduler", daemon=True)
         self.thread.start()
         return self
 
+    def run(self):
+        """Run the loop on the calling thread until stop(). The thread that built the model should run it: with
+        OpenMP, every thread that runs torch ops gets a team of worker threads of its own, and two teams on the
+        same cores make libgomp stop spinning between ops, which here made decoding 1.7x slower."""
+        self.running, self.thread = True, threading.current_thread()
+        self._loop()
+
     def stop(self, timeout=10):
         with self.cv:
             self.running = False
             self.cv.notify_all()
-        if self.thread is not None:
+        if self.thread is not None and self.thread is not threading.current_thread():
             self.thread.join(timeout)
 
     def alive(self):
@@ -258,32 +267,36 @@ class Scheduler:
         Guarded per row: a request whose scaled logits are not finite, or whose sampling raises, ends alone with an
         error (its row sampled from zeros meanwhile, so nothing invalid reaches the device's sampler); the others
         get exactly the tokens they would get alone."""
-        temperatures = torch.tensor([r.params.temperature or 1.0 for r in reqs], dtype=logits.dtype,
-                                    device=logits.device)
-        scaled = logits / temperatures[:, None]
-        finite = torch.isfinite(scaled).all(dim=-1)
-        scaled = torch.where(finite[:, None], scaled, torch.zeros_like(scaled))
-        greedy = scaled.argmax(dim=-1)
+        # softcapped logits are finite unless the model broke (NaN): a row's sum tells, in one pass over the batch
+        finite = torch.isfinite(logits.sum(dim=-1))
+        greedy = logits.argmax(dim=-1)
+        drawn = [i for i, r in enumerate(reqs) if not r.forced and r.params.temperature != 0]
+        sampled = {}
+        if drawn:
+            rows = torch.tensor(drawn, device=logits.device)
+            temperatures = torch.tensor([reqs[i].params.temperature for i in drawn], dtype=logits.dtype,
+                                        device=logits.device)
+            scaled = logits[rows] / temperatures[:, None]  # a tiny temperature can overflow what was finite
+            finite = finite.index_put((rows,), torch.isfinite(scaled.sum(dim=-1)))
+            scaled = torch.where(finite[rows, None], scaled, torch.zeros_like(scaled))  # nothing invalid is sampled
+            for j, i in enumerate(drawn):
+                p = reqs[i].params
+                try:
+                    sampled[i] = sample_next_token(scaled[j:j + 1], reqs[i].rng, 1.0, p.top_k or None, p.top_p)[0, 0]
+                except RuntimeError as e:
+                    self.stats["errors"] += 1
+                    self._finish(reqs[i], "error", error=f"sampling failed: {e}")
+        picked = [i for i, r in enumerate(reqs) if not r.forced and r.finish_reason is None]
+        if not picked:
+            return [None] * len(reqs)
+        tokens = torch.stack([sampled[i] if i in sampled else greedy[i] for i in picked])
+        tokens, ok = torch.stack([tokens, finite[picked].long()]).tolist()  # the one host sync of the step
         out = [None] * len(reqs)
-        for i, r in enumerate(reqs):
-            p = r.params
-            if r.forced:
-                continue  # the calculator's output overrides sampling
-            try:
-                out[i] = greedy[i:i + 1] if p.temperature == 0 else \
-                    sample_next_token(scaled[i:i + 1], r.rng, 1.0, p.top_k or None, p.top_p)[0]
-            except RuntimeError as e:
-                self.stats["errors"] += 1
-                self._finish(r, "error", error=f"sampling failed: {e}")
-        picked = [i for i, t in enumerate(out) if t is not None]
-        values = torch.stack([torch.cat([out[i], finite[i:i + 1].long()]) for i in picked]).tolist() \
-            if picked else []
-        for i, (token, ok) in zip(picked, values):
-            if ok:
+        for i, token, fine in zip(picked, tokens, ok):
+            if fine:
                 out[i] = token
             else:
                 self.stats["errors"] += 1
-                out[i] = None
                 self._finish(reqs[i], "error", error=f"non-finite logits at temperature {reqs[i].params.temperature}")
         return out
 
