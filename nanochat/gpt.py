@@ -110,6 +110,12 @@ class AttentionPlan:
     flex: bool = False
 
 
+def flex_wanted(idx, training):
+    """FlexAttention for sliding windows only when training on CUDA: training shapes are fixed, while evals vary in
+    length and would compile again for each."""
+    return idx.is_cuda and training
+
+
 def plan_attention(positions, T, window, lo, hi, cached, flex_ok):
     """positions (B|1, T) are absolute; lo..hi the range of the rows' cache positions (0, 0 without a cache)."""
     key_stop = hi + T
@@ -388,9 +394,8 @@ class GPT(nn.Module):
                 kv_cache.prev_embedding = x[:, -1:]
                 x = self._smear(x, prev) if prev is not None else (self._smear(x, None) if T > 1 else x)
 
-        # one plan (and mask, if any) per distinct window, shared by its layers. FlexAttention only for training on
-        # CUDA: its shapes are fixed, while evals vary in length and would compile again for each
-        flex_ok = idx.is_cuda and self.training
+        # one plan (and mask, if any) per distinct window, shared by its layers
+        flex_ok = flex_wanted(idx, self.training)
         plans = {w: plan_attention(positions, T, w, lo, hi, kv_cache is not None, flex_ok)
                  for w in set(self.window_sizes)}
 

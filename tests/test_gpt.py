@@ -234,6 +234,21 @@ def test_flex_attention_path_matches_masked_sdpa():
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_training_through_the_flex_path_matches_the_masked_path(monkeypatch):
+    """What a CUDA training forward runs for S layers (FlexAttention), forced on CPU: the same loss. (FlexAttention
+    has no backward on CPU; the kernels' gradients are the one part only a GPU run checks.)"""
+    from nanochat import gpt
+    model = perturbed(build_model(GPTConfig(**{**SMALL, "sequence_len": 256}))).train()
+    idx, targets = torch.randint(0, 300, (2, 256)), torch.randint(0, 300, (2, 256))
+    assert model.window_sizes[0] < 255  # the S layers do take the windowed path here
+    losses = []
+    for forced in (False, True):
+        monkeypatch.setattr(gpt, "flex_wanted", lambda idx, training: forced and training)
+        with torch.no_grad():
+            losses.append(model(idx, targets, loss_reduction="none"))
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-4)
+
+
 def test_loss_reductions_and_ignore_index():
     model = perturbed(build_model(GPTConfig(**SMALL)))
     idx = torch.randint(0, 300, (2, 16))
