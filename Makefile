@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?=
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,10 +21,13 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) ray_jobs/speedrun.py --preset demo $(ARGS)
+	$(PY) -m ray_jobs.speedrun --preset demo $(ARGS)
 
 test: install
 	$(PY) -m pytest -q $(ARGS)
+
+test-fast: install  # the unit tests that start no Ray, Serve app or browser
+	$(PY) -m pytest -q -m "not ray" $(ARGS)
 
 bench: install
 	$(PY) bench/bench_train.py

@@ -13,20 +13,18 @@ Ray: connects to RAY_ADDRESS if set, else starts a local Ray. Last line printed:
 import argparse
 import json
 import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from nanochat.common import autodetect_device_type  # noqa: E402
-from nanochat.dataloader import StreamCursor  # noqa: E402
-from nanochat.dataloader import tokenizing_distributed_data_loader_with_state_bos_bestfit as plain_loader  # noqa: E402
-from nanochat.dataset import resolve_source  # noqa: E402
-from nanochat.gpt import GPTConfig, build_model  # noqa: E402
-from nanochat.tokenizer import RustBPETokenizer, get_tokenizer  # noqa: E402
-from ray_jobs.common import init_ray, storage_root  # noqa: E402
-from ray_jobs.data_stream import ray_data_loader_with_state, ray_document_batches  # noqa: E402
+from nanochat.common import autodetect_device_type
+from nanochat.dataloader import StreamCursor
+from nanochat.dataloader import tokenizing_distributed_data_loader_with_state_bos_bestfit as plain_loader
+from nanochat.dataset import resolve_source
+from nanochat.gpt import GPTConfig, build_model
+from nanochat.tokenizer import RustBPETokenizer, get_tokenizer
+from ray_jobs.common import init_ray, storage_root
+from ray_jobs.data_stream import ray_data_loader_with_state, ray_document_batches
 
 
 def load_or_train_tokenizer(root, vocab_size, source):

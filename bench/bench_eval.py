@@ -10,7 +10,6 @@ greedy, special tokens can stop it early either way). Last line: one JSON object
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -18,13 +17,12 @@ from dataclasses import asdict
 import pydoc_data.topics
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nanochat.chat_eval import build_task, evaluate_problems, num_problems  # noqa: E402
-from nanochat.checkpoint_manager import load_model, save_checkpoint  # noqa: E402
-from nanochat.dataset import PACKAGE_TASK_DATA  # noqa: E402
-from nanochat.gpt import GPTConfig, build_model  # noqa: E402
-from nanochat.tokenizer import RustBPETokenizer  # noqa: E402
+from nanochat.chat_eval import build_task, evaluate_problems, num_problems
+from nanochat.checkpoint_manager import load_model, save_checkpoint
+from nanochat.dataset import PACKAGE_TASK_DATA
+from nanochat.gpt import GPTConfig, build_model
+from nanochat.tokenizer import RustBPETokenizer
 
 TASKS = ("ARC-Easy", "GSM8K")
 

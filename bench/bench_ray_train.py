@@ -10,19 +10,17 @@ separate what Ray's own processes take from a small CPU box from what the Ray pa
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from dataclasses import replace
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nanochat.base_train import BaseTrainConfig, base_train_worker, checkpoint_dir  # noqa: E402
-from nanochat.dataset import resolve_source  # noqa: E402
-from nanochat.tokenizer import RustBPETokenizer  # noqa: E402
-from nanochat.train import WorkerContext  # noqa: E402
+from nanochat.base_train import BaseTrainConfig, base_train_worker, checkpoint_dir
+from nanochat.dataset import resolve_source
+from nanochat.tokenizer import RustBPETokenizer
+from nanochat.train import WorkerContext
 
 WARMUP = 5
 

@@ -278,7 +278,9 @@ class LocalServer:
 def run_mixed(args, tokenizer=None, scheduler=None):
     if args.url:
         return asyncio.run(mixed_load(args.url, args.mixed, args.max_tokens, args.api_key)), {}
-    from serve.app import ChatService, ServeConfig, make_api
+    from serve.api import make_api
+    from serve.app import ServeConfig
+    from serve.service import ChatService
     cfg = ServeConfig(max_batch=args.max_batch, max_waiting=max(64, args.mixed))
     scheduler.stop()  # the service runs its own
     service = ChatService(cfg, scheduler.model, tokenizer)

@@ -9,17 +9,14 @@ Last line: one JSON object.
 """
 import argparse
 import json
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nanochat.base_train import BaseTrainConfig, model_config  # noqa: E402
-from nanochat.gpt import GPT  # noqa: E402
-from nanochat.schedules import derive_hyperparameters  # noqa: E402
-from ray_jobs.speedrun import PRESETS  # noqa: E402
+from nanochat.base_train import BaseTrainConfig, model_config
+from nanochat.gpt import GPT
+from nanochat.schedules import derive_hyperparameters
+from ray_jobs.speedrun import PRESETS
 
 
 def preset_estimate(preset, vocab_size, gpus, peak_flops, mfu, usd_per_gpu_hour, overhead):

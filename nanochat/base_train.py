@@ -1,5 +1,5 @@
 """
-Base-model pretraining, one worker's view (SPEC §6). `base_train_worker(config, ctx)` is what every launcher runs:
+Base-model pretraining, one worker's view. `base_train_worker(config, ctx)` is what every launcher runs:
 a plain process (`python -m nanochat.base_train ...`, tests, GPU benchmarks) or each Ray Train worker
 (ray_jobs/base_train.py). The process group, if any, is already initialized by the launcher.
 """
@@ -11,12 +11,13 @@ from dataclasses import asdict, dataclass
 import torch
 
 from nanochat import storage
-from nanochat.checkpoint_manager import list_steps, load_checkpoint, read_meta
+from nanochat.checkpoint_manager import find_resume_step
 from nanochat.common import get_base_dir, init_wandb, print0
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.schedules import derive_hyperparameters, grad_accum_steps, lr_multiplier, muon_momentum, \
     weight_decay_factor
-from nanochat.train import ArgsMixin, Eval, LoopState, WorkerContext, local_context, train_loop
+from nanochat.flags import ArgsMixin, flag
+from nanochat.train import Eval, WorkerContext, local_context, restore, train_loop
 
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
                   "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
@@ -26,43 +27,43 @@ SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
 @dataclass
 class BaseTrainConfig(ArgsMixin):
     # model (the --depth dial derives width and heads)
-    depth: int = 20
-    aspect_ratio: int = 64
-    head_dim: int = 128
-    max_seq_len: int = 2048
-    window_pattern: str = "SSSL"
+    depth: int = flag(20, "model depth (layers); width, heads, batch size and horizon derive from it")
+    aspect_ratio: int = flag(64, "model width = depth x aspect_ratio (rounded to head_dim)")
+    head_dim: int = flag(128, "attention head dimension")
+    max_seq_len: int = flag(2048, "tokens per training row (the model's sequence_len)")
+    window_pattern: str = flag("SSSL", "sliding-window pattern tiled over the layers (S short, L sequence_len; last layer L)")
     # horizon: explicit iterations > target FLOPs > data:param ratio
-    num_iterations: int = -1
-    target_flops: float = -1.0
-    target_param_data_ratio: float = 12.0
+    num_iterations: int = flag(-1, "optimizer steps (-1: derived)")
+    target_flops: float = flag(-1.0, "training horizon in FLOPs (-1: unused)")
+    target_param_data_ratio: float = flag(12.0, "training tokens per scaling parameter (used when no iterations or FLOPs are given)")
     # batch: total_batch_size -1 = auto (power-lines rule); grad accumulation makes it world-size independent
-    device_batch_size: int = 32
-    total_batch_size: int = -1
+    device_batch_size: int = flag(32, "rows per forward/backward pass on each worker")
+    total_batch_size: int = flag(-1, "tokens per optimizer step over all workers (-1: derived from the depth)")
     # optimization (lrs are multiplied by the batch lr scale)
-    embedding_lr: float = 0.3
-    unembedding_lr: float = 0.008
-    matrix_lr: float = 0.02
-    scalar_lr: float = 0.5
-    weight_decay: float = 0.28
-    warmup_steps: int = 40
-    warmdown_ratio: float = 0.65
-    final_lr_frac: float = 0.05
+    embedding_lr: float = flag(0.3, "AdamW learning rate of the token embedding")
+    unembedding_lr: float = flag(0.008, "AdamW learning rate of the lm_head")
+    matrix_lr: float = flag(0.02, "Muon learning rate of the transformer matrices")
+    scalar_lr: float = flag(0.5, "AdamW learning rate of the per-layer scalars")
+    weight_decay: float = flag(0.28, "weight decay")
+    warmup_steps: int = flag(40, "linear learning-rate warmup steps")
+    warmdown_ratio: float = flag(0.65, "fraction of the steps over which the learning rate decays at the end")
+    final_lr_frac: float = flag(0.05, "learning rate at the end, as a fraction of the peak")
     # evaluation / logging / checkpoints
-    eval_every: int = 250
-    eval_tokens: int = 80 * 524288
-    sample_every: int = 2000
-    core_metric_every: int = 2000  # CORE on the eval bundle (-1 = never, also not at the end)
-    core_metric_max_per_task: int = 500
-    core_bundle: str = ""  # CORE bundle dir (default <storage>/eval_bundle, downloaded when absent)
-    save_every: int = -1
-    model_tag: str = ""  # default d{depth}
-    data: str = "auto"  # pretraining source: auto | hub | climbmix | fineweb | fallback | path / glob / URI
-    buffer_size: int = 1000
-    resume: bool = False
-    run: str = "dummy"  # wandb run name; "dummy" = off
-    device_type: str = ""  # autodetect
-    compile: int = -1  # -1: on for CUDA, off elsewhere
-    seed: int = 42
+    eval_every: int = flag(250, "steps between validation evals")
+    eval_tokens: int = flag(80 * 524288, "validation tokens per bits-per-byte eval")
+    sample_every: int = flag(2000, "steps between printed samples (-1: never)")
+    core_metric_every: int = flag(2000, "steps between CORE evals on the eval bundle (-1: never, also not at the end)")
+    core_metric_max_per_task: int = flag(500, "examples per CORE task (-1: all)")
+    core_bundle: str = flag("", "CORE eval bundle directory (default <storage>/eval_bundle, downloaded when absent)")
+    save_every: int = flag(-1, "steps between checkpoints (-1: last step only)")
+    model_tag: str = flag("", "checkpoint directory name (default d{depth})")
+    data: str = flag("auto", "pretraining source: auto | hub | climbmix | fineweb | fallback | path / glob / URI")
+    buffer_size: int = flag(1000, "documents buffered for best-fit packing")
+    resume: bool = flag(False, "continue from the newest checkpoint in the output directory")
+    run: str = flag("dummy", "wandb run name ('dummy': no wandb)")
+    device_type: str = flag("", "cuda | cpu | mps (default: autodetect)")
+    compile: int = flag(-1, "torch.compile the model: 1 on, 0 off, -1 on for CUDA only")
+    seed: int = flag(42, "random seed")
 
 
 def model_config(cfg, vocab_size):
@@ -74,19 +75,6 @@ def checkpoint_dir(cfg, base_dir=None):
     base_dir = base_dir or get_base_dir()
     tag = cfg.model_tag or f"d{cfg.depth}"
     return storage.join(base_dir, "base_checkpoints", tag)
-
-
-def find_resume_step(ckpt_dir, run_id=None):
-    """Latest complete step in ckpt_dir (of run `run_id` if given: a restarted worker group resumes its own run,
-    never a stale checkpoint of an older run in the same directory)."""
-    try:
-        steps = list_steps(ckpt_dir)
-    except FileNotFoundError:
-        return None
-    for step in reversed(steps):
-        if run_id is None or read_meta(ckpt_dir, step).get("run_id") == run_id:
-            return step
-    return None
 
 
 class BatchSource:
@@ -134,15 +122,7 @@ def base_train_worker(cfg, ctx=None, batch_source=None, tokenizer=None, run_id=N
     optimizer = model.setup_optimizer(unembedding_lr=cfg.unembedding_lr * lr_scale,
                                       embedding_lr=cfg.embedding_lr * lr_scale, matrix_lr=cfg.matrix_lr * lr_scale,
                                       weight_decay=hp["weight_decay"], scalar_lr=cfg.scalar_lr * lr_scale)
-    loop_state, loader_state = LoopState(), None
-    if resume_step is not None:
-        model_data, optim_data, meta = load_checkpoint(ctx.checkpoint_dir, resume_step, device, load_optimizer=True,
-                                                       rank=ctx.rank, world_size=W)
-        model.load_state_dict(model_data)
-        optimizer.load_state_dict(optim_data)
-        loop_state = LoopState(**meta["loop_state"])
-        loader_state = meta["loader_states"]
-        print0(f"resumed from step {resume_step} of {num_iterations} ({ctx.checkpoint_dir})")
+    loop_state, loader_state = restore(ctx, resume_step, model, optimizer)
     compile_model = cfg.compile if cfg.compile >= 0 else int(device.type == "cuda")
     compiled = torch.compile(model, dynamic=False) if compile_model else None
 

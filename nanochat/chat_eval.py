@@ -1,5 +1,5 @@
 """
-Chat-model evaluation (SPEC §14): the task registry, categorical and generative evaluation, pass@k, ChatCORE.
+Chat-model evaluation: the task registry, categorical and generative evaluation, pass@k, ChatCORE.
 
 Two kinds of tasks:
 - categorical (ARC-Easy, ARC-Challenge, MMLU): batches of prompts, one forward each; at a row's last prompt position
@@ -18,11 +18,12 @@ import os
 
 import torch
 
+from nanochat.flags import task_data_dir
+
 # name -> random-guess baseline (for centering)
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0,
              "SpellingBee": 0.0}
 TASK_NAMES = tuple(BASELINES)
-TASK_DATA_ENV = "NANOCHAT_TASK_DATA"
 
 
 # -----------------------------------------------------------------------------
@@ -37,7 +38,7 @@ def build_task(name, task_data=None):
     from tasks.humaneval import HumanEval
     from tasks.mmlu import MMLU
     from tasks.spellingbee import SpellingBee
-    task_data = task_data or os.environ.get(TASK_DATA_ENV) or None
+    task_data = task_data_dir(task_data or "") or None
 
     def sub(*parts):
         return os.path.join(task_data, *parts) if task_data else None

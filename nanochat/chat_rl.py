@@ -1,5 +1,5 @@
 """
-Reinforcement learning on GSM8K (SPEC §11), one worker's view: nanochat's "GRPO" reduced to on-policy REINFORCE.
+Reinforcement learning on GSM8K, one worker's view: nanochat's "GRPO" reduced to on-policy REINFORCE.
 
 Every step, each rank takes its share of the step's problems (rank-strided over the GSM8K train split, cycling),
 samples num_samples completions per problem with the KV-cache Engine (calculator tool on) from the very weights it
@@ -14,7 +14,6 @@ eval and save see step N; checkpoints via save_training_checkpoint (loader state
 restarted Ray Train worker group resumes exactly like the other stages.
 """
 import argparse
-import json
 import os
 import time
 import uuid
@@ -25,42 +24,44 @@ import torch.distributed as dist
 
 from nanochat import storage
 from nanochat.chat_train import rendered_conversations
-from nanochat.checkpoint_manager import SOURCE_DIRS, find_largest_model, load_checkpoint, load_model
-from nanochat.common import get_base_dir, is_distributed, print0
-from nanochat.train import ArgsMixin, LoopState, WorkerContext, save_training_checkpoint
+from nanochat.checkpoint_manager import SOURCE_DIRS, find_largest_model, load_model
+from nanochat.common import get_base_dir, init_wandb, is_distributed, print0
+from nanochat.flags import ArgsMixin, flag, task_data_dir
+from nanochat.train import Eval, StepResult, WorkerContext, restore, run_loop
 
-EVAL_TEMPERATURE, EVAL_TOP_K = 1.0, 50  # pass@k samples like the rollouts (SPEC §11)
+EVAL_TEMPERATURE, EVAL_TOP_K = 1.0, 50  # pass@k samples like the rollouts
 
 
 @dataclass
 class RLConfig(ArgsMixin):
-    source: str = "sft"  # checkpoint to start from: sft|mid
-    model_tag: str = ""  # default: the largest d<N> of the source
-    model_step: int = -1  # default: the source's last step
-    num_epochs: int = 1
-    num_iterations: int = -1  # -1: len(GSM8K train) // examples_per_step * num_epochs
-    device_batch_size: int = 8  # rows per engine call and per forward/backward pass
-    examples_per_step: int = 16  # problems per step, over all ranks (must divide by the world size)
-    num_samples: int = 16  # completions per problem (must divide by device_batch_size)
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_k: int = 50
-    embedding_lr: float = 0.2
-    unembedding_lr: float = 0.004
-    matrix_lr: float = 0.02
-    scalar_lr: float = 0.5
-    weight_decay: float = 0.0
-    init_lr_frac: float = 0.05  # all lrs start at this fraction, then decay linearly to 0
-    eval_every: int = 60  # pass@k on the test slice (<= 0: last step only)
-    eval_examples: int = 400  # first N GSM8K test problems
-    save_every: int = 60  # (<= 0: last step only)
-    task_data: str = ""  # offline task files laid out like ../shared/data (default $NANOCHAT_TASK_DATA)
-    resume: bool = False
-    device_type: str = ""
-    seed: int = 42
+    source: str = flag("sft", "checkpoint to start from: sft|mid")
+    model_tag: str = flag("", "the source checkpoint's tag (default: its largest d<N>)")
+    model_step: int = flag(-1, "the source checkpoint's step (default: its last)")
+    num_epochs: int = flag(1, "passes over GSM8K train")
+    num_iterations: int = flag(-1, "optimizer steps (-1: len(GSM8K train) // examples_per_step * num_epochs)")
+    device_batch_size: int = flag(8, "rows per engine call and per forward/backward pass")
+    examples_per_step: int = flag(16, "problems per step, over all ranks (must divide by the world size)")
+    num_samples: int = flag(16, "completions per problem (must divide by device_batch_size)")
+    max_new_tokens: int = flag(256, "longest sampled completion")
+    temperature: float = flag(1.0, "sampling temperature of the rollouts")
+    top_k: int = flag(50, "top-k of the rollouts (0: off)")
+    embedding_lr: float = flag(0.2, "AdamW learning rate of the token embedding")
+    unembedding_lr: float = flag(0.004, "AdamW learning rate of the lm_head")
+    matrix_lr: float = flag(0.02, "Muon learning rate of the transformer matrices")
+    scalar_lr: float = flag(0.5, "AdamW learning rate of the per-layer scalars")
+    weight_decay: float = flag(0.0, "weight decay")
+    init_lr_frac: float = flag(0.05, "learning rates start at this fraction of the base ones, then decay linearly to 0")
+    eval_every: int = flag(60, "steps between pass@k evals on the test slice (<= 0: last step only)")
+    eval_examples: int = flag(400, "first N GSM8K test problems")
+    save_every: int = flag(60, "steps between checkpoints (<= 0: last step only)")
+    task_data: str = flag("", "offline task files laid out like ../shared/data (default $NANOCHAT_TASK_DATA)")
+    resume: bool = flag(False, "continue from the newest checkpoint in the output directory")
+    run: str = flag("dummy", "wandb run name ('dummy': no wandb)")
+    device_type: str = flag("", "cuda | cpu | mps (default: autodetect)")
+    seed: int = flag(42, "random seed")
 
     def resolved(self):
-        return RLConfig(**{**asdict(self), "task_data": self.task_data or os.environ.get("NANOCHAT_TASK_DATA", "")})
+        return RLConfig(**{**asdict(self), "task_data": task_data_dir(self.task_data)})
 
 
 def output_dir(cfg, base_dir=None):
@@ -175,6 +176,7 @@ def chat_rl_worker(cfg, ctx=None, run_id=None, resume_step=None, tokenizer=None,
     from nanochat.schedules import apply_schedule
     cfg = cfg.resolved()
     ctx = ctx or WorkerContext()
+    ctx.wandb = init_wandb(cfg.run, "nanochat-rl", asdict(cfg), ctx.rank)
     device, rank, W = ctx.device, ctx.rank, ctx.world_size
     torch.manual_seed(cfg.seed)
     B = cfg.device_batch_size
@@ -200,16 +202,8 @@ def chat_rl_worker(cfg, ctx=None, run_id=None, resume_step=None, tokenizer=None,
     num_iterations = cfg.num_iterations if cfg.num_iterations > 0 else \
         max(1, len(train_task) // cfg.examples_per_step * cfg.num_epochs)
 
-    state, loader_states = LoopState(), None
-    if resume_step is not None:
-        model_data, optim_data, meta = load_checkpoint(ctx.checkpoint_dir, resume_step, device, load_optimizer=True,
-                                                       rank=rank, world_size=W)
-        model.load_state_dict(model_data)
-        optimizer.load_state_dict(optim_data)
-        state, loader_states = LoopState(**meta["loop_state"]), meta["loader_states"]
-        print0(f"resumed rl from step {resume_step} ({ctx.checkpoint_dir})")
-    step = state.step
-    cursor = start_cursor(loader_states, rank, cfg.examples_per_step, step)
+    state, loader_states = restore(ctx, resume_step, model, optimizer)
+    cursor = start_cursor(loader_states, rank, cfg.examples_per_step, state.step)
     # this rank's problems, step after step, are global positions cursor, cursor+W, ... (cycling over the split):
     # one stride, rendered ahead like the chat stages' conversations (in this process or in Ray Data)
     prompts = render(train_task, tokenizer, None, cursor, W, completion=True)
@@ -220,101 +214,75 @@ def chat_rl_worker(cfg, ctx=None, run_id=None, resume_step=None, tokenizer=None,
     meta = dict(model_config=asdict(model.config), user_config=asdict(cfg), stage="rl", source=cfg.source,
                 source_step=source_meta.get("step"), run_id=run_id, device_batch_size=B,
                 examples_per_step=cfg.examples_per_step, num_samples=cfg.num_samples)
-    metrics_file = storage.AppendLog(ctx.metrics_path) if (rank == 0 and ctx.metrics_path) else None
-    start_step, final_eval = step, {}
+    final_eval = {}
 
-    def log(line):
-        if metrics_file is not None:
-            metrics_file.write(json.dumps(line))
+    def pass_at_k(step):
+        final_eval.update(evaluate_pass_at_k(engine, tokenizer, test_task, cfg.eval_examples, B, cfg.max_new_tokens,
+                                             rank, W, device))
+        return dict(final_eval)
 
-    if start_step > 0:  # which checkpoint this run (or restarted group) continued from
-        log({"step": start_step, "resumed_from": start_step, "wall": time.time()})
-    try:
-        while True:
-            last_step = step == num_iterations
-            metrics = {}
-            if last_step or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
-                model.eval()
-                metrics = evaluate_pass_at_k(engine, tokenizer, test_task, cfg.eval_examples, B, cfg.max_new_tokens,
-                                             rank, W, device)
-                model.train()
-                final_eval = metrics
-                for k, v in metrics.items():
-                    state.best_eval[k] = max(v, state.best_eval.get(k, float("-inf")))
-                print0(f"step {step:05d} | " + " | ".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
-            if step > start_step and (last_step or (cfg.save_every > 0 and step % cfg.save_every == 0)):
-                state.step = step
-                loader_state = {"rank": rank, "world_size": W, "next": cursor}
-                save_training_checkpoint(ctx, step, model, optimizer, loader_state, state, meta)
-                if metrics_file is not None:
-                    metrics_file.flush()
-                ctx.on_checkpoint(step, {"step": step, **metrics})
-            if metrics:
-                log({"step": step, **metrics})
-            if last_step:
-                break
-            if step_hook is not None:
-                step_hook(step, rank)
+    def rl_step(step, state):
+        """Per problem, sample a group, then backprop its passes (weights fixed until the optimizer step, so the
+        later problems' samples are still on-policy)."""
+        nonlocal cursor
+        if step_hook is not None:
+            step_hook(step, rank)
+        t0 = time.perf_counter()
+        rollout_time, loss_sum = 0.0, torch.zeros((), device=device)
+        reward_sum = seq_len_sum = gen_tokens = 0.0
+        for _ in range(examples_per_rank):
+            position, prompt, _ = next(prompts)
+            idx = (position - W) % len(train_task)
+            conv = train_task[idx]
+            tr = time.perf_counter()
+            model.eval()
+            sequences, masks = [], []
+            for s in range(num_passes):
+                seqs, msks = engine.generate_batch(prompt, num_samples=B, max_tokens=cfg.max_new_tokens,
+                                                   temperature=cfg.temperature, top_k=cfg.top_k,
+                                                   seed=rollout_seed(step, idx, s))
+                sequences += seqs
+                masks += msks
+            model.train()
+            rollout_time += time.perf_counter() - tr
+            rewards = completion_rewards(train_task, conv, sequences, len(prompt), tokenizer)
+            reward_sum += sum(rewards)
+            seq_len_sum += sum(len(s) for s in sequences)
+            gen_tokens += sum(len(s) - len(prompt) for s in sequences)
+            inputs, targets = rollout_batch(sequences, masks, pad_id)
+            advantages = group_advantages(rewards)
+            for p in range(num_passes):
+                rows = slice(p * B, (p + 1) * B)
+                x, y, a = inputs[rows].to(device), targets[rows].to(device), advantages[rows].to(device)
+                logp = -model(x, y, loss_reduction="none").view_as(y)
+                loss = pg_loss(logp, y, a, num_passes, examples_per_rank)
+                loss.backward()
+                loss_sum += loss.detach()
+        cursor += cfg.examples_per_step
+        lrm = 1.0 - step / num_iterations
+        apply_schedule(optimizer, lrm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        n_samples = examples_per_rank * cfg.num_samples
+        totals = _sum_all_ranks([reward_sum, seq_len_sum, gen_tokens, n_samples, loss_sum.item()], device)
+        reward, seq_len, gen_len = (totals[:3] / totals[3]).tolist()
+        loss_value = totals[4].item() / W  # each rank's summed passes are its mean objective
+        dt = time.perf_counter() - t0
+        state.total_training_time += dt
+        tok_per_sec = totals[2].item() / max(rollout_time, 1e-9)  # all workers' sampled tokens
+        line = dict(reward=reward, seq_len=seq_len, gen_len=gen_len, loss=loss_value, lrm=lrm, dt_ms=dt * 1000,
+                    rollout_tok_per_sec=tok_per_sec, rollout_pct=100 * rollout_time / dt,
+                    total_time=state.total_training_time)
+        text = (f"reward: {reward:.4f} | seq len: {seq_len:.1f} | gen len: {gen_len:.1f} | loss: {loss_value:.6f} | "
+                f"lrm: {lrm:.3f} | dt: {dt * 1000:.0f}ms | rollout tok/s: {tok_per_sec:,.0f} "
+                f"({100 * rollout_time / dt:.0f}% of step)")
+        return StepResult(line, text, {"rank": rank, "world_size": W, "next": cursor})
 
-            # ---- one RL step: per problem, sample a group, then backprop its passes (weights fixed until the
-            # optimizer step, so the later problems' samples are still on-policy) ----
-            t0 = time.perf_counter()
-            rollout_time, loss_sum = 0.0, torch.zeros((), device=device)
-            reward_sum = seq_len_sum = gen_tokens = 0.0
-            for _ in range(examples_per_rank):
-                position, prompt, _ = next(prompts)
-                idx = (position - W) % len(train_task)
-                conv = train_task[idx]
-                tr = time.perf_counter()
-                model.eval()
-                sequences, masks = [], []
-                for s in range(num_passes):
-                    seqs, msks = engine.generate_batch(prompt, num_samples=B, max_tokens=cfg.max_new_tokens,
-                                                       temperature=cfg.temperature, top_k=cfg.top_k,
-                                                       seed=rollout_seed(step, idx, s))
-                    sequences += seqs
-                    masks += msks
-                model.train()
-                rollout_time += time.perf_counter() - tr
-                rewards = completion_rewards(train_task, conv, sequences, len(prompt), tokenizer)
-                reward_sum += sum(rewards)
-                seq_len_sum += sum(len(s) for s in sequences)
-                gen_tokens += sum(len(s) - len(prompt) for s in sequences)
-                inputs, targets = rollout_batch(sequences, masks, pad_id)
-                advantages = group_advantages(rewards)
-                for p in range(num_passes):
-                    rows = slice(p * B, (p + 1) * B)
-                    x, y, a = inputs[rows].to(device), targets[rows].to(device), advantages[rows].to(device)
-                    logp = -model(x, y, loss_reduction="none").view_as(y)
-                    loss = pg_loss(logp, y, a, num_passes, examples_per_rank)
-                    loss.backward()
-                    loss_sum += loss.detach()
-            cursor += cfg.examples_per_step
-            lrm = 1.0 - step / num_iterations
-            apply_schedule(optimizer, lrm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            n_samples = examples_per_rank * cfg.num_samples
-            totals = _sum_all_ranks([reward_sum, seq_len_sum, gen_tokens, n_samples, loss_sum.item()], device)
-            reward, seq_len, gen_len = (totals[:3] / totals[3]).tolist()
-            loss_value = totals[4].item() / W  # each rank's summed passes are its mean objective
-            dt = time.perf_counter() - t0
-
-            step += 1
-            state.total_training_time += dt
-            tok_per_sec = totals[2].item() / max(rollout_time, 1e-9)  # all workers' sampled tokens
-            line = dict(step=step, reward=reward, seq_len=seq_len, gen_len=gen_len, loss=loss_value, lrm=lrm,
-                        dt_ms=dt * 1000, rollout_tok_per_sec=tok_per_sec, rollout_pct=100 * rollout_time / dt,
-                        total_time=state.total_training_time)
-            print0(f"step {step:05d}/{num_iterations:05d} | reward: {reward:.4f} | seq len: {seq_len:.1f} "
-                   f"| gen len: {gen_len:.1f} | loss: {loss_value:.6f} | lrm: {lrm:.3f} | dt: {dt * 1000:.0f}ms "
-                   f"| rollout tok/s: {tok_per_sec:,.0f} ({100 * rollout_time / dt:.0f}% of step)")
-            log(line)
-    finally:
-        if metrics_file is not None:
-            metrics_file.close()
-    state.step = step
-    summary = dict(step=step, num_iterations=num_iterations, stage="rl", source=cfg.source,
+    evals = [Eval("pass@k", cfg.eval_every, pass_at_k, at_start=True)]
+    state = run_loop(model, optimizer, rl_step, num_iterations=num_iterations, ctx=ctx, evals=evals,
+                     save_every=cfg.save_every, meta=meta, loop_state=state,
+                     loader_state={"rank": rank, "world_size": W, "next": cursor})
+    summary = dict(step=state.step, num_iterations=num_iterations, stage="rl", source=cfg.source,
                    total_training_time=state.total_training_time, checkpoint_dir=ctx.checkpoint_dir, **final_eval,
                    **{f"best_{k}": v for k, v in state.best_eval.items()})
     print0(f"done: {summary}")
@@ -330,7 +298,7 @@ def log_report(cfg, summary, base_dir=None):
 
 def main(argv=None):
     """One process (or one torchrun rank)."""
-    from nanochat.base_train import find_resume_step
+    from nanochat.checkpoint_manager import find_resume_step
     from nanochat.train import local_context
     parser = RLConfig.add_args(argparse.ArgumentParser(description="RL on GSM8K in one process"))
     cfg = RLConfig.from_args(parser.parse_args(argv)).resolved()

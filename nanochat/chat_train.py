@@ -1,5 +1,5 @@
 """
-Midtraining (SPEC §9) and chat SFT (SPEC §10, OLD recipe), one worker's view. Same loop, same launchers and
+Midtraining and chat SFT (the OLD recipe), one worker's view. Same loop, same launchers and
 checkpoint contract as base training (nanochat/train.py); what differs is the data and the schedule:
 - mid: conversations rendered to token ids and packed best-fit into full rows; the loss is on every token (the
   model learns the chat format itself); one epoch of the mixture; lr flat then linear to 0 over the last 20%.
@@ -8,7 +8,6 @@ checkpoint contract as base training (nanochat/train.py); what differs is the da
 """
 import argparse
 import math
-import os
 import random
 import uuid
 from dataclasses import asdict, dataclass
@@ -17,55 +16,62 @@ import torch
 import torch.distributed as dist
 
 from nanochat import storage
-from nanochat.checkpoint_manager import SOURCE_DIRS, find_largest_model, load_checkpoint, load_model
+from nanochat.checkpoint_manager import SOURCE_DIRS, find_largest_model, load_model
 from nanochat.common import get_base_dir, init_wandb, is_distributed, print0
 from nanochat.dataloader import BestFitPacker
-from nanochat.train import ArgsMixin, Eval, LoopState, WorkerContext, local_context, train_loop
+from nanochat.flags import ArgsMixin, flag, task_data_dir
+from nanochat.train import Eval, WorkerContext, local_context, restore, train_loop
 
 
 @dataclass
 class ChatTrainConfig(ArgsMixin):
-    stage: str = "mid"  # mid | sft
-    source: str = ""  # checkpoint to start from: base|mid (default: base for mid, mid for sft)
-    model_tag: str = ""  # default: the largest d<N> of the source
-    model_step: int = -1  # default: the source's last step
-    max_seq_len: int = 2048
-    device_batch_size: int = -1  # mid: rows per micro-batch (32); sft: conversations per micro-batch (4)
-    total_batch_size: int = 524288  # mid: tokens per step
-    target_examples_per_step: int = 32  # sft: conversations per step
-    num_epochs: int = 1  # sft
-    num_iterations: int = -1  # -1: one epoch (mid) / num_epochs (sft)
-    unembedding_lr: float = 0.004
-    embedding_lr: float = 0.2
-    matrix_lr: float = 0.02
-    scalar_lr: float = 0.5
-    weight_decay: float = 0.0
-    init_lr_frac: float = -1.0  # -1: 1.0 for mid, 0.02 for sft
-    eval_every: int = -1  # -1: 150 (mid) / 100 (sft)
-    eval_tokens: int = 20 * 524288  # mid: val bpb tokens
-    eval_steps: int = 100  # sft: val loss batches
-    eval_metrics_every: int = 200  # sft: MMLU and ARC-Easy accuracy (-1 = never)
-    eval_metrics_max_problems: int = 1024
-    save_every: int = -1
-    task_data: str = ""  # offline task files laid out like ../shared/data (default $NANOCHAT_TASK_DATA)
-    identity: str = ""  # identity conversations JSONL (default <storage>/identity_conversations.jsonl if present)
-    mixture_scale: float = 1.0  # shrink the synthetic spelling tasks for small runs
-    buffer_size: int = 100
-    resume: bool = False
-    run: str = "dummy"
-    device_type: str = ""
-    seed: int = 42
+    stage: str = flag("mid", "mid | sft (set by the entry point)")
+    source: str = flag("", "checkpoint to start from: base|mid (default: base for mid, mid for sft)")
+    model_tag: str = flag("", "the source checkpoint's tag (default: its largest d<N>)")
+    model_step: int = flag(-1, "the source checkpoint's step (default: its last)")
+    max_seq_len: int = flag(2048, "tokens per training row (the model's sequence_len)")
+    device_batch_size: int = flag(-1, "mid: rows per micro-batch (32); sft: conversations per micro-batch (4)")
+    total_batch_size: int = flag(524288, "mid: tokens per optimizer step over all workers")
+    target_examples_per_step: int = flag(32, "sft: conversations per optimizer step over all workers")
+    num_epochs: int = flag(1, "passes over the training data (sft)")
+    num_iterations: int = flag(-1, "optimizer steps (-1: one epoch for mid, num_epochs for sft)")
+    unembedding_lr: float = flag(0.004, "AdamW learning rate of the lm_head")
+    embedding_lr: float = flag(0.2, "AdamW learning rate of the token embedding")
+    matrix_lr: float = flag(0.02, "Muon learning rate of the transformer matrices")
+    scalar_lr: float = flag(0.5, "AdamW learning rate of the per-layer scalars")
+    weight_decay: float = flag(0.0, "weight decay")
+    init_lr_frac: float = flag(-1.0, "learning rates start at this fraction of the base ones (-1: 1.0 for mid, 0.02 for sft)")
+    eval_every: int = flag(-1, "steps between validation evals (-1: 150 (mid) / 100 (sft))")
+    eval_tokens: int = flag(20 * 524288, "mid: validation tokens per bits-per-byte eval")
+    eval_steps: int = flag(100, "sft: validation batches per loss eval")
+    eval_metrics_every: int = flag(200, "sft: steps between MMLU / ARC-Easy accuracy evals (-1: never)")
+    eval_metrics_max_problems: int = flag(1024, "problems per accuracy eval")
+    save_every: int = flag(-1, "steps between checkpoints (-1: last step only)")
+    task_data: str = flag("", "offline task files laid out like ../shared/data (default $NANOCHAT_TASK_DATA)")
+    identity: str = flag("", "identity conversations JSONL (default <storage>/identity_conversations.jsonl if present)")
+    mixture_scale: float = flag(1.0, "shrink the synthetic spelling tasks for small runs")
+    buffer_size: int = flag(100, "documents buffered for best-fit packing")
+    resume: bool = flag(False, "continue from the newest checkpoint in the output directory")
+    run: str = flag("dummy", "wandb run name ('dummy': no wandb)")
+    device_type: str = flag("", "cuda | cpu | mps (default: autodetect)")
+    seed: int = flag(42, "random seed")
 
     def resolved(self):
         """Fill the stage-dependent defaults."""
-        mid = self.stage == "mid"
-        out = dict(source=self.source or ("base" if mid else "mid"),
-                   device_batch_size=self.device_batch_size if self.device_batch_size > 0 else (32 if mid else 4),
-                   init_lr_frac=self.init_lr_frac if self.init_lr_frac >= 0 else (1.0 if mid else 0.02),
-                   eval_every=self.eval_every if self.eval_every >= 0 else (150 if mid else 100),
-                   task_data=self.task_data or os.environ.get("NANOCHAT_TASK_DATA", ""),
+        defaults = STAGE_DEFAULTS[self.stage]
+        out = dict(source=self.source or defaults["source"],
+                   device_batch_size=self.device_batch_size if self.device_batch_size > 0 else
+                   defaults["device_batch_size"],
+                   init_lr_frac=self.init_lr_frac if self.init_lr_frac >= 0 else defaults["init_lr_frac"],
+                   eval_every=self.eval_every if self.eval_every >= 0 else defaults["eval_every"],
+                   task_data=task_data_dir(self.task_data),
                    identity=self.identity or storage.join(get_base_dir(), "identity_conversations.jsonl"))
         return ChatTrainConfig(**{**asdict(self), **out})
+
+
+# what the stages start from and at: nanochat's values
+STAGE_DEFAULTS = {"mid": dict(source="base", device_batch_size=32, init_lr_frac=1.0, eval_every=150),
+                  "sft": dict(source="mid", device_batch_size=4, init_lr_frac=0.02, eval_every=100)}
 
 
 def output_dir(cfg, base_dir=None):
@@ -77,7 +83,7 @@ def output_dir(cfg, base_dir=None):
 
 def build_mixture(cfg, split):
     from tasks.mixtures import mid_mixture, sft_mixture
-    make = mid_mixture if cfg.stage == "mid" else sft_mixture
+    make = {"mid": mid_mixture, "sft": sft_mixture}[cfg.stage]
     return make(split, task_data=cfg.task_data or None, identity=cfg.identity, scale=cfg.mixture_scale)
 
 
@@ -193,6 +199,88 @@ def chat_accuracies(model, tokenizer, cfg, rank, world_size, device, batch_size=
 
 
 # -----------------------------------------------------------------------------
+# The two stages: what midtraining and SFT do differently
+
+@dataclass
+class StagePlan:
+    batches: object  # resume_state -> (x, y, loader_state) micro-batches
+    grad_accum_steps: int
+    tokens_per_step: int | None  # None: variable-length rows, the loop counts the tokens
+    num_iterations: int
+    schedule: object  # step -> (lr multiplier, muon momentum or None, muon weight decay or None)
+    evals: list
+    report_title: str
+
+
+def mid_stage(cfg, model, tokenizer, train_set, val_set, B, T, ctx, render):
+    """Packed rows of conversations (every token trained), a token budget per step, nanochat's midtraining
+    schedule (constant, then linear decay over the last 20%; Muon momentum warmup), validation bits per byte."""
+    from nanochat.loss_eval import evaluate_bpb
+    from nanochat.tokenizer import get_token_bytes
+    rank, W, device = ctx.rank, ctx.world_size, ctx.device
+    total_batch = cfg.total_batch_size
+    if total_batch % (B * T * W):
+        raise ValueError(f"total batch {total_batch} is not a multiple of {B}*{T}*{W}")
+    epoch_steps = math.ceil(estimate_epoch_tokens(train_set, tokenizer, T) / total_batch)
+    num_iterations = cfg.num_iterations if cfg.num_iterations > 0 else epoch_steps
+
+    def batches(resume_state):
+        return packed_conversations(train_set, tokenizer, B, T, rank, W, device, resume_state, cfg.buffer_size,
+                                    render=render)
+
+    def schedule(step):
+        progress = step / num_iterations
+        lrm = 1.0 if progress < 0.8 else 1 - (progress - 0.8) / 0.2
+        return lrm, 0.85 + 0.10 * min(step / 300, 1.0), None
+    token_bytes = get_token_bytes(device=device)
+    eval_steps = max(1, cfg.eval_tokens // (B * T * W))
+
+    def evaluate(step):
+        val = ((x, y) for x, y, _ in packed_conversations(val_set, tokenizer, B, T, rank, W, device))
+        return {"val_bpb": evaluate_bpb(model, val, eval_steps, token_bytes)}
+    return StagePlan(batches, max(1, total_batch // (B * T * W)), total_batch, num_iterations, schedule,
+                     [Eval("val", cfg.eval_every, evaluate)], "Midtraining")
+
+
+def sft_stage(cfg, model, tokenizer, train_set, val_set, B, T, ctx, render):
+    """One conversation per row, padded (only the assistant's tokens trained), a number of conversations per step,
+    a linear decay to 0, validation loss, and MMLU / ARC-Easy accuracy every eval_metrics_every steps."""
+    rank, W, device = ctx.rank, ctx.world_size, ctx.device
+    if cfg.target_examples_per_step % (B * W):
+        raise ValueError(f"target_examples_per_step {cfg.target_examples_per_step} is not a multiple of "
+                         f"device_batch_size*workers = {B}*{W}")
+    num_iterations = cfg.num_iterations if cfg.num_iterations > 0 else \
+        max(1, len(train_set) // cfg.target_examples_per_step * cfg.num_epochs)
+
+    def batches(resume_state):
+        return padded_conversations(train_set, tokenizer, B, T, rank, W, device, resume_state, render=render)
+
+    def schedule(step):
+        return 1.0 - step / num_iterations, None, None
+
+    @torch.no_grad()
+    def evaluate(step):
+        total, count = torch.zeros((), device=device), torch.zeros((), device=device)
+        val = padded_conversations(val_set, tokenizer, B, T, rank, W, device, num_epochs=1)
+        for _, (x, y, _) in zip(range(cfg.eval_steps), val):
+            total += model(x, y, loss_reduction="sum")
+            count += (y >= 0).sum()
+        if is_distributed():
+            dist.all_reduce(total)
+            dist.all_reduce(count)
+        return {"val_loss": (total / count.clamp(min=1)).item()}
+    evals = [Eval("val", cfg.eval_every, evaluate)]
+    if cfg.eval_metrics_every > 0:
+        evals.append(Eval("metrics", cfg.eval_metrics_every,
+                          lambda step: chat_accuracies(model, tokenizer, cfg, rank, W, device)))
+    return StagePlan(batches, cfg.target_examples_per_step // (B * W), None, num_iterations, schedule, evals,
+                     "Chat SFT")
+
+
+STAGES = {"mid": mid_stage, "sft": sft_stage}
+
+
+# -----------------------------------------------------------------------------
 # The worker
 
 def chat_train_worker(cfg, ctx=None, run_id=None, resume_step=None, tokenizer=None, render=rendered_conversations):
@@ -201,7 +289,7 @@ def chat_train_worker(cfg, ctx=None, run_id=None, resume_step=None, tokenizer=No
     cfg = cfg.resolved()
     ctx = ctx or WorkerContext()
     ctx.wandb = init_wandb(cfg.run, f"nanochat-{cfg.stage}", asdict(cfg), ctx.rank)
-    device, rank, W = ctx.device, ctx.rank, ctx.world_size
+    device, W = ctx.device, ctx.world_size
     torch.manual_seed(cfg.seed)
     tag = storage.basename(ctx.checkpoint_dir)
     model, loaded_tokenizer, source_meta = load_model(cfg.source, device, "train", model_tag=tag,
@@ -217,93 +305,29 @@ def chat_train_worker(cfg, ctx=None, run_id=None, resume_step=None, tokenizer=No
         group["lr"] = group["initial_lr"] = group["initial_lr"] * cfg.init_lr_frac
 
     train_set, val_set = build_mixture(cfg, "train"), build_mixture(cfg, "val")
-    if cfg.stage == "mid":
-        total_batch = cfg.total_batch_size
-        accum = max(1, total_batch // (B * T * W))
-        if total_batch % (B * T * W):
-            raise ValueError(f"total batch {total_batch} is not a multiple of {B}*{T}*{W}")
-        epoch_steps = math.ceil(estimate_epoch_tokens(train_set, tokenizer, T) / total_batch)
-        num_iterations = cfg.num_iterations if cfg.num_iterations > 0 else epoch_steps
-
-        def batches(resume_state):
-            return packed_conversations(train_set, tokenizer, B, T, rank, W, device, resume_state, cfg.buffer_size,
-                                        render=render)
-
-        def schedule(step):
-            progress = step / num_iterations
-            lrm = 1.0 if progress < 0.8 else 1 - (progress - 0.8) / 0.2
-            return lrm, 0.85 + 0.10 * min(step / 300, 1.0), None
-    else:
-        if cfg.target_examples_per_step % (B * W):
-            raise ValueError(f"target_examples_per_step {cfg.target_examples_per_step} is not a multiple of "
-                             f"device_batch_size*workers = {B}*{W}")
-        accum = cfg.target_examples_per_step // (B * W)
-        total_batch = None  # variable-length rows: the loop counts tokens
-        num_iterations = cfg.num_iterations if cfg.num_iterations > 0 else \
-            max(1, len(train_set) // cfg.target_examples_per_step * cfg.num_epochs)
-
-        def batches(resume_state):
-            return padded_conversations(train_set, tokenizer, B, T, rank, W, device, resume_state, render=render)
-
-        def schedule(step):
-            return 1.0 - step / num_iterations, None, None
-
-    loop_state, loader_state = LoopState(), None
-    if resume_step is not None:
-        model_data, optim_data, meta = load_checkpoint(ctx.checkpoint_dir, resume_step, device, load_optimizer=True,
-                                                       rank=rank, world_size=W)
-        model.load_state_dict(model_data)
-        optimizer.load_state_dict(optim_data)
-        loop_state, loader_state = LoopState(**meta["loop_state"]), meta["loader_states"]
-        print0(f"resumed {cfg.stage} from step {resume_step} ({ctx.checkpoint_dir})")
-    print0(f"{cfg.stage}: {len(train_set):,} train conversations, {num_iterations} steps, "
-           f"{accum} accumulation steps x {B} rows x {W} workers, from {cfg.source} {tag}")
-
-    if cfg.stage == "mid":
-        from nanochat.loss_eval import evaluate_bpb
-        from nanochat.tokenizer import get_token_bytes
-        token_bytes = get_token_bytes(device=device)
-        eval_steps = max(1, cfg.eval_tokens // (B * T * W))
-
-        def evaluate(step):
-            val = ((x, y) for x, y, _ in packed_conversations(val_set, tokenizer, B, T, rank, W, device))
-            return {"val_bpb": evaluate_bpb(model, val, eval_steps, token_bytes)}
-    else:
-        @torch.no_grad()
-        def evaluate(step):
-            total, count = torch.zeros((), device=device), torch.zeros((), device=device)
-            val = padded_conversations(val_set, tokenizer, B, T, rank, W, device, num_epochs=1)
-            for _, (x, y, _) in zip(range(cfg.eval_steps), val):
-                total += model(x, y, loss_reduction="sum")
-                count += (y >= 0).sum()
-            if is_distributed():
-                dist.all_reduce(total)
-                dist.all_reduce(count)
-            return {"val_loss": (total / count.clamp(min=1)).item()}
-
-    evals = [Eval("val", cfg.eval_every, evaluate)]
-    if cfg.stage == "sft" and cfg.eval_metrics_every > 0:
-        evals.append(Eval("metrics", cfg.eval_metrics_every,
-                          lambda step: chat_accuracies(model, tokenizer, cfg, rank, W, device)))
+    plan = STAGES[cfg.stage](cfg, model, tokenizer, train_set, val_set, B, T, ctx, render)
+    loop_state, loader_state = restore(ctx, resume_step, model, optimizer)
+    print0(f"{cfg.stage}: {len(train_set):,} train conversations, {plan.num_iterations} steps, "
+           f"{plan.grad_accum_steps} accumulation steps x {B} rows x {W} workers, from {cfg.source} {tag}")
     meta = dict(model_config=asdict(config), user_config=asdict(cfg), stage=cfg.stage, source=cfg.source,
                 source_step=source_meta.get("step"), run_id=run_id, device_batch_size=B, max_seq_len=T)
-    state = train_loop(model, optimizer, batches(loader_state), num_iterations=num_iterations, grad_accum_steps=accum,
-                       schedule=schedule, ctx=ctx, tokens_per_step=total_batch,
-                       flops_per_token=model.estimate_flops(), evals=evals,
-                       save_every=cfg.save_every, meta=meta, loop_state=loop_state,
+    state = train_loop(model, optimizer, plan.batches(loader_state), num_iterations=plan.num_iterations,
+                       grad_accum_steps=plan.grad_accum_steps, schedule=plan.schedule, ctx=ctx,
+                       tokens_per_step=plan.tokens_per_step, flops_per_token=model.estimate_flops(),
+                       evals=plan.evals, save_every=cfg.save_every, meta=meta, loop_state=loop_state,
                        loader_state=loader_state)
-    summary = dict(step=state.step, num_iterations=num_iterations, stage=cfg.stage,
+    summary = dict(step=state.step, num_iterations=plan.num_iterations, stage=cfg.stage,
                    total_training_time=state.total_training_time, checkpoint_dir=ctx.checkpoint_dir,
                    **state.best_eval)
     print0(f"done: {summary}")
     from nanochat.report import get_report
-    get_report().log("Midtraining" if cfg.stage == "mid" else "Chat SFT", {**asdict(cfg), **summary, "world_size": W})
+    get_report().log(plan.report_title, {**asdict(cfg), **summary, "world_size": W})
     return summary
 
 
 def main(argv=None):
     """One process (or one torchrun rank)."""
-    from nanochat.base_train import find_resume_step
+    from nanochat.checkpoint_manager import find_resume_step
     parser = ChatTrainConfig.add_args(argparse.ArgumentParser(description="midtraining / SFT in one process"))
     cfg = ChatTrainConfig.from_args(parser.parse_args(argv)).resolved()
     ctx = local_context(output_dir(cfg), cfg.device_type, cfg.seed)

@@ -170,8 +170,22 @@ def read_meta(checkpoint_dir, step):
     return _read_meta(_Dir(checkpoint_dir), step)
 
 
+def find_resume_step(ckpt_dir, run_id=None):
+    """Latest complete step in ckpt_dir (of run `run_id` if given: a restarted worker group resumes its own run,
+    never a stale checkpoint of an older run in the same directory)."""
+    try:
+        steps = list_steps(ckpt_dir)
+    except FileNotFoundError:
+        return None
+    for step in reversed(steps):
+        if run_id is None or read_meta(ckpt_dir, step).get("run_id") == run_id:
+            return step
+    return None
+
+
 # -----------------------------------------------------------------------------
 # Save / load
+
 
 def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=0):
     """Rank 0 writes the model, every rank its optimizer state (if any), then rank 0 the meta (the commit point).

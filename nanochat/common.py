@@ -83,11 +83,6 @@ def compute_init(device_type=None, seed=42):
     return ddp, rank, local_rank, world, device
 
 
-def compute_cleanup():
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 # -----------------------------------------------------------------------------
 # Paths
 

@@ -1,5 +1,5 @@
 """
-CORE: the base-model metric of the DCLM paper (arXiv:2406.11794), exactly as nanochat computes it (SPEC §8.2).
+CORE: the base-model metric of the DCLM paper (arXiv:2406.11794), exactly as nanochat computes it.
 
 22 in-context-learning tasks of three kinds, each example scored by one forward pass:
 - multiple_choice: one prompt per choice; the choice whose answer tokens have the lowest mean loss wins.

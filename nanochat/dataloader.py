@@ -1,5 +1,5 @@
 """
-Pretraining dataloader: BOS-aligned best-fit packing (SPEC §3) over a striped, resumable stream of units (DESIGN §1).
+Pretraining dataloader: BOS-aligned best-fit packing over a striped, resumable stream of units.
 
 Pieces (each usable on its own; the Ray Data glue reuses the packer and the cursor):
 - BestFitPacker: tokenized documents (each starting with BOS) in, rows of T+1 tokens out.

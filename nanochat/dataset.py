@@ -281,7 +281,7 @@ def _expand(spec):
         files = sorted(p for p in matches if file_kind(p) is not None)
     else:
         fs, path = storage.filesystem(spec)
-        prefix = spec.split("://", 1)[0] + "://"
+        prefix = storage.scheme(spec) + "://"
         if has_glob:
             found = fs.glob(path)
         elif fs.isfile(path):

@@ -37,9 +37,6 @@ class KVCache:
     def get_pos(self):
         return int(self.cache_seqlens[0])
 
-    def get_layer_cache(self, layer_idx):
-        return self.k_cache[layer_idx], self.v_cache[layer_idx]
-
     def begin(self, T):
         """Before a forward of T new tokens per row: the rows' position range (lo, hi), in one host sync, a check
         that they fit, and where insert() will write them (a slice when every row is at the same position, as in
@@ -173,14 +170,41 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
     return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=rng)
 
 
-class RowState:
-    """Per-row decoding state: tokens so far, queued forced tokens, and the python-tool state machine."""
+class ToolUse:
+    """The calculator tool of one row, for the Engine and the serving scheduler alike: feed() every token the row
+    takes; between <|python_start|> and <|python_end|> it collects the expression, and at the end queues
+    <|output_start|>result<|output_end|>, which the row then takes (next_forced) instead of sampling."""
 
-    def __init__(self, tokens):
+    def __init__(self, tokenizer):
+        special = tokenizer.encode_special
+        self.tokenizer = tokenizer
+        self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
+        self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
+        self.forced = deque()
+        self.in_python, self.expr = False, []
+
+    def next_forced(self):
+        """The next token the tool forces into the row, or None (sample)."""
+        return self.forced.popleft() if self.forced else None
+
+    def feed(self, token):
+        if token == self.python_start:
+            self.in_python, self.expr = True, []
+        elif token == self.python_end and self.in_python:
+            self.in_python = False
+            result = use_calculator(self.tokenizer.decode(self.expr))
+            if result is not None:
+                self.forced.extend([self.output_start, *self.tokenizer.encode(str(result)), self.output_end])
+        elif self.in_python:
+            self.expr.append(token)
+
+
+class RowState:
+    """Per-row decoding state of the Engine: tokens so far and the tool."""
+
+    def __init__(self, tokens, tokenizer):
         self.current_tokens = list(tokens)
-        self.forced_tokens = deque()
-        self.in_python_block = False
-        self.python_expr_tokens = []
+        self.tool = ToolUse(tokenizer)
         self.completed = False
 
 
@@ -196,9 +220,6 @@ class Engine:
         model, tok = self.model, self.tokenizer
         device = model.get_device()
         rng = torch.Generator(device=device).manual_seed(seed)
-        special = tok.encode_special
-        python_start, python_end = special("<|python_start|>"), special("<|python_end|>")
-        output_start, output_end = special("<|output_start|>"), special("<|output_end|>")
         stop_tokens = tok.turn_end_ids()
 
         # prefill once at batch 1, then fan the cache out to num_samples rows
@@ -210,7 +231,7 @@ class Engine:
         kv_cache.prefill(prefill_cache)
         del prefill_cache
 
-        rows = [RowState(tokens) for _ in range(num_samples)]
+        rows = [RowState(tokens, tok) for _ in range(num_samples)]
         num_generated = 0
         while True:
             if max_tokens is not None and num_generated >= max_tokens:
@@ -222,22 +243,14 @@ class Engine:
             sampled = sample_next_token(logits, rng, temperature, top_k, top_p)[:, 0].tolist()
             column, masks = [], []
             for row, sampled_token in zip(rows, sampled):
-                forced = bool(row.forced_tokens)
-                token = row.forced_tokens.popleft() if forced else sampled_token
+                forced = row.tool.next_forced()
+                token = sampled_token if forced is None else forced
                 column.append(token)
-                masks.append(0 if forced else 1)
+                masks.append(1 if forced is None else 0)
                 row.current_tokens.append(token)
                 if token in stop_tokens:
                     row.completed = True
-                if token == python_start:
-                    row.in_python_block, row.python_expr_tokens = True, []
-                elif token == python_end and row.in_python_block:
-                    row.in_python_block = False
-                    result = use_calculator(tok.decode(row.python_expr_tokens))
-                    if result is not None:
-                        row.forced_tokens.extend([output_start, *tok.encode(str(result)), output_end])
-                elif row.in_python_block:
-                    row.python_expr_tokens.append(token)
+                row.tool.feed(token)
             yield column, masks
             num_generated += 1
             ids = torch.tensor(column, dtype=torch.long, device=device)[:, None]

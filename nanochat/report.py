@@ -1,5 +1,5 @@
 """
-The report card (SPEC §16): every stage writes its own markdown section into <base>/report/, and `generate`
+The report card: every stage writes its own markdown section into <base>/report/, and `generate`
 stitches them into report.md with a summary table of the headline metrics.
 
 - reset(): delete old sections and report.md, write header.md (git, hardware, software, code size, run start).

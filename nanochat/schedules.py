@@ -1,5 +1,5 @@
 """
-What the single --depth dial derives (SPEC §6.2), and the per-step schedules. Pure functions: easy to test,
+What the single --depth dial derives, and the per-step schedules. Pure functions: easy to test,
 identical under every launcher.
 """
 import math

@@ -99,13 +99,6 @@ class RustBPETokenizer:
             raise RuntimeError(f"{path} does not contain a tiktoken.Encoding (got {type(enc).__name__})")
         return cls(enc, "<|bos|>")
 
-    @classmethod
-    def from_pretrained(cls, tiktoken_name):
-        """Wrap one of tiktoken's named encodings (e.g. "gpt2", "cl100k_base"); needs tiktoken's download/cache.
-        These have no chat special tokens, so only encode/decode are meaningful (used for comparisons)."""
-        enc = tiktoken.get_encoding(tiktoken_name)
-        return cls(enc, "<|endoftext|>")
-
     def save(self, tokenizer_dir):
         """Write tokenizer.pkl (the pickled Encoding) and token_bytes.pt (bytes per token, for bits-per-byte)."""
         pkl_path = storage.join(tokenizer_dir, TOKENIZER_PKL)

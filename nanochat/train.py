@@ -1,44 +1,25 @@
 """
-The per-worker training loop shared by base, mid and SFT training (DESIGN §3).
+The per-worker training loop shared by base, mid and SFT training.
 
 `train_loop` is a plain function: it takes the model, the optimizer, an iterator of (inputs, targets, loader_state)
 micro-batches, the schedules, the evals and a `WorkerContext`. Launchers differ only in the context they pass:
 a plain process (tests, GPU benchmarks, torchrun) uses WorkerContext as is; Ray Train passes one whose
 `on_checkpoint` calls `ray.train.report` (see ray_jobs/ray_train.py). Nothing here imports Ray.
 
-Loop (SPEC §6.3): it runs num_iterations + 1 iterations so the final eval and save see step N; per iteration:
+Loop: it runs num_iterations + 1 iterations so the final eval and save see step N; per iteration:
 evals (all ranks), samples (rank 0), save, stop if last, then one optimizer step over grad_accum micro-batches.
 """
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from nanochat import storage
-from nanochat.checkpoint_manager import save_checkpoint
+from nanochat.checkpoint_manager import load_checkpoint, save_checkpoint
 from nanochat.common import is_distributed, print0
-
-
-class ArgsMixin:
-    """argparse for plain dataclass configs: one --flag per field (dashes), with the dataclass defaults."""
-
-    @classmethod
-    def add_args(cls, parser):
-        for f in fields(cls):
-            flag = "--" + f.name.replace("_", "-")
-            if f.type in (bool, "bool"):
-                parser.add_argument(flag, action="store_true", default=f.default)
-            else:
-                parser.add_argument(flag, type={"int": int, "float": float, "str": str}.get(f.type, f.type),
-                                    default=f.default)
-        return parser
-
-    @classmethod
-    def from_args(cls, args):
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
 @dataclass
@@ -117,23 +98,41 @@ def _is_due(step, every, last_step):
     return last_step or (every > 0 and step % every == 0)
 
 
-def train_loop(model, optimizer, batches, *, num_iterations, grad_accum_steps, schedule, ctx, tokens_per_step,
-               flops_per_token, evals=(), sample_fn=None, sample_every=-1, save_every=-1,
-               meta=None, loop_state=None, loader_state=None, compiled_model=None):
-    """Train to step num_iterations. tokens_per_step=None counts the tokens of the actual batches (for variable
-    lengths). `batches` yields (x, y, loader_state) micro-batches forever (or until the data is exhausted: then training stops at the next step boundary on all ranks). `schedule(step)` returns
-    (lr_multiplier, muon_momentum or None, muon_weight_decay or None). `loader_state` is the state to checkpoint
-    before any batch is drawn (on resume: the restored one). Returns the final LoopState."""
-    from nanochat.schedules import apply_schedule
+@dataclass
+class StepResult:
+    """What one optimizer step reports to the loop: its metrics line (metrics.jsonl, and wandb under train/), the
+    console text, the data state to checkpoint after it, and whether the data ran out before it could run."""
+    line: dict = field(default_factory=dict)
+    text: str = ""
+    loader_state: object = None
+    exhausted: bool = False
+
+
+def restore(ctx, resume_step, model, optimizer):
+    """Load checkpoint `resume_step` of ctx.checkpoint_dir into model and optimizer (this rank's shard): returns
+    (LoopState, every rank's loader states); (a fresh LoopState, None) when resume_step is None."""
+    if resume_step is None:
+        return LoopState(), None
+    model_data, optim_data, meta = load_checkpoint(ctx.checkpoint_dir, resume_step, ctx.device, load_optimizer=True,
+                                                   rank=ctx.rank, world_size=ctx.world_size)
+    model.load_state_dict(model_data)
+    optimizer.load_state_dict(optim_data)
+    print0(f"resumed from step {resume_step} ({ctx.checkpoint_dir})")
+    return LoopState(**meta["loop_state"]), meta["loader_states"]
+
+
+def run_loop(model, optimizer, step_fn, *, num_iterations, ctx, evals=(), sample_fn=None, sample_every=-1,
+             save_every=-1, meta=None, loop_state=None, loader_state=None):
+    """The loop every stage shares: evals, samples, checkpoints (reported through ctx.on_checkpoint), metrics.jsonl,
+    wandb, the stop at num_iterations; `step_fn(step, state)` runs one optimizer step and returns a StepResult.
+    `loader_state` is the state to checkpoint before any step ran (on resume: the restored one). Returns the final
+    LoopState."""
     state = loop_state or LoopState()
-    start_step = state.step
-    fwd = compiled_model or model
+    start_step = step = state.step
     meta = meta or {}
-    count_tokens = tokens_per_step is None  # variable-length batches (SFT): count what was actually trained on
     metrics_file = storage.AppendLog(ctx.metrics_path) if (ctx.rank == 0 and ctx.metrics_path) else None
     if metrics_file is not None and start_step > 0:  # which checkpoint this run (or restarted group) continued from
         metrics_file.write(json.dumps({"step": start_step, "resumed_from": start_step, "wall": time.time()}))
-    step = start_step
     try:
         while True:
             last_step = step == num_iterations
@@ -166,56 +165,17 @@ def train_loop(model, optimizer, batches, *, num_iterations, grad_accum_steps, s
             if last_step:
                 break
 
-            # ---- one optimization step ----
-            t0 = time.perf_counter()
-            data_wait = 0.0
-            exhausted = False
-            loss_sum, step_tokens = 0.0, 0
-            for _ in range(grad_accum_steps):
-                td = time.perf_counter()
-                try:
-                    x, y, loader_state = next(batches)
-                except StopIteration:
-                    exhausted = True
-                    break
-                data_wait += time.perf_counter() - td
-                loss = fwd(x, y)
-                (loss / grad_accum_steps).backward()
-                loss_sum += loss.detach()
-                step_tokens += x.numel() * ctx.world_size
-            if all_reduce_max_flag(exhausted, ctx.device):
+            result = step_fn(step, state)
+            if result.exhausted:
                 print0(f"data exhausted at step {step}: stopping")
                 num_iterations = step  # the next iteration is the last: eval + save
-                optimizer.zero_grad(set_to_none=True)
                 continue
-            lrm, momentum, wd = schedule(step)
-            apply_schedule(optimizer, lrm, momentum, wd)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            train_loss = loss_sum / grad_accum_steps
-            if is_distributed():  # log the global batch's loss, not rank 0's share of it
-                dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
-            train_loss = train_loss.item()  # the host sync that makes dt honest
-            dt = time.perf_counter() - t0
-
+            loader_state = result.loader_state
             step += 1
-            # debiased EMA of the loss (beta 0.9), as nanochat prints
-            state.smooth_train_loss = 0.9 * state.smooth_train_loss + 0.1 * train_loss
-            debiased = state.smooth_train_loss / (1 - 0.9 ** step)
-            if step > 10:  # the first steps include compilation / warm-up
-                state.total_training_time += dt
-            state.total_data_wait += data_wait
-            step_tokens = step_tokens if count_tokens else tokens_per_step
-            tok_per_sec = step_tokens / dt
-            mfu = 100 * flops_per_token * step_tokens / dt / (ctx.peak_flops * ctx.world_size)
-            remaining = (num_iterations - step) * dt
-            line = dict(step=step, loss=debiased, raw_loss=train_loss, lrm=lrm, dt_ms=dt * 1000,
-                        tok_per_sec=tok_per_sec, mfu=mfu, data_wait_pct=100 * data_wait / dt,
-                        total_time=state.total_training_time, wall=time.time())
-            print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | loss: {debiased:.6f}"
-                   f" | lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,.0f} | mfu: {mfu:.2f}"
-                   f" | data wait: {100 * data_wait / dt:.1f}% | total time: {state.total_training_time / 60:.2f}m"
-                   f" | eta: {remaining / 60:.1f}m")
+            line = {"step": step, **result.line, "wall": time.time()}
+            eta = (num_iterations - step) * result.line.get("dt_ms", 0.0) / 60e3
+            print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | {result.text} | "
+                   f"eta: {eta:.1f}m")
             if ctx.wandb is not None:
                 ctx.wandb.log({f"train/{k}": v for k, v in line.items()})
             if metrics_file is not None:
@@ -225,3 +185,67 @@ def train_loop(model, optimizer, batches, *, num_iterations, grad_accum_steps, s
             metrics_file.close()
     state.step = step
     return state
+
+
+def supervised_step(model, optimizer, batches, *, grad_accum_steps, schedule, ctx, tokens_per_step, flops_per_token,
+                    compiled_model=None):
+    """step_fn for next-token training (base, mid, SFT): grad_accum_steps micro-batches from `batches` (which yields
+    (x, y, loader_state) until the data is exhausted), then one optimizer step at schedule(step) = (lr multiplier,
+    muon momentum or None, muon weight decay or None). tokens_per_step None counts the tokens actually trained on
+    (variable lengths)."""
+    from nanochat.schedules import apply_schedule
+    fwd = compiled_model or model
+    count_tokens = tokens_per_step is None
+
+    def step_fn(step, state):
+        t0 = time.perf_counter()
+        data_wait, exhausted, loss_sum, step_tokens, loader_state = 0.0, False, 0.0, 0, None
+        for _ in range(grad_accum_steps):
+            td = time.perf_counter()
+            try:
+                x, y, loader_state = next(batches)
+            except StopIteration:
+                exhausted = True
+                break
+            data_wait += time.perf_counter() - td
+            loss = fwd(x, y)
+            (loss / grad_accum_steps).backward()
+            loss_sum += loss.detach()
+            step_tokens += x.numel() * ctx.world_size
+        if all_reduce_max_flag(exhausted, ctx.device):
+            optimizer.zero_grad(set_to_none=True)
+            return StepResult(exhausted=True)
+        lrm, momentum, wd = schedule(step)
+        apply_schedule(optimizer, lrm, momentum, wd)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        train_loss = loss_sum / grad_accum_steps
+        if is_distributed():  # log the global batch's loss, not rank 0's share of it
+            dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
+        train_loss = train_loss.item()  # the host sync that makes dt honest
+        dt = time.perf_counter() - t0
+        # debiased EMA of the loss (beta 0.9), as nanochat prints
+        state.smooth_train_loss = 0.9 * state.smooth_train_loss + 0.1 * train_loss
+        debiased = state.smooth_train_loss / (1 - 0.9 ** (step + 1))
+        if step + 1 > 10:  # the first steps include compilation / warm-up
+            state.total_training_time += dt
+        state.total_data_wait += data_wait
+        step_tokens = step_tokens if count_tokens else tokens_per_step
+        tok_per_sec = step_tokens / dt
+        mfu = 100 * flops_per_token * step_tokens / dt / (ctx.peak_flops * ctx.world_size)
+        line = dict(loss=debiased, raw_loss=train_loss, lrm=lrm, dt_ms=dt * 1000, tok_per_sec=tok_per_sec, mfu=mfu,
+                    data_wait_pct=100 * data_wait / dt, total_time=state.total_training_time)
+        text = (f"loss: {debiased:.6f} | lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,.0f} | "
+                f"mfu: {mfu:.2f} | data wait: {100 * data_wait / dt:.1f}% | "
+                f"total time: {state.total_training_time / 60:.2f}m")
+        return StepResult(line, text, loader_state)
+    return step_fn
+
+
+def train_loop(model, optimizer, batches, *, num_iterations, grad_accum_steps, schedule, ctx, tokens_per_step,
+               flops_per_token, compiled_model=None, **loop_kwargs):
+    """Next-token training to step num_iterations: run_loop with supervised_step. Returns the final LoopState."""
+    step_fn = supervised_step(model, optimizer, batches, grad_accum_steps=grad_accum_steps, schedule=schedule,
+                              ctx=ctx, tokens_per_step=tokens_per_step, flops_per_token=flops_per_token,
+                              compiled_model=compiled_model)
+    return run_loop(model, optimizer, step_fn, num_iterations=num_iterations, ctx=ctx, **loop_kwargs)

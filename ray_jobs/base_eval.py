@@ -1,7 +1,7 @@
 """
 Base-model evaluation: CORE, train/val bits per byte and samples, fanned out over a pool of model replicas.
 
-    python ray_jobs/base_eval.py [--eval core,bpb,sample] [--max-per-task 500] [--num-actors 8] [--core-bundle DIR]
+    python -m ray_jobs.base_eval [--eval core,bpb,sample] [--max-per-task 500] [--num-actors 8] [--core-bundle DIR]
 
 CORE: every example of every task is independent (its few-shot examples come from Random(1234 + idx)), so the
 examples are cut into shards, all shards of all tasks go to the pool at once, and the per-example results are
@@ -11,18 +11,14 @@ Writes <storage>/base_eval/<tag>.csv and a report section; the last line printed
 """
 import argparse
 import math
-import os
-import sys
 import time
 
-if __package__ in (None, ""):  # run as a script: make the repo root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nanochat.core_eval import (EVAL_BUNDLE_URL, centered, core_metric, download_eval_bundle,  # noqa: E402
+from nanochat.core_eval import (EVAL_BUNDLE_URL, centered, core_metric, download_eval_bundle,
                                 load_bundle, load_task_data, write_results_csv)
-from nanochat import storage  # noqa: E402
-from ray_jobs.common import init_ray, storage_root  # noqa: E402
-from ray_jobs.eval_pool import bpb_work, core_work, open_pool, resolve_checkpoint, sample_work, shards_for  # noqa: E402
+from nanochat import storage
+from ray_jobs.common import init_ray, storage_root
+from ray_jobs.eval_pool import bpb_work, core_work, open_pool, resolve_checkpoint, sample_work, shards_for
 
 SAMPLE_PROMPTS = [
     "The capital of France is",

@@ -1,7 +1,7 @@
 """
-Chat evaluation of a mid/sft/rl checkpoint, fanned out over a pool of model replicas (SPEC §14).
+Chat evaluation of a mid/sft/rl checkpoint, fanned out over a pool of model replicas.
 
-    python ray_jobs/chat_eval.py -i sft [-a 'ARC-Easy|GSM8K'] [-x 100] [--num-actors 8] [--task-data DIR]
+    python -m ray_jobs.chat_eval -i sft [-a 'ARC-Easy|GSM8K'] [-x 100] [--num-actors 8] [--task-data DIR]
 
 Every task's problems are cut into shards (whole categorical batches; single problems for generative tasks), all
 shards of all tasks go to the pool at once, and the per-problem results come back in order, so the numbers are
@@ -9,16 +9,12 @@ exactly those of a single-process run. Prints a per-task table and ChatCORE, and
 """
 import argparse
 import os
-import sys
 import time
 
-if __package__ in (None, ""):  # run as a script: make the repo root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from nanochat.chat_eval import (TASK_DATA_ENV, TASK_NAMES, accuracy, build_task, chatcore, num_problems,  # noqa: E402
-                                parse_task_names)
-from ray_jobs.common import init_ray, storage_root  # noqa: E402
-from ray_jobs.eval_pool import chat_work, open_pool, resolve_checkpoint, shards_for  # noqa: E402
+from nanochat.chat_eval import TASK_NAMES, accuracy, build_task, chatcore, num_problems, parse_task_names
+from nanochat.flags import TASK_DATA_ENV, task_data_dir
+from ray_jobs.common import init_ray, storage_root
+from ray_jobs.eval_pool import chat_work, open_pool, resolve_checkpoint, shards_for
 
 
 def parse_args(argv=None):
@@ -26,10 +22,10 @@ def parse_args(argv=None):
     p.add_argument("-i", "--source", required=True, choices=["base", "mid", "sft", "rl"], help="which checkpoints")
     p.add_argument("-a", "--task-name", "--task", dest="task_name", default=None,
                    help=f"tasks, '|'-separated (default: all of {'|'.join(TASK_NAMES)})")
-    p.add_argument("-t", "--temperature", type=float, default=0.0)
-    p.add_argument("-m", "--max-new-tokens", type=int, default=512)
+    p.add_argument("-t", "--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    p.add_argument("-m", "--max-new-tokens", type=int, default=512, help="longest generated answer")
     p.add_argument("-n", "--num-samples", type=int, default=1, help="samples per generative problem (pass@n)")
-    p.add_argument("-k", "--top-k", type=int, default=50)
+    p.add_argument("-k", "--top-k", type=int, default=50, help="top-k sampling (0: off)")
     p.add_argument("-b", "--batch-size", type=int, default=8, help="problems per forward pass (categorical)")
     p.add_argument("-g", "--model-tag", default=None, help="default: the largest d<N>")
     p.add_argument("-s", "--step", type=int, default=None, help="default: the last step")
@@ -69,7 +65,7 @@ def main(argv=None, pool=None):
     """Run the job; `pool` (optional) is a warm EvalPool to reuse: it is pointed at this checkpoint and left open."""
     args = parse_args(argv)
     base_dir = storage_root(args.storage)
-    task_data = args.task_data or os.environ.get(TASK_DATA_ENV)
+    task_data = task_data_dir(args.task_data or "")
     if task_data:  # exported so init_ray hands it to the workers too
         task_data = os.path.abspath(task_data)
         os.environ[TASK_DATA_ENV] = task_data

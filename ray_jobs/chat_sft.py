@@ -1,22 +1,20 @@
 """
-Chat SFT on Ray Train: supervised finetuning on conversations, loss on the assistant's tokens only (SPEC §10).
+Chat SFT on Ray Train: supervised finetuning on conversations, loss on the assistant's tokens only.
 
-    python ray_jobs/chat_sft.py [--storage ROOT] [--num-workers N] [--use-gpu] [--source mid|base]
+    python -m ray_jobs.chat_sft [--storage ROOT] [--num-workers N] [--use-gpu] [--source mid|base]
         [--model-tag TAG] [--model-step S] [--task-data DIR] [--num-iterations K] [--resume] ...
 
 Reads ROOT/mid_checkpoints/<tag> (or base with --source base), writes ROOT/chatsft_checkpoints/<tag>/.
-Same flags as mid_train.py (nanochat.chat_train.ChatTrainConfig).
+Every flag of nanochat.chat_train.ChatTrainConfig is accepted (as for mid_train).
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
-
-from ray_jobs.mid_train import main as launch  # noqa: E402
+from nanochat.chat_train import ChatTrainConfig, chat_train_worker, output_dir
+from ray_jobs.chat_stream import render_kwargs
+from ray_jobs.ray_train import launch
 
 
 def main(argv=None):
-    return launch(argv, stage="sft")
+    return launch(argv, description=__doc__, stage="sft", config_cls=ChatTrainConfig, worker_fn=chat_train_worker,
+                  output_dir=output_dir, worker_kwargs=render_kwargs, defaults={"stage": "sft"})
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def ray_rendered_conversations(dataset, tokenizer, max_tokens, start, step, stop
         index = int(indices[-1]) + step
 
 
-def render_kwargs(args, num_workers):
+def render_kwargs(args, cfg, root, num_workers):
     """The worker kwargs that make a chat stage (mid, SFT, RL) render in Ray Data when --loader picks it."""
     if pick_loader(args.loader, num_workers, args.cpus_per_worker) != "ray":
         return {}

@@ -1,5 +1,5 @@
 """
-Ray Data feeding one training worker (DESIGN §1): the same stream as the plain loader, tokenized in CPU actors.
+Ray Data feeding one training worker: the same stream as the plain loader, tokenized in CPU actors.
 
 Why not one shared dataset + streaming_split: it balances rows dynamically, so which document reaches which
 worker is not reproducible and there is no cursor to resume from. Instead each worker runs its own small Ray Data
@@ -15,7 +15,7 @@ Chunks are cut exactly as nanochat.dataloader.document_batches cuts them and ent
 the batches and state dicts are IDENTICAL to the plain loader's: a checkpoint taken with one resumes with the other,
 on any world size (merge_states). The Ray job only moves work off the training process; all the logic is shared.
 
-Memory / CPU knobs (StreamOptions, per worker; RAY.md §3, P1):
+Memory / CPU knobs (StreamOptions, per worker):
 - object_store_memory: Ray Data's backpressure budget for this job's in-flight blocks (default 256 MiB), so a
   100-shard dataset streams in bounded memory: units are read lazily in cursor order, a block is about one parquet
   row group (~2.5 MB of text, ~4 MB of tokens on the hub shards), at most prefetch_batches blocks wait on the worker.
@@ -232,8 +232,3 @@ def ray_data_loader_with_state(tokenizer, B, T, split, device="cpu", resume_stat
     finally:
         docs.close()
 
-
-def ray_data_loader(*args, **kwargs):
-    """Same as ray_data_loader_with_state, yielding just (inputs, targets)."""
-    for inputs, targets, _ in ray_data_loader_with_state(*args, **kwargs):
-        yield inputs, targets

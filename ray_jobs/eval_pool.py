@@ -1,5 +1,5 @@
 """
-A pool of Ray actors, each holding one model replica, that evaluation work is fanned out to (RAY.md §7, SPEC §22).
+A pool of Ray actors, each holding one model replica, that evaluation work is fanned out to.
 
 Each actor loads the checkpoint itself (one GPU per actor on GPU clusters, CPU otherwise), so only small work items
 and results travel. Work is a list of jobs (fn, args, n_problems); `EvalPool.map` keeps every actor busy with one

@@ -1,5 +1,6 @@
 """
-Running a nanochat worker function under Ray Train (shared by base_train, mid_train, chat_sft, chat_rl).
+Running a nanochat worker function under Ray Train: `launch` is the whole entry point of each training stage
+(base_train, mid_train, chat_sft, chat_rl name their worker, config and output directory, and nothing else).
 
 Ray Train starts the process group, places the workers, restarts them after a failure and keeps a record of the
 checkpoints. The checkpoints themselves are written by nanochat.checkpoint_manager straight into the storage root
@@ -8,6 +9,7 @@ resume from the newest *complete* step of their run (its run id is in every meta
 Ray registered it: the controller takes reports from a one-slot queue it drains every couple of seconds, so a
 worker killed right after a checkpoint is often restarted before Ray knows that checkpoint exists.
 """
+import argparse
 import json
 import os
 import tempfile
@@ -15,10 +17,11 @@ import uuid
 
 import torch
 
-from nanochat.base_train import find_resume_step
-from nanochat.checkpoint_manager import read_meta
+from nanochat import storage
+from nanochat.checkpoint_manager import find_resume_step, read_meta
 from nanochat.storage import join, pyarrow_filesystem
 from nanochat.train import WorkerContext
+from ray_jobs import common
 
 
 class RayWorkerContext(WorkerContext):
@@ -96,7 +99,7 @@ def run_trainer(worker_fn, cfg, *, name, checkpoint_dir, storage, num_workers, u
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=f"{name}-{run_id[:8]}", storage_path=ray_storage, storage_filesystem=ray_fs,
-            # finite limits: a lost node must not hang the job forever (RAY.md P5)
+            # finite limits: a lost node must not hang the job forever
             failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
@@ -105,3 +108,34 @@ def run_trainer(worker_fn, cfg, *, name, checkpoint_dir, storage, num_workers, u
     if last is None:
         return {}
     return {**read_meta(checkpoint_dir, last).get("loop_state", {}), **(result.metrics or {})}
+
+
+def launch(argv, *, description, stage, config_cls, worker_fn, output_dir, worker_kwargs=None, after=None,
+           defaults=None):
+    """One training stage from the command line: the shared flags and the config's, the storage root, Ray, the
+    resume lookup, the worker group. worker_kwargs(args, cfg, root, num_workers) -> extra worker arguments (e.g. a
+    Ray Data source); after(cfg, final, root) runs once training is done. Returns the final metrics."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_args(parser)
+    common.add_train_args(parser)
+    config_cls.add_args(parser)
+    parser.set_defaults(**(defaults or {}))
+    args = parser.parse_args(argv)
+    root = common.storage_root(args.storage)
+    cfg = config_cls.from_args(args).resolved()
+    common.init_ray()
+    ckpt_dir = output_dir(cfg, root)
+    storage.makedirs(ckpt_dir)
+    resume_step = find_resume_step(ckpt_dir) if cfg.resume else None
+    if cfg.resume and resume_step is None:
+        print(f"--resume: no checkpoint in {ckpt_dir} yet, starting fresh")
+    num_workers = common.default_num_workers(args.num_workers, args.use_gpu)
+    final = run_trainer(
+        worker_fn, cfg, name=f"{stage}-{os.path.basename(ckpt_dir)}", checkpoint_dir=ckpt_dir, storage=root,
+        num_workers=num_workers, use_gpu=args.use_gpu, resume_step=resume_step, cpus_per_worker=args.cpus_per_worker,
+        max_failures=args.max_failures,
+        worker_kwargs=worker_kwargs(args, cfg, root, num_workers) if worker_kwargs else {})
+    if after:
+        after(cfg, final, root)
+    print(f"{stage} finished: {final}")
+    return final

@@ -1,5 +1,5 @@
 """
-The report card: `python ray_jobs/report.py [--storage ROOT] [reset|generate]` -> ROOT/report/report.md.
+The report card: `python -m ray_jobs.report [--storage ROOT] [reset|generate]` -> ROOT/report/report.md.
 
 reset (at the start of a run) writes the header; when a Ray cluster is reachable (RAY_ADDRESS set, or --ray) its
 nodes, GPUs and CPUs go into the header too, and the hourly rate counts the cluster's GPUs. generate (default, at the
@@ -7,13 +7,10 @@ end) stitches the sections every stage logged into report.md. The work is done b
 """
 import argparse
 import os
-import sys
 
-if __package__ in (None, ""):  # run as a script: make the repo root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nanochat.report import Report  # noqa: E402
-from ray_jobs.common import storage_root  # noqa: E402
+from nanochat.report import Report
+from ray_jobs.common import storage_root
 
 
 def cluster_info():

@@ -3,9 +3,9 @@ The whole pipeline as one Ray job: data -> tokenizer -> base -> base eval -> mid
 -> (RL -> eval) -> report -> (serve). Each stage is its own Ray workload (Ray Data / Ray Train / actor pools)
 sized to the cluster it finds.
 
-    python ray_jobs/speedrun.py [--preset demo|d20|d24] [--storage ROOT] [--num-workers N] [--use-gpu] [--serve]
+    python -m ray_jobs.speedrun [--preset demo|d20|d24] [--storage ROOT] [--num-workers N] [--use-gpu] [--serve]
         [--set STAGE.FLAG=VALUE ...] [--skip STAGE ...]
-    ray job submit --working-dir . -- python ray_jobs/speedrun.py --preset d20 --storage s3://bucket/run --use-gpu
+    ray job submit --working-dir . -- python -m ray_jobs.speedrun --preset d20 --storage s3://bucket/run --use-gpu
 
 Re-running the same command resumes: finished stages (recorded in ROOT/speedrun/stages.json) are skipped, an
 interrupted training stage continues from its last checkpoint. `--set base_train.num-iterations=50` overrides
@@ -14,13 +14,12 @@ the path of the report.
 """
 import argparse
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
 
-from nanochat import storage  # noqa: E402
-from ray_jobs import common  # noqa: E402
+from nanochat import storage
+from nanochat.flags import TASK_DATA_ENV, task_data_dir
+from ray_jobs import common
 
 STAGES = ["data", "tok_train", "tok_eval", "base_train", "base_eval", "mid_train", "chat_eval_mid", "chat_sft",
           "chat_eval_sft", "chat_rl", "chat_eval_rl", "report"]
@@ -157,7 +156,8 @@ def parse_overrides(items):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="demo", choices=sorted(PRESETS))
+    parser.add_argument("--preset", default="demo", choices=sorted(PRESETS),
+                        help="demo: a few minutes on a laptop, tiny model; d20 / d24: nanochat's speedrun sizes")
     common.add_common_args(parser)
     parser.add_argument("--num-actors", type=int, default=None, help="evaluation actors (default: all GPUs / 2)")
     parser.add_argument("--serve", action="store_true",
@@ -170,9 +170,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     root = common.storage_root(args.storage)
     args.storage = root
-    task_data = args.task_data or os.environ.get("NANOCHAT_TASK_DATA") or default_task_data(args.preset)
+    task_data = task_data_dir(args.task_data or "") or default_task_data(args.preset)
     if task_data:
-        os.environ["NANOCHAT_TASK_DATA"] = task_data
+        os.environ[TASK_DATA_ENV] = task_data
     common.init_ray()
     overrides = parse_overrides(args.set)
     log = StageLog(root)

@@ -3,17 +3,14 @@ Compression of our tokenizer (bytes per token, higher is better) on fixed sample
 train and val units, next to GPT-2 and GPT-4 (cl100k_base) when tiktoken can load them (it downloads them once;
 offline they are skipped with a note).
 
-    python ray_jobs/tok_eval.py [--data SOURCE] [--storage ROOT]
+    python -m ray_jobs.tok_eval [--data SOURCE] [--storage ROOT]
 
 A few documents and three tokenizers: this runs in the job's driver process, there is nothing to distribute.
 """
 import argparse
-import os
-import sys
 import threading
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `python ray_jobs/x.py` runs
-from ray_jobs.common import add_common_args, storage_root  # noqa: E402
+from ray_jobs.common import add_common_args, storage_root
 
 # Short texts in the spirit of nanochat's tok_eval, written for this project.
 NEWS = """\

@@ -1,8 +1,8 @@
 """
-Train the BPE tokenizer (SPEC §1): rustbpe on the first --max-chars characters of the train split, each document
+Train the BPE tokenizer: rustbpe on the first --max-chars characters of the train split, each document
 cropped to --doc-cap characters. Writes ROOT/tokenizer/tokenizer.pkl + token_bytes.pt (nanochat's own format).
 
-    python ray_jobs/tok_train.py [--data SOURCE] [--vocab-size 32768] [--max-chars 2e9] [--doc-cap 10000] \
+    python -m ray_jobs.tok_train [--data SOURCE] [--vocab-size 32768] [--max-chars 2e9] [--doc-cap 10000] \
         [--storage ROOT]
 
 SOURCE: 'hub' (the downloaded shards, default), 'auto' (hub shards, else the shipped fallback corpus), 'fallback',
@@ -13,13 +13,11 @@ back and saves it, so ROOT only has to be writable from where the job is launche
 """
 import argparse
 import logging
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `python ray_jobs/x.py` runs
-from nanochat import storage  # noqa: E402
-from ray_jobs.common import add_common_args, init_ray, storage_root  # noqa: E402
+from nanochat import storage
+from ray_jobs.common import add_common_args, init_ray, storage_root
 
 logger = logging.getLogger("tok_train")
 

@@ -112,13 +112,14 @@ class RemoteChat:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Chat with a nanochat model in the terminal.")
-    parser.add_argument("-i", "--source", default="sft", choices=["sft", "rl", "mid", "base"])
-    parser.add_argument("-g", "--model-tag", default=None)
-    parser.add_argument("-s", "--step", type=int, default=None)
+    parser.add_argument("-i", "--source", default="sft", choices=["sft", "rl", "mid", "base"],
+                        help="which checkpoints to chat with (local model)")
+    parser.add_argument("-g", "--model-tag", default=None, help="model tag, e.g. d20 (default: the largest)")
+    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
     parser.add_argument("-p", "--prompt", default="", help="one-shot: answer this prompt and exit")
-    parser.add_argument("-t", "--temperature", type=float, default=0.6)
-    parser.add_argument("-k", "--top-k", type=int, default=50)
-    parser.add_argument("-m", "--max-tokens", type=int, default=256)
+    parser.add_argument("-t", "--temperature", type=float, default=0.6, help="sampling temperature (0: greedy)")
+    parser.add_argument("-k", "--top-k", type=int, default=50, help="top-k sampling (0: off)")
+    parser.add_argument("-m", "--max-tokens", type=int, default=256, help="longest reply")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: a random one per session)")
     parser.add_argument("--storage", default=None,
                         help="storage root (default $NANOCHAT_BASE_DIR or ~/.cache/nanochat)")

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanochat.engine import KVCache, sample_next_token, use_calculator
+from nanochat.engine import KVCache, ToolUse, sample_next_token
 
 logger = logging.getLogger("nanochat.serve")
 
@@ -68,11 +68,10 @@ class Request:
         self.cancelled = True
 
     # decoding state, set up at admission
-    def _start(self, device):
+    def _start(self, device, tokenizer):
         seed = self.params.seed if self.params.seed is not None else random.getrandbits(63)
         self.rng = torch.Generator(device=device).manual_seed(seed)
-        self.forced = deque()  # calculator output waiting to be fed instead of samples
-        self.in_python, self.expr_tokens = False, []
+        self.tool = ToolUse(tokenizer)  # the calculator; its output is fed instead of samples
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.text, self.sent, self.unsent_tokens = "", 0, 0
         self.last_token = None
@@ -105,10 +104,7 @@ class Scheduler:
         self.seq_len = seq_len or model.config.sequence_len
         self.cache = KVCache.for_model(model, max_batch, self.seq_len)
         self.prev = None  # (max_batch, 1, C) smear state per row, allocated at the first prefill
-        special = tokenizer.encode_special
         self.stop_tokens = tokenizer.turn_end_ids()
-        self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
-        self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
         self.rows = []  # active requests; rows[i] lives in cache row i
         self.waiting = deque()
         self.cv = threading.Condition()
@@ -233,7 +229,7 @@ class Scheduler:
     def _admit(self, req):
         """Prefill the prompt into the next free row and take its first token from the prefill logits."""
         row = len(self.rows)
-        req._start(self.device)
+        req._start(self.device, self.tokenizer)
         self.cache.cache_seqlens[row] = 0
         view = _RowsView(self.cache, row, row + 1, None)  # no prev: the prompt starts the row's sequence
         ids = torch.tensor([req.prompt], dtype=torch.long, device=self.device)
@@ -270,7 +266,7 @@ class Scheduler:
         # softcapped logits are finite unless the model broke (NaN): a row's sum tells, in one pass over the batch
         finite = torch.isfinite(logits.sum(dim=-1))
         greedy = logits.argmax(dim=-1)
-        drawn = [i for i, r in enumerate(reqs) if not r.forced and r.params.temperature != 0]
+        drawn = [i for i, r in enumerate(reqs) if not r.tool.forced and r.params.temperature != 0]
         sampled = {}
         if drawn:
             rows = torch.tensor(drawn, device=logits.device)
@@ -286,7 +282,7 @@ class Scheduler:
                 except RuntimeError as e:
                     self.stats["errors"] += 1
                     self._finish(reqs[i], "error", error=f"sampling failed: {e}")
-        picked = [i for i, r in enumerate(reqs) if not r.forced and r.finish_reason is None]
+        picked = [i for i, r in enumerate(reqs) if not r.tool.forced and r.finish_reason is None]
         if not picked:
             return [None] * len(reqs)
         tokens = torch.stack([sampled[i] if i in sampled else greedy[i] for i in picked])
@@ -302,24 +298,16 @@ class Scheduler:
 
     def _accept(self, req, token):
         """Append one token to a request: forced tokens, stop tokens, the calculator, text, limits."""
-        if req.forced:
-            token = req.forced.popleft()
+        forced = req.tool.next_forced()
+        token = token if forced is None else forced
         if token in self.stop_tokens:
             return self._finish(req, "stop")
         req.generated.append(token)
         req.last_token = token
         req.unsent_tokens += 1
         self.stats["tokens"] += 1
-        # calculator tool, as in Engine: collect the expression, force its result into the row
-        if token == self.python_start:
-            req.in_python, req.expr_tokens = True, []
-        elif token == self.python_end and req.in_python:
-            req.in_python = False
-            result = use_calculator(self.tokenizer.decode(req.expr_tokens))
-            if result is not None:
-                req.forced.extend([self.output_start, *self.tokenizer.encode(str(result)), self.output_end])
-        elif req.in_python:
-            req.expr_tokens.append(token)
+        # the calculator, as in the Engine
+        req.tool.feed(token)
         req.text += req.decoder.decode(self.tokenizer.decode_single_token_bytes(token))
         if self._emit_text(req):
             return self._finish(req, "stop")

@@ -1,5 +1,5 @@
 """
-The conversation mixtures of midtraining (SPEC §9) and chat SFT (SPEC §10, OLD recipe).
+The conversation mixtures of midtraining and chat SFT (the OLD recipe).
 
 With task_data=None every task loads from the HuggingFace Hub (nanochat's recipe). With task_data=DIR the tasks
 read local files laid out like ../shared/data (env NANOCHAT_TASK_DATA sets the default), which holds no SmolTalk
@@ -13,6 +13,7 @@ import logging
 import os
 
 from nanochat import storage
+from nanochat.flags import task_data_dir
 from tasks.arc import ARC
 from tasks.common import TaskMixture
 from tasks.customjson import CustomJSON
@@ -25,7 +26,7 @@ logger = logging.getLogger("nanochat")
 
 
 def default_task_data():
-    return os.environ.get("NANOCHAT_TASK_DATA") or None
+    return task_data_dir() or None
 
 
 def _chat(split, task_data):

@@ -29,10 +29,34 @@ TOY_CORPUS = [
 TINY_VOCAB = 256 + 9 + 55  # 320: a multiple of 64, so no vocab padding
 
 
+# Fixtures that start Ray (or need a Ray-started app): tests using them are marked `ray`, so `make test-fast`
+# (-m "not ray") runs the rest, the Ray-free unit tests, in a couple of minutes.
+RAY_FIXTURES = {"ray_local", "ray_cluster", "ray_head", "url"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__ in RAY_MODULES:
+            item.add_marker(pytest.mark.ray)
+
+
+RAY_MODULES = {"test_speedrun", "test_web_ui"}  # drive Ray or a browser through subprocesses
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from nanochat.tokenizer import RustBPETokenizer
     return RustBPETokenizer.train_from_iterator(iter(TOY_CORPUS), TINY_VOCAB)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Single-threaded torch for a module of tiny models (as in the 1-CPU actors): they gain nothing from intra-op
+    threads, and on a shared box OpenMP's spin-waiting makes them many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def perturbed(model, scale=0.05, seed=0):
@@ -53,7 +77,7 @@ REPO_ROOT = str(Path(__file__).resolve().parents[1])
 # workers import the package and, for objects defined in test modules (e.g. batch sources), the tests themselves
 WORKER_PYTHONPATH = os.pathsep.join([REPO_ROOT, str(Path(__file__).resolve().parent)])
 RAY_TEST_ENV = {
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",  # reports are drained every 2 s by default (RAY.md P2)
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",  # reports are drained every 2 s by default
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "60",
     "RAY_DEDUP_LOGS": "0",
 }
@@ -95,7 +119,7 @@ def _ray_session_guard():
 
 @pytest.fixture
 def ray_local(_ray_session_guard):
-    """A local Ray with 8 logical CPUs (oversubscribed on purpose: trainers and Ray Data must not starve, RAY.md P1)."""
+    """A local Ray with 8 logical CPUs (oversubscribed on purpose: trainers and Ray Data must not starve)."""
     import ray
     if not ray.is_initialized():
         _ray_init(num_cpus=8)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import SHARED_DATA, TINY_VOCAB, TOY_CORPUS
-from nanochat.base_train import BaseTrainConfig, base_train_worker, checkpoint_dir, find_resume_step
+from nanochat.base_train import BaseTrainConfig, base_train_worker, checkpoint_dir
+from nanochat.checkpoint_manager import find_resume_step
 from nanochat.checkpoint_manager import list_steps, load_checkpoint, read_meta
 from nanochat.schedules import lr_multiplier
 from nanochat.storage import join, listdir, makedirs, read_text, write_bytes

@@ -1,27 +1,19 @@
 """Chat eval: categorical predictions (letters only, padding-invariant, batch-aligned shards), generative pass@k,
 sharding, ChatCORE, and the task registry on the shared data (skipped when absent)."""
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import perturbed
+from conftest import SHARED_DATA, perturbed
 from nanochat import chat_eval as ch
 from nanochat.gpt import GPTConfig, build_model
 from tasks.common import Task, render_mc
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data (offline datasets) is absent")
 TINY = dict(sequence_len=256, vocab_size=320, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, window_pattern="L")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared box they spin-wait (50x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +165,7 @@ def test_parse_task_names():
 
 @needs_shared
 def test_registry_on_shared_data(monkeypatch, model, tiny_tokenizer):
-    monkeypatch.setenv(ch.TASK_DATA_ENV, str(SHARED_DATA))  # the env var is the default task-data dir
+    monkeypatch.setenv("NANOCHAT_TASK_DATA", str(SHARED_DATA))  # the env var is the default task-data dir
     tasks = {n: ch.build_task(n) for n in ch.TASK_NAMES}
     assert {n: t.eval_type for n, t in tasks.items()} == {
         "ARC-Easy": "categorical", "ARC-Challenge": "categorical", "MMLU": "categorical", "GSM8K": "generative",

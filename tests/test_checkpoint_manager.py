@@ -234,7 +234,7 @@ def test_load_old_nanochat_checkpoint(tmp_path):
 
 
 def reference_old_forward(sd, cfg, idx):
-    """nanochat's OLD-era forward (SPEC 4.2), written out from the raw state dict: RoPE base 10k, QK-norm after
+    """nanochat's OLD-era forward, written out from the raw state dict: RoPE base 10k, QK-norm after
     rotary with no scale, value embeddings gated by 2*sigmoid over 32 channels, resid/x0 lambdas, short windows of
     T/2, softcap 15."""
     B, T = idx.shape

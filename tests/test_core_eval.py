@@ -14,22 +14,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import perturbed
+from conftest import SHARED_DATA, perturbed
 from nanochat import core_eval as ce
 from nanochat.gpt import GPTConfig, build_model
 
-SHARED_CORE = Path(__file__).resolve().parents[2] / "shared" / "data" / "core"
+SHARED_CORE = SHARED_DATA / "core"
 needs_shared = pytest.mark.skipif(not SHARED_CORE.is_dir(), reason="../shared/data/core (CORE task files) is absent")
 TINY = dict(sequence_len=256, vocab_size=320, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, window_pattern="L")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared box they spin-wait (50x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,9 @@ RAY_IMAGE = f"rayproject/ray:{ray.__version__}-py311-gpu"
 
 
 def speedrun_argv(text):
-    """The speedrun command of a file (`python ray_jobs/speedrun.py ...`), as argv, storage value left out."""
-    line = next(line for line in text.splitlines() if "python ray_jobs/speedrun.py --preset d20" in line)
-    argv = shlex.split(line[line.index("python ray_jobs/speedrun.py"):])
+    """The speedrun command of a file (`python -m ray_jobs.speedrun ...`), as argv, storage value left out."""
+    line = next(line for line in text.splitlines() if "python -m ray_jobs.speedrun --preset d20" in line)
+    argv = shlex.split(line[line.index("python -m ray_jobs.speedrun"):])
     i = argv.index("--storage")
     return argv[:i + 1] + argv[i + 2:]
 

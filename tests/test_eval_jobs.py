@@ -13,13 +13,12 @@ import torch
 import yaml
 from ray import cloudpickle
 
-from conftest import perturbed
+from conftest import SHARED_DATA, perturbed
 from nanochat.chat_eval import build_task, evaluate_problems
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.core_eval import evaluate_example, load_bundle, load_task_data
 from nanochat.gpt import GPTConfig, build_model
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TINY = dict(sequence_len=256, vocab_size=320, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, window_pattern="L")
 CHAT_OPTS = dict(batch_size=4, num_samples=2, max_new_tokens=6, temperature=1.0, top_k=20)
 CORE_TASKS = ("copa", "winograd")  # one multiple-choice and one schema task, both 0-shot (short prompts)
@@ -33,13 +32,7 @@ def tiny_model(seed=0):
     return perturbed(build_model(GPTConfig(**TINY), "cpu"), seed=seed).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Single-threaded torch like the 1-CPU actors (and no OpenMP spin-waiting on a shared box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

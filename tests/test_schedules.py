@@ -1,4 +1,4 @@
-"""The depth dial's derived quantities (checked against SPEC §6.2 worked numbers) and the step schedules."""
+"""The depth dial's derived quantities (checked against worked numbers) and the step schedules."""
 import pytest
 
 from nanochat.gpt import GPTConfig, build_model

@@ -402,15 +402,15 @@ def test_command_line_maps_onto_the_app_config():
     from serve.app import ServeConfig, parse_args
     args = parse_args(["--storage", "/s", "--source", "rl", "--model-tag", "d20", "--step", "7", "--port", "9000",
                        "--replicas", "2", "--max-replicas", "4", "--gpus-per-replica", "1", "--api-key", "k"])
-    cfg = ServeConfig.from_args(vars(args))
+    cfg = ServeConfig.from_options(vars(args))
     assert (cfg.storage, cfg.source, cfg.model_tag, cfg.step, cfg.port) == ("/s", "rl", "d20", 7, 9000)
     assert (cfg.replicas, cfg.max_replicas, cfg.gpus_per_replica, cfg.api_key) == (2, 4, 1.0, "k")
     assert cfg.host == "127.0.0.1"  # loopback unless told otherwise
     # `serve run serve.app:build_app k=v` passes strings
-    cfg = ServeConfig.from_args({"step": "3", "gpus_per_replica": "0.5", "model_tag": "null", "max_replicas": ""})
+    cfg = ServeConfig.from_options({"step": "3", "gpus_per_replica": "0.5", "model_tag": "null", "max_replicas": ""})
     assert (cfg.step, cfg.gpus_per_replica, cfg.model_tag, cfg.max_replicas) == (3, 0.5, None, None)
     with pytest.raises(ValueError, match="unknown serve option"):
-        ServeConfig.from_args({"prot": "1"})
+        ServeConfig.from_options({"prot": "1"})
 
 
 def test_killed_replica_is_replaced(url, ray_local):
@@ -433,7 +433,7 @@ def test_a_hung_replica_turns_unhealthy_and_is_replaced(url, tmp_path):
     from faulty_server import HangingChatServerDeployment
     from serve.app import ServeConfig
     hang_file = str(tmp_path / "hang")
-    cfg = ServeConfig.from_args({"storage": _app["root"], "max_batch": 2, "stall_timeout": 2})
+    cfg = ServeConfig.from_options({"storage": _app["root"], "max_batch": 2, "stall_timeout": 2})
     app = HangingChatServerDeployment.options(health_check_period_s=1, health_check_timeout_s=5).bind(
         asdict(cfg), hang_file)
     serve.run(app, name="hanging", route_prefix="/hanging",

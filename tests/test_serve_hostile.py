@@ -1,4 +1,4 @@
-"""Hostile clients against the serve app, without Ray: the FastAPI app of serve/app.py on uvicorn at a loopback port
+"""Hostile clients against the serve app, without Ray: the FastAPI app of serve/api.py on uvicorn at a loopback port
 (real HTTP and WebSocket, real clients), on a tiny random-weight model. A fuzz harness over every route, the API key
 on every generating route, WebSocket origins and limits, and 64 concurrent streams with a third walking away.
 test_serve.py runs the same app under Ray Serve."""
@@ -13,7 +13,9 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from bench.bench_serve import LocalServer, mixed_load
-from serve.app import ChatService, ServeConfig, make_api
+from serve.api import make_api
+from serve.app import ServeConfig
+from serve.service import ChatService
 from serve.protocol import MAX_BODY_BYTES
 from test_serve import BAD_INPUTS, tiny_chat_model
 

@@ -171,11 +171,11 @@ def alive_nodes(address, env):
 
 
 def submit_job(address, env, argv, cwd=REPO_ROOT):
-    """`ray job submit --working-dir . -- python ray_jobs/speedrun.py ARGV` from a checkout, as a user types it;
+    """`ray job submit --working-dir . -- python -m ray_jobs.speedrun ARGV` from a checkout, as a user types it;
     without --no-wait it tails the job's logs until it ends. -> the job's logs, once it succeeded."""
     job_id = f"speedrun-{secrets.token_hex(4)}"
     submit = subprocess.run([RAY_BIN, "job", "submit", "--address", address, "--submission-id", job_id,
-                             "--working-dir", ".", "--", "python", "ray_jobs/speedrun.py"] + argv,
+                             "--working-dir", ".", "--", "python", "-m", "ray_jobs.speedrun"] + argv,
                             cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
     assert submit.returncode == 0, (submit.stdout[-6000:], submit.stderr[-3000:])
     status = subprocess.run([RAY_BIN, "job", "status", "--address", address, job_id],

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import SHARED_DATA
 from tasks.arc import ARC
 from tasks.common import (DataFileError, Task, TaskMixture, TaskSequence, load_split, read_rows, render_mc,
                           shuffle_rows, validate_messages)
@@ -18,7 +19,6 @@ from tasks.mmlu import MMLU, SUBJECTS
 from tasks.smoltalk import SmolTalk
 from tasks.spellingbee import USER_TEMPLATES, SimpleSpelling, SpellingBee, load_words
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data (offline datasets) is absent")
 
 

@@ -5,11 +5,11 @@ import json
 import os
 import pickle
 import random
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import SHARED_DATA
 from nanochat.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, RustBPETokenizer, get_token_bytes, get_tokenizer
 
 N_MERGES = 60
@@ -26,7 +26,6 @@ TOY_CORPUS = [
     "for i in range(10):\n    if i % 2 == 0:\n        print(i)\n",
 ] * 20
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 @pytest.fixture(scope="module")

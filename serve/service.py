@@ -1,0 +1,136 @@
+"""
+A replica's state, Ray-free: the model, the continuous-batching scheduler that owns it, and the replica's metrics.
+The HTTP API (serve/api.py) and the Ray Serve deployment (serve/app.py) are built around one ChatService.
+"""
+import os
+import queue
+import threading
+import time
+
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from ray import serve
+
+from serve.protocol import ApiError
+from serve.scheduler import AsyncRequests, Overloaded, Scheduler
+
+
+class ChatService:
+    def __init__(self, cfg, model=None, tokenizer=None):
+        self.cfg = cfg
+        self.device = "cuda" if cfg.gpus_per_replica and torch.cuda.is_available() else "cpu"
+        self.step = None  # checkpoint step, when loaded from storage
+        if model is None:
+            model, tokenizer, self.step, self.scheduler = self._load_and_schedule(cfg, self.device)
+        else:
+            self.scheduler = Scheduler(model, tokenizer, cfg.max_batch, cfg.max_waiting,
+                                       stall_timeout=cfg.stall_timeout).start()
+        self.model, self.tokenizer = model, tokenizer
+        if cfg.checkpoint:
+            self.model_id = f"nanochat-{os.path.basename(cfg.checkpoint.rstrip('/'))}"
+        else:
+            self.model_id = f"nanochat-{cfg.source}" + (f"-{cfg.model_tag}" if cfg.model_tag else "")
+        self.seq_len = model.config.sequence_len
+        self.assistant_start = tokenizer.encode_special("<|assistant_start|>")
+        self.started = time.time()
+        self.open_sockets = 0
+        try:
+            self.replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # not inside Serve (tests, tools)
+            self.replica = "local"
+        r = self.registry = CollectorRegistry()
+        self.m_requests = Counter("nanochat_requests", "HTTP requests and WebSocket turns", ["route", "status"],
+                                  registry=r)
+        self.m_errors = Counter("nanochat_errors", "requests answered with an error", ["route", "status"], registry=r)
+        self.m_tokens = Counter("nanochat_tokens_generated", "completion tokens generated", registry=r)
+        self.m_prompt_tokens = Counter("nanochat_prompt_tokens", "prompt tokens prefilled", registry=r)
+        self.m_ttft = Histogram("nanochat_time_to_first_token_seconds", "submit to first text", registry=r,
+                                buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+        self.m_itl = Histogram("nanochat_inter_token_latency_seconds", "time per streamed token", registry=r,
+                               buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1))
+        Gauge("nanochat_active_requests", "requests decoding in the batch", registry=r).set_function(
+            lambda: len(self.scheduler.rows))
+        Gauge("nanochat_waiting_requests", "requests waiting for a batch row", registry=r).set_function(
+            lambda: len(self.scheduler.waiting))
+        Gauge("nanochat_open_websockets", "WebSockets open on this replica", registry=r).set_function(
+            lambda: self.open_sockets)
+
+    @classmethod
+    def _load_and_schedule(cls, cfg, device):
+        """Load the model on a thread that then runs the scheduler, so that all of the replica's torch work happens
+        on one thread (see Scheduler.run): (model, tokenizer, step, scheduler), or the loading error."""
+        ready = queue.Queue()
+
+        def torch_thread():
+            try:
+                model, tokenizer, step = cls._load(cfg, device)
+                scheduler = Scheduler(model, tokenizer, cfg.max_batch, cfg.max_waiting,
+                                      stall_timeout=cfg.stall_timeout)
+                scheduler.running, scheduler.thread = True, threading.current_thread()  # accepts work from now
+            except BaseException as e:
+                ready.put(e)
+                return
+            ready.put((model, tokenizer, step, scheduler))
+            scheduler.run()
+        threading.Thread(target=torch_thread, name="nanochat-scheduler", daemon=True).start()
+        out = ready.get()
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    @staticmethod
+    def _load(cfg, device):
+        from nanochat.checkpoint_manager import build_model, find_last_step, load_model
+        if cfg.checkpoint:
+            step = cfg.step if cfg.step is not None else find_last_step(cfg.checkpoint)
+            model, tokenizer, meta = build_model(cfg.checkpoint, step, device, "eval", base_dir=cfg.storage)
+        else:
+            model, tokenizer, meta = load_model(cfg.source, device, "eval", cfg.model_tag, cfg.step,
+                                                base_dir=cfg.storage)
+        if tokenizer is None:
+            raise FileNotFoundError(f"no tokenizer under {cfg.storage}/tokenizer")
+        return model, tokenizer, meta.get("step")
+
+    def close(self):
+        self.scheduler.stop()
+
+    def prompt(self, convo):
+        try:
+            ids, _ = self.tokenizer.render_conversation(convo, max_tokens=10**9)
+        except ValueError as e:  # roles out of order and the like
+            raise ApiError(400, str(e), param="messages") from None
+        ids.append(self.assistant_start)
+        if len(ids) >= self.seq_len:
+            raise ApiError(400, f"prompt is {len(ids)} tokens, longer than the model's context of "
+                                f"{self.seq_len} tokens", param="messages")
+        return ids
+
+    def submit(self, prompt, params):
+        try:
+            batch = AsyncRequests(self.scheduler, prompt, params)
+        except Overloaded as e:
+            raise ApiError(503, str(e), code="overloaded") from None
+        self.m_prompt_tokens.inc(len(prompt) * len(params))
+        return batch
+
+    async def events(self, batch):
+        """(index, event) of a batch, observing latency metrics on the way."""
+        last = {}
+        async for i, ev in batch:
+            now = time.monotonic()
+            if "text" in ev:
+                if i not in last:
+                    self.m_ttft.observe(now - batch.requests[i].submitted_at)
+                else:
+                    self.m_itl.observe((now - last[i]) / max(ev["tokens"], 1))
+                last[i] = now
+            elif ev.get("done"):
+                self.m_tokens.inc(ev["completion_tokens"])
+                if ev["finish_reason"] == "error":
+                    raise ApiError(500, f"generation failed: {ev.get('error')}")
+            yield i, ev
+
+    def health(self):
+        return {"status": self.scheduler.health_problem() or "ok", "model_loaded": True,
+                "model": self.model_id, "step": self.step, "replica": self.replica, "device": self.device,
+                "uptime_s": round(time.time() - self.started, 1), "scheduler": self.scheduler.snapshot()}

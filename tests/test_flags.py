@@ -1,0 +1,60 @@
+"""nanochat/flags.py, and the --help of every entry point: each flag says what it does."""
+import argparse
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+
+from conftest import REPO_ROOT
+from nanochat.flags import ArgsMixin, flag, task_data_dir
+
+ENTRY_POINTS = ["ray_jobs.base_train", "ray_jobs.mid_train", "ray_jobs.chat_sft", "ray_jobs.chat_rl",
+                "ray_jobs.base_eval", "ray_jobs.chat_eval", "ray_jobs.tok_train", "ray_jobs.tok_eval",
+                "ray_jobs.download", "ray_jobs.report", "ray_jobs.speedrun", "serve.app", "serve.chat_cli"]
+
+
+@dataclass
+class Example(ArgsMixin):
+    depth: int = flag(20, "model depth")
+    lr: float = flag(0.02, "learning rate")
+    name: str | None = flag(None, "a name (default: none)", aliases=["-n"])
+    resume: bool = flag(False, "continue")
+
+
+def test_flags_from_a_dataclass():
+    parser = Example.add_args(argparse.ArgumentParser())
+    assert Example.from_args(parser.parse_args([])) == Example()
+    cfg = Example.from_args(parser.parse_args(["--depth", "4", "--lr", "0.5", "-n", "x", "--resume"]))
+    assert cfg == Example(depth=4, lr=0.5, name="x", resume=True)
+    assert Example.from_args(parser.parse_args(["--no-resume"])).resume is False
+    text = parser.format_help()
+    assert "model depth (default: 20)" in text and "a name (default: none)" in text
+
+
+def test_a_field_without_help_is_refused():
+    @dataclass
+    class Bare(ArgsMixin):
+        depth: int = 20
+    with pytest.raises(TypeError, match="Bare.depth has no help text"):
+        Bare.add_args(argparse.ArgumentParser())
+
+
+def test_task_data_dir(monkeypatch):
+    monkeypatch.delenv("NANOCHAT_TASK_DATA", raising=False)
+    assert task_data_dir() == "" and task_data_dir("/x") == "/x"
+    monkeypatch.setenv("NANOCHAT_TASK_DATA", "/env")
+    assert task_data_dir() == "/env" and task_data_dir("/x") == "/x"
+
+
+@pytest.mark.parametrize("module", ENTRY_POINTS)
+def test_every_flag_of_every_entry_point_has_help(module):
+    out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=REPO_ROOT,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    options = out.stdout.split("options:", 1)[1]
+    # an option line is "  -x, --flag VALUE   help"; its help is on the same line or indented on the next one
+    entries = re.split(r"\n  (?=-)", "\n" + options.strip("\n"))[1:]
+    bare = [e.split()[0] for e in entries if len(re.split(r"\s{2,}", e.strip(), maxsplit=1)) < 2]
+    assert entries and not bare, f"{module}: flags without help: {bare}"
