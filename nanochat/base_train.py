@@ -31,11 +31,13 @@ class BaseTrainConfig(ArgsMixin):
     aspect_ratio: int = flag(64, "model width = depth x aspect_ratio (rounded to head_dim)")
     head_dim: int = flag(128, "attention head dimension")
     max_seq_len: int = flag(2048, "tokens per training row (the model's sequence_len)")
-    window_pattern: str = flag("SSSL", "sliding-window pattern tiled over the layers (S short, L sequence_len; last layer L)")
+    window_pattern: str = flag("SSSL", "sliding-window pattern tiled over the layers "
+                                       "(S short, L sequence_len; last layer L)")
     # horizon: explicit iterations > target FLOPs > data:param ratio
     num_iterations: int = flag(-1, "optimizer steps (-1: derived)")
     target_flops: float = flag(-1.0, "training horizon in FLOPs (-1: unused)")
-    target_param_data_ratio: float = flag(12.0, "training tokens per scaling parameter (used when no iterations or FLOPs are given)")
+    target_param_data_ratio: float = flag(12.0, "training tokens per scaling parameter "
+                                                "(used when no iterations or FLOPs are given)")
     # batch: total_batch_size -1 = auto (power-lines rule); grad accumulation makes it world-size independent
     device_batch_size: int = flag(32, "rows per forward/backward pass on each worker")
     total_batch_size: int = flag(-1, "tokens per optimizer step over all workers (-1: derived from the depth)")

@@ -40,7 +40,8 @@ class ChatTrainConfig(ArgsMixin):
     matrix_lr: float = flag(0.02, "Muon learning rate of the transformer matrices")
     scalar_lr: float = flag(0.5, "AdamW learning rate of the per-layer scalars")
     weight_decay: float = flag(0.0, "weight decay")
-    init_lr_frac: float = flag(-1.0, "learning rates start at this fraction of the base ones (-1: 1.0 for mid, 0.02 for sft)")
+    init_lr_frac: float = flag(-1.0, "learning rates start at this fraction of the base ones "
+                                     "(-1: 1.0 for mid, 0.02 for sft)")
     eval_every: int = flag(-1, "steps between validation evals (-1: 150 (mid) / 100 (sft))")
     eval_tokens: int = flag(20 * 524288, "mid: validation tokens per bits-per-byte eval")
     eval_steps: int = flag(100, "sft: validation batches per loss eval")

@@ -97,7 +97,7 @@ class ChatServer:
     """One replica: loads the model and runs the scheduler; the FastAPI app is built here, bound to it."""
 
     def __init__(self, config):
-        self.service = ChatService(ServeConfig(**config))
+        self.service = ChatService(ServeConfig(**config), replica=serve.get_replica_context().replica_id.unique_id)
 
     def __serve_build_asgi_app__(self):
         return make_api(self.service)

@@ -9,15 +9,16 @@ import time
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from ray import serve
 
 from serve.protocol import ApiError
 from serve.scheduler import AsyncRequests, Overloaded, Scheduler
 
 
 class ChatService:
-    def __init__(self, cfg, model=None, tokenizer=None):
-        self.cfg = cfg
+    def __init__(self, cfg, model=None, tokenizer=None, replica="local"):
+        """cfg: a ServeConfig; model and tokenizer given (tests, tools) or loaded from cfg's storage; replica: this
+        replica's id, as /health reports it."""
+        self.cfg, self.replica = cfg, replica
         self.device = "cuda" if cfg.gpus_per_replica and torch.cuda.is_available() else "cpu"
         self.step = None  # checkpoint step, when loaded from storage
         if model is None:
@@ -34,10 +35,6 @@ class ChatService:
         self.assistant_start = tokenizer.encode_special("<|assistant_start|>")
         self.started = time.time()
         self.open_sockets = 0
-        try:
-            self.replica = serve.get_replica_context().replica_id.unique_id
-        except Exception:  # not inside Serve (tests, tools)
-            self.replica = "local"
         r = self.registry = CollectorRegistry()
         self.m_requests = Counter("nanochat_requests", "HTTP requests and WebSocket turns", ["route", "status"],
                                   registry=r)

@@ -202,7 +202,8 @@ def test_websocket_idle_timeout_socket_cap_queue_cap_and_disconnect(server):
             ws.recv(timeout=30)
 
     # the cap on open sockets, separate from batch rows: one more than the cap is told to come back later
-    sockets = [connect(ws_url(server), additional_headers=AUTH, open_timeout=30) for _ in range(CONFIG["ws_max_sockets"])]
+    sockets = [connect(ws_url(server), additional_headers=AUTH, open_timeout=30)
+               for _ in range(CONFIG["ws_max_sockets"])]
     try:
         with connect(ws_url(server), additional_headers=AUTH, open_timeout=30) as extra:
             reply = json.loads(extra.recv(timeout=30))
