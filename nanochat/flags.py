@@ -37,9 +37,7 @@ class ArgsMixin:
                 parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
                                     help=help_)
             else:
-                kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-                if not callable(kind):  # e.g. "int | None": the value's own type
-                    kind = float if "float" in str(f.type) else int if "int" in str(f.type) else str
+                kind = value_type(f)
                 shown = help_ if "default" in help_ else f"{help_} (default: {default})"
                 parser.add_argument(*names, dest=f.name, type=kind, default=default, help=shown, **meta)
         return parser
@@ -51,6 +49,13 @@ class ArgsMixin:
     def resolved(self):
         """The config with its defaults that depend on other fields or the environment filled in."""
         return self
+
+
+def value_type(f):
+    """int, float or str: what a (non-bool) field's command-line or key=value string converts to, also for
+    annotations such as "int | None"."""
+    text = str(f.type)
+    return float if "float" in text else int if "int" in text else str
 
 
 def task_data_dir(explicit=""):

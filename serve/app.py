@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, fields
 
 from ray import serve
 
-from nanochat.flags import ArgsMixin, flag
+from nanochat.flags import ArgsMixin, flag, value_type
 from nanochat.storage import is_uri
 from serve.api import make_api
 from serve.service import ChatService
@@ -74,7 +74,7 @@ class ServeConfig(ArgsMixin):
         for f in fields(cls):
             v = args.get(f.name, f.default)
             if isinstance(v, str):  # values from `serve run k=v` arrive as strings
-                kind = int if "int" in str(f.type) else float if "float" in str(f.type) else str
+                kind = value_type(f)
                 if v.lower() in ("none", "null") or (v == "" and kind is not str):
                     v = None
                 else:
