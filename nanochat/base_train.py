@@ -3,7 +3,6 @@ Base-model pretraining, one worker's view. `base_train_worker(config, ctx)` is w
 a plain process (`python -m nanochat.base_train ...`, tests, GPU benchmarks) or each Ray Train worker
 (ray_jobs/base_train.py). The process group, if any, is already initialized by the launcher.
 """
-import argparse
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -191,8 +190,7 @@ def base_train_worker(cfg, ctx=None, batch_source=None, tokenizer=None, run_id=N
 
 
 def main(argv=None):
-    parser = BaseTrainConfig.add_args(argparse.ArgumentParser(description="base pretraining in one process"))
-    cfg = BaseTrainConfig.from_args(parser.parse_args(argv))
+    cfg = BaseTrainConfig.parse(argv, "base pretraining in one process")
     ctx = local_context(checkpoint_dir(cfg), cfg.device_type, cfg.seed)
     resume_step = find_resume_step(ctx.checkpoint_dir) if cfg.resume else None
     return base_train_worker(cfg, ctx, run_id=uuid.uuid4().hex, resume_step=resume_step)

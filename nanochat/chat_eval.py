@@ -30,8 +30,8 @@ TASK_NAMES = tuple(BASELINES)
 # Task registry
 
 def build_task(name, task_data=None):
-    """The eval split of a chat task. task_data: a directory laid out like shared/data (arc/ARC-Easy/, mmlu/, gsm8k/,
-    humaneval/, words/words_alpha.zip); default $NANOCHAT_TASK_DATA; None loads from the HuggingFace Hub
+    """The eval split of a chat task. task_data: a directory laid out like nanochat/data/tasks/ (arc/ARC-Easy/,
+    mmlu/, gsm8k/, humaneval/, words/words_alpha.zip); default $NANOCHAT_TASK_DATA; None loads from the Hub
     (HumanEval and the spelling words ship with their PyPI packages)."""
     from tasks.arc import ARC
     from tasks.gsm8k import GSM8K

@@ -13,7 +13,6 @@ The checkpoint / metrics contract is train_loop's (nanochat/train.py): num_itera
 eval and save see step N; checkpoints via save_training_checkpoint (loader state = the example cursor), so a
 restarted Ray Train worker group resumes exactly like the other stages.
 """
-import argparse
 import os
 import time
 import uuid
@@ -54,7 +53,8 @@ class RLConfig(ArgsMixin):
     eval_every: int = flag(60, "steps between pass@k evals on the test slice (<= 0: last step only)")
     eval_examples: int = flag(400, "first N GSM8K test problems")
     save_every: int = flag(60, "steps between checkpoints (<= 0: last step only)")
-    task_data: str = flag("", "offline task files laid out like ../shared/data (default $NANOCHAT_TASK_DATA)")
+    task_data: str = flag("", "offline task files laid out like the shipped pack nanochat/data/tasks/ "
+                               "(default $NANOCHAT_TASK_DATA)")
     resume: bool = flag(False, "continue from the newest checkpoint in the output directory")
     run: str = flag("dummy", "wandb run name ('dummy': no wandb)")
     device_type: str = flag("", "cuda | cpu | mps (default: autodetect)")
@@ -166,6 +166,41 @@ def _sum_all_ranks(values, device):
 # -----------------------------------------------------------------------------
 # The worker
 
+def sample_group(engine, prompt, cfg, step, idx):
+    """cfg.num_samples completions of one problem, device_batch_size at a time; each pass has its own seed from
+    (step, problem, pass), so a rollout is reproducible whatever ran before it. -> (sequences, masks)"""
+    sequences, masks = [], []
+    for p in range(cfg.num_samples // cfg.device_batch_size):
+        seqs, msks = engine.generate_batch(prompt, num_samples=cfg.device_batch_size, max_tokens=cfg.max_new_tokens,
+                                           temperature=cfg.temperature, top_k=cfg.top_k,
+                                           seed=rollout_seed(step, idx, p))
+        sequences += seqs
+        masks += msks
+    return sequences, masks
+
+
+def backprop_group(model, inputs, targets, advantages, batch_size, examples_per_rank):
+    """Backward of the policy-gradient loss over one problem's samples, batch_size rows per pass (gradients add up
+    until the optimizer step). -> the summed loss, detached."""
+    device = model.get_device()
+    num_passes = len(inputs) // batch_size
+    total = torch.zeros((), device=device)
+    for p in range(num_passes):
+        rows = slice(p * batch_size, (p + 1) * batch_size)
+        x, y, a = inputs[rows].to(device), targets[rows].to(device), advantages[rows].to(device)
+        logp = -model(x, y, loss_reduction="none").view_as(y)
+        loss = pg_loss(logp, y, a, num_passes, examples_per_rank)
+        loss.backward()
+        total += loss.detach()
+    return total
+
+
+def step_text(line):
+    return (f"reward: {line['reward']:.4f} | seq len: {line['seq_len']:.1f} | gen len: {line['gen_len']:.1f} | "
+            f"loss: {line['loss']:.6f} | lrm: {line['lrm']:.3f} | dt: {line['dt_ms']:.0f}ms | "
+            f"rollout tok/s: {line['rollout_tok_per_sec']:,.0f} ({line['rollout_pct']:.0f}% of step)")
+
+
 def chat_rl_worker(cfg, ctx=None, run_id=None, resume_step=None, tokenizer=None, train_task=None, test_task=None,
                    step_hook=None, render=rendered_conversations):
     """RL on this worker; returns a summary dict with the final pass@k ('GSM8K' = pass@1). resume_step: continue
@@ -184,7 +219,7 @@ def chat_rl_worker(cfg, ctx=None, run_id=None, resume_step=None, tokenizer=None,
         raise ValueError(f"examples_per_step {cfg.examples_per_step} is not divisible by {W} workers")
     if cfg.num_samples % B:
         raise ValueError(f"num_samples {cfg.num_samples} is not a multiple of device_batch_size {B}")
-    examples_per_rank, num_passes = cfg.examples_per_step // W, cfg.num_samples // B
+    examples_per_rank = cfg.examples_per_step // W
 
     tag = cfg.model_tag or storage.basename(ctx.checkpoint_dir)
     model, loaded_tokenizer, source_meta = load_model(cfg.source, device, "train", model_tag=tag,
@@ -236,13 +271,7 @@ def chat_rl_worker(cfg, ctx=None, run_id=None, resume_step=None, tokenizer=None,
             conv = train_task[idx]
             tr = time.perf_counter()
             model.eval()
-            sequences, masks = [], []
-            for s in range(num_passes):
-                seqs, msks = engine.generate_batch(prompt, num_samples=B, max_tokens=cfg.max_new_tokens,
-                                                   temperature=cfg.temperature, top_k=cfg.top_k,
-                                                   seed=rollout_seed(step, idx, s))
-                sequences += seqs
-                masks += msks
+            sequences, masks = sample_group(engine, prompt, cfg, step, idx)
             model.train()
             rollout_time += time.perf_counter() - tr
             rewards = completion_rewards(train_task, conv, sequences, len(prompt), tokenizer)
@@ -250,14 +279,7 @@ def chat_rl_worker(cfg, ctx=None, run_id=None, resume_step=None, tokenizer=None,
             seq_len_sum += sum(len(s) for s in sequences)
             gen_tokens += sum(len(s) - len(prompt) for s in sequences)
             inputs, targets = rollout_batch(sequences, masks, pad_id)
-            advantages = group_advantages(rewards)
-            for p in range(num_passes):
-                rows = slice(p * B, (p + 1) * B)
-                x, y, a = inputs[rows].to(device), targets[rows].to(device), advantages[rows].to(device)
-                logp = -model(x, y, loss_reduction="none").view_as(y)
-                loss = pg_loss(logp, y, a, num_passes, examples_per_rank)
-                loss.backward()
-                loss_sum += loss.detach()
+            loss_sum += backprop_group(model, inputs, targets, group_advantages(rewards), B, examples_per_rank)
         cursor += cfg.examples_per_step
         lrm = 1.0 - step / num_iterations
         apply_schedule(optimizer, lrm)
@@ -273,10 +295,7 @@ def chat_rl_worker(cfg, ctx=None, run_id=None, resume_step=None, tokenizer=None,
         line = dict(reward=reward, seq_len=seq_len, gen_len=gen_len, loss=loss_value, lrm=lrm, dt_ms=dt * 1000,
                     rollout_tok_per_sec=tok_per_sec, rollout_pct=100 * rollout_time / dt,
                     total_time=state.total_training_time)
-        text = (f"reward: {reward:.4f} | seq len: {seq_len:.1f} | gen len: {gen_len:.1f} | loss: {loss_value:.6f} | "
-                f"lrm: {lrm:.3f} | dt: {dt * 1000:.0f}ms | rollout tok/s: {tok_per_sec:,.0f} "
-                f"({100 * rollout_time / dt:.0f}% of step)")
-        return StepResult(line, text, {"rank": rank, "world_size": W, "next": cursor})
+        return StepResult(line, step_text(line), {"rank": rank, "world_size": W, "next": cursor})
 
     evals = [Eval("pass@k", cfg.eval_every, pass_at_k, at_start=True)]
     state = run_loop(model, optimizer, rl_step, num_iterations=num_iterations, ctx=ctx, evals=evals,
@@ -300,8 +319,7 @@ def main(argv=None):
     """One process (or one torchrun rank)."""
     from nanochat.checkpoint_manager import find_resume_step
     from nanochat.train import local_context
-    parser = RLConfig.add_args(argparse.ArgumentParser(description="RL on GSM8K in one process"))
-    cfg = RLConfig.from_args(parser.parse_args(argv)).resolved()
+    cfg = RLConfig.parse(argv, "RL on GSM8K in one process").resolved()
     ctx = local_context(output_dir(cfg), cfg.device_type, cfg.seed)
     resume_step = find_resume_step(ctx.checkpoint_dir) if cfg.resume else None
     summary = chat_rl_worker(cfg, ctx, run_id=uuid.uuid4().hex, resume_step=resume_step)

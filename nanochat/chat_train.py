@@ -6,7 +6,6 @@ checkpoint contract as base training (nanochat/train.py); what differs is the da
 - sft: one conversation per row, padded; loss only on what the assistant writes (render_conversation's mask);
   lr linear to 0 from init_lr_frac.
 """
-import argparse
 import math
 import random
 import uuid
@@ -48,7 +47,8 @@ class ChatTrainConfig(ArgsMixin):
     eval_metrics_every: int = flag(200, "sft: steps between MMLU / ARC-Easy accuracy evals (-1: never)")
     eval_metrics_max_problems: int = flag(1024, "problems per accuracy eval")
     save_every: int = flag(-1, "steps between checkpoints (-1: last step only)")
-    task_data: str = flag("", "offline task files laid out like ../shared/data (default $NANOCHAT_TASK_DATA)")
+    task_data: str = flag("", "offline task files laid out like the shipped pack nanochat/data/tasks/ "
+                               "(default $NANOCHAT_TASK_DATA)")
     identity: str = flag("", "identity conversations JSONL (default <storage>/identity_conversations.jsonl if present)")
     mixture_scale: float = flag(1.0, "shrink the synthetic spelling tasks for small runs")
     buffer_size: int = flag(100, "documents buffered for best-fit packing")
@@ -329,8 +329,7 @@ def chat_train_worker(cfg, ctx=None, run_id=None, resume_step=None, tokenizer=No
 def main(argv=None):
     """One process (or one torchrun rank)."""
     from nanochat.checkpoint_manager import find_resume_step
-    parser = ChatTrainConfig.add_args(argparse.ArgumentParser(description="midtraining / SFT in one process"))
-    cfg = ChatTrainConfig.from_args(parser.parse_args(argv)).resolved()
+    cfg = ChatTrainConfig.parse(argv, "midtraining / SFT in one process").resolved()
     ctx = local_context(output_dir(cfg), cfg.device_type, cfg.seed)
     resume_step = find_resume_step(ctx.checkpoint_dir) if cfg.resume else None
     return chat_train_worker(cfg, ctx, run_id=uuid.uuid4().hex, resume_step=resume_step)

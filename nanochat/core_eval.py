@@ -12,7 +12,7 @@ the few-shot examples of example idx are random.Random(1234 + idx).sample(all ot
 independent of the others, so examples can be spread over any number of workers (evaluate_example).
 
 The eval bundle is a directory: core.yaml, eval_meta_data.csv, eval_data/<dataset_uri> (or <dataset_uri>.gz, the
-layout of shared/data/core). download_eval_bundle() fetches nanochat's zip into <base>/eval_bundle when absent.
+layout of nanochat/data/tasks/core). download_eval_bundle() fetches nanochat's zip into <base>/eval_bundle when absent.
 """
 import csv
 import io

@@ -7,7 +7,10 @@ Command-line flags from plain dataclass configs: each field declared with `flag(
         depth: int = flag(20, "model depth")
         resume: bool = flag(False, "continue from the newest checkpoint")   # --resume / --no-resume
 
-    TrainConfig.add_args(parser); cfg = TrainConfig.from_args(parser.parse_args())
+    cfg = TrainConfig.parse(argv, "what this program does")
+
+Extra keywords go to argparse (choices=, required=, action="append", aliases=["-d"]); positional=True makes the
+field a positional argument (optional unless required=True).
 """
 import argparse
 import os
@@ -17,8 +20,16 @@ TASK_DATA_ENV = "NANOCHAT_TASK_DATA"
 
 
 def flag(default, help, **argparse_kwargs):
-    """A config field with its help text; extra keywords (choices=, aliases=[...]) go to argparse."""
-    return field(default=default, metadata={"help": help, **argparse_kwargs})
+    """A config field with its help text; a list default is copied per instance."""
+    meta = {"help": help, **argparse_kwargs}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def storage_flag():
+    return flag(None, "storage root (local path, NFS mount, or s3:// / gs:// URI); "
+                      "default $NANOCHAT_BASE_DIR or ~/.cache/nanochat")
 
 
 class ArgsMixin:
@@ -31,20 +42,32 @@ class ArgsMixin:
             help_ = meta.pop("help", None)
             if help_ is None:
                 raise TypeError(f"{cls.__name__}.{f.name} has no help text: declare it with flag(default, help)")
-            names = [*meta.pop("aliases", []), "--" + f.name.replace("_", "-")]
-            default = f.default if f.default is not MISSING else None
+            default = f.default_factory() if f.default_factory is not MISSING else f.default
+            default = None if default is MISSING else default
+            shown = help_ if "default" in help_ or default in (None, [], False) else f"{help_} (default: {default})"
+            if meta.pop("positional", False):
+                optional = {} if meta.pop("required", False) else {"nargs": "?", "default": default}
+                parser.add_argument(f.name, help=shown, **optional, **meta)
+                continue
+            aliases = meta.pop("aliases", [])  # shown as: -n, --num-files, --old-name
+            names = [a for a in aliases if not a.startswith("--")] + ["--" + f.name.replace("_", "-")]
+            names += [a for a in aliases if a.startswith("--")]
             if f.type in (bool, "bool"):
                 parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
                                     help=help_)
             else:
-                kind = value_type(f)
-                shown = help_ if "default" in help_ else f"{help_} (default: {default})"
-                parser.add_argument(*names, dest=f.name, type=kind, default=default, help=shown, **meta)
+                parser.add_argument(*names, dest=f.name, type=value_type(f), default=default, help=shown, **meta)
         return parser
 
     @classmethod
     def from_args(cls, args):
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+    @classmethod
+    def parse(cls, argv=None, description=None):
+        """The config from a command line (sys.argv when argv is None); description is the --help text."""
+        parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+        return cls.from_args(cls.add_args(parser).parse_args(argv))
 
     def resolved(self):
         """The config with its defaults that depend on other fields or the environment filled in."""
@@ -53,7 +76,7 @@ class ArgsMixin:
 
 def value_type(f):
     """int, float or str: what a (non-bool) field's command-line or key=value string converts to, also for
-    annotations such as "int | None"."""
+    annotations such as "int | None" or "list[str]"."""
     text = str(f.type)
     return float if "float" in text else int if "int" in text else str
 

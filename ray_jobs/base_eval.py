@@ -9,14 +9,14 @@ gathered in order: the numbers are exactly those of a single-process run. bpb: r
 split (nanochat's rank striding) and the (nats, bytes) sums are added up. Samples: one replica.
 Writes <storage>/base_eval/<tag>.csv and a report section; the last line printed is the CORE score.
 """
-import argparse
 import math
 import time
-
+from dataclasses import dataclass
 
 from nanochat.core_eval import (EVAL_BUNDLE_URL, centered, core_metric, download_eval_bundle,
                                 load_bundle, load_task_data, write_results_csv)
 from nanochat import storage
+from nanochat.flags import ArgsMixin, flag, storage_flag
 from ray_jobs.common import init_ray, storage_root
 from ray_jobs.eval_pool import bpb_work, core_work, open_pool, resolve_checkpoint, sample_work, shards_for
 
@@ -32,30 +32,31 @@ SAMPLE_PROMPTS = [
 EVALS = ("core", "bpb", "sample")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Base model evaluation: CORE, bits per byte, samples")
-    p.add_argument("--storage", default=None, help="storage root (default $NANOCHAT_BASE_DIR or ~/.cache/nanochat)")
-    p.add_argument("--source", default="base", choices=["base", "mid", "sft", "rl"], help="which checkpoints")
-    p.add_argument("--model-tag", default=None, help="default: the largest d<N>")
-    p.add_argument("--step", type=int, default=None, help="default: the last step")
-    p.add_argument("--eval", default="core,bpb,sample", help="comma-separated subset of core,bpb,sample")
-    p.add_argument("--core-bundle", default=None,
-                   help="CORE bundle dir (core.yaml, eval_meta_data.csv, eval_data/); default <storage>/eval_bundle, "
-                        "downloaded when absent")
-    p.add_argument("--bundle-url", default=EVAL_BUNDLE_URL, help="where the bundle zip is downloaded from")
-    p.add_argument("--max-per-task", type=int, default=-1, help="examples per CORE task (-1 = all)")
-    p.add_argument("--num-actors", type=int, default=None,
-                   help="model replicas (default: one per GPU in the cluster, else a few CPU ones)")
-    p.add_argument("--data", default="auto", help="pretraining data source for bpb (see nanochat.dataset)")
-    p.add_argument("--split-tokens", type=int, default=40 * 524288, help="tokens per split for bpb")
-    p.add_argument("--device-batch-size", type=int, default=32, help="rows per bpb batch")
-    p.add_argument("--num-unconditioned", type=int, default=8, help="unconditioned samples (temperature 1)")
-    args = p.parse_args(argv)
-    args.evals = [e.strip() for e in args.eval.split(",") if e.strip()]
-    bad = [e for e in args.evals if e not in EVALS]
+@dataclass
+class BaseEvalConfig(ArgsMixin):
+    storage: str | None = storage_flag()
+    source: str = flag("base", "which checkpoints", choices=["base", "mid", "sft", "rl"])
+    model_tag: str | None = flag(None, "model tag (default: the largest d<N>)")
+    step: int | None = flag(None, "checkpoint step (default: the last)")
+    eval: str = flag("core,bpb,sample", "comma-separated subset of core,bpb,sample")
+    core_bundle: str | None = flag(None, "CORE bundle dir (core.yaml, eval_meta_data.csv, eval_data/); default "
+                                         "<storage>/eval_bundle, downloaded when absent")
+    bundle_url: str = flag(EVAL_BUNDLE_URL, "where the bundle zip is downloaded from")
+    max_per_task: int = flag(-1, "examples per CORE task (-1 = all)")
+    num_actors: int | None = flag(None, "model replicas (default: one per GPU in the cluster, else a few CPU ones)")
+    data: str = flag("auto", "pretraining data source for bpb (see nanochat.dataset)")
+    split_tokens: int = flag(40 * 524288, "tokens per split for bpb")
+    device_batch_size: int = flag(32, "rows per bpb batch")
+    num_unconditioned: int = flag(8, "unconditioned samples (temperature 1)")
+
+
+def parse_evals(spec):
+    """'core,bpb' -> ['core', 'bpb']; an unknown name ends the program with a message."""
+    chosen = [e.strip() for e in spec.split(",") if e.strip()]
+    bad = [e for e in chosen if e not in EVALS]
     if bad:
-        p.error(f"--eval: unknown {bad}; choose from {','.join(EVALS)}")
-    return args
+        raise SystemExit(f"--eval: unknown {bad}; choose from {','.join(EVALS)}")
+    return chosen
 
 
 def core_on_pool(pool, bundle_dir, max_per_task=-1, progress=True):
@@ -98,26 +99,27 @@ def bpb_on_pool(pool, split, data, batch_size, split_tokens):
 
 def main(argv=None, pool=None):
     """Run the job; `pool` (optional) is a warm EvalPool to reuse: it is pointed at this checkpoint and left open."""
-    args = parse_args(argv)
+    args = BaseEvalConfig.parse(argv, __doc__)
+    evals = parse_evals(args.eval)
     base_dir = storage_root(args.storage)
     init_ray()
     tag, step = resolve_checkpoint(args.source, args.model_tag, args.step, base_dir)
     bundle_dir = None
-    if "core" in args.evals:  # before starting replicas: a missing bundle should fail (or download) first
+    if "core" in evals:  # before starting replicas: a missing bundle should fail (or download) first
         bundle_dir = args.core_bundle or download_eval_bundle(base_dir, args.bundle_url)
     out = {"tag": tag, "step": step}
     t0 = time.time()
     with open_pool(pool, args.source, tag, step, args.num_actors, base_dir) as pool:
-        if "bpb" in args.evals:
+        if "bpb" in evals:
             for split in ("train", "val"):
                 out[f"{split}_bpb"] = bpb_on_pool(pool, split, args.data, args.device_batch_size, args.split_tokens)
                 print(f"{split} bpb: {out[f'{split}_bpb']:.4f}", flush=True)
-        if "sample" in args.evals:
+        if "sample" in evals:
             job = ("samples", sample_work, (SAMPLE_PROMPTS, 16, args.num_unconditioned), len(SAMPLE_PROMPTS))
             out["samples"], out["unconditioned"] = pool.map([job], progress=False)[0]
             for s in out["samples"] + out["unconditioned"]:
                 print(repr(s))
-        if "core" in args.evals:
+        if "core" in evals:
             out["core"] = core_on_pool(pool, bundle_dir, args.max_per_task)
     out["eval_time_s"] = time.time() - t0
 

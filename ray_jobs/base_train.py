@@ -29,11 +29,11 @@ class RayDataBatches(BatchSource):
                                           num_actors=self.num_actors)
 
 
-def data_source(args, cfg, root, num_workers):
-    if pick_loader(args.loader, num_workers, args.cpus_per_worker) != "ray":
+def data_source(run, cfg, root, num_workers):
+    if pick_loader(run.loader, num_workers, run.cpus_per_worker) != "ray":
         return {}
     from nanochat.tokenizer import get_tokenizer
-    return {"batch_source": RayDataBatches(cfg, get_tokenizer(root), args.data_actors)}
+    return {"batch_source": RayDataBatches(cfg, get_tokenizer(root), run.data_actors)}
 
 
 def main(argv=None):

@@ -7,36 +7,33 @@ Every task's problems are cut into shards (whole categorical batches; single pro
 shards of all tasks go to the pool at once, and the per-problem results come back in order, so the numbers are
 exactly those of a single-process run. Prints a per-task table and ChatCORE, and logs a report section.
 """
-import argparse
 import os
 import time
+from dataclasses import dataclass
 
 from nanochat.chat_eval import TASK_NAMES, accuracy, build_task, chatcore, num_problems, parse_task_names
-from nanochat.flags import TASK_DATA_ENV, task_data_dir
+from nanochat.flags import TASK_DATA_ENV, ArgsMixin, flag, storage_flag, task_data_dir
 from ray_jobs.common import init_ray, storage_root
 from ray_jobs.eval_pool import chat_work, open_pool, resolve_checkpoint, shards_for
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Chat evaluation (ARC, MMLU, GSM8K, HumanEval, SpellingBee, ChatCORE)")
-    p.add_argument("-i", "--source", required=True, choices=["base", "mid", "sft", "rl"], help="which checkpoints")
-    p.add_argument("-a", "--task-name", "--task", dest="task_name", default=None,
-                   help=f"tasks, '|'-separated (default: all of {'|'.join(TASK_NAMES)})")
-    p.add_argument("-t", "--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
-    p.add_argument("-m", "--max-new-tokens", type=int, default=512, help="longest generated answer")
-    p.add_argument("-n", "--num-samples", type=int, default=1, help="samples per generative problem (pass@n)")
-    p.add_argument("-k", "--top-k", type=int, default=50, help="top-k sampling (0: off)")
-    p.add_argument("-b", "--batch-size", type=int, default=8, help="problems per forward pass (categorical)")
-    p.add_argument("-g", "--model-tag", default=None, help="default: the largest d<N>")
-    p.add_argument("-s", "--step", type=int, default=None, help="default: the last step")
-    p.add_argument("-x", "--max-problems", type=int, default=None, help="first N problems of each task")
-    p.add_argument("--num-actors", type=int, default=None,
-                   help="model replicas (default: one per GPU in the cluster, else a few CPU ones)")
-    p.add_argument("--task-data", default=None,
-                   help=f"directory laid out like shared/data for offline tasks (default ${TASK_DATA_ENV}; "
-                        f"else the HuggingFace Hub)")
-    p.add_argument("--storage", default=None, help="storage root (default $NANOCHAT_BASE_DIR or ~/.cache/nanochat)")
-    return p.parse_args(argv)
+@dataclass
+class ChatEvalConfig(ArgsMixin):
+    source: str = flag(None, "which checkpoints", aliases=["-i"], required=True, choices=["base", "mid", "sft", "rl"])
+    task_name: str | None = flag(None, f"tasks, '|'-separated (default: all of {'|'.join(TASK_NAMES)})",
+                                 aliases=["-a", "--task"])
+    temperature: float = flag(0.0, "sampling temperature (0: greedy)", aliases=["-t"])
+    max_new_tokens: int = flag(512, "longest generated answer", aliases=["-m"])
+    num_samples: int = flag(1, "samples per generative problem (pass@n)", aliases=["-n"])
+    top_k: int = flag(50, "top-k sampling (0: off)", aliases=["-k"])
+    batch_size: int = flag(8, "problems per forward pass (categorical)", aliases=["-b"])
+    model_tag: str | None = flag(None, "model tag (default: the largest d<N>)", aliases=["-g"])
+    step: int | None = flag(None, "checkpoint step (default: the last)", aliases=["-s"])
+    max_problems: int | None = flag(None, "first N problems of each task (default: all)", aliases=["-x"])
+    num_actors: int | None = flag(None, "model replicas (default: one per GPU in the cluster, else a few CPU ones)")
+    task_data: str | None = flag(None, f"offline task files laid out like the shipped pack nanochat/data/tasks/ "
+                                       f"(default ${TASK_DATA_ENV}; else the Hugging Face Hub)")
+    storage: str | None = storage_flag()
 
 
 def chat_jobs(task_sizes, task_data, num_actors, opts):
@@ -63,7 +60,7 @@ def evaluate_on_pool(pool, names, task_data=None, max_problems=None, opts=None, 
 
 def main(argv=None, pool=None):
     """Run the job; `pool` (optional) is a warm EvalPool to reuse: it is pointed at this checkpoint and left open."""
-    args = parse_args(argv)
+    args = ChatEvalConfig.parse(argv, __doc__)
     base_dir = storage_root(args.storage)
     task_data = task_data_dir(args.task_data or "")
     if task_data:  # exported so init_ray hands it to the workers too

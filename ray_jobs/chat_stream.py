@@ -64,8 +64,8 @@ def ray_rendered_conversations(dataset, tokenizer, max_tokens, start, step, stop
         index = int(indices[-1]) + step
 
 
-def render_kwargs(args, cfg, root, num_workers):
+def render_kwargs(run, cfg, root, num_workers):
     """The worker kwargs that make a chat stage (mid, SFT, RL) render in Ray Data when --loader picks it."""
-    if pick_loader(args.loader, num_workers, args.cpus_per_worker) != "ray":
+    if pick_loader(run.loader, num_workers, run.cpus_per_worker) != "ray":
         return {}
-    return {"render": functools.partial(ray_rendered_conversations, num_actors=args.data_actors)}
+    return {"render": functools.partial(ray_rendered_conversations, num_actors=run.data_actors)}

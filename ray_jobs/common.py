@@ -1,5 +1,5 @@
 """
-Shared glue for the Ray entry points: connecting to (or starting) Ray, the storage root, common flags.
+Shared glue for the Ray entry points: connecting to (or starting) Ray, the storage root, the launchers' flags.
 
 Every job connects to a running cluster when RAY_ADDRESS is set (as under `ray job submit`) and starts a local
 Ray otherwise. The storage root (--storage, else $NANOCHAT_BASE_DIR, else ~/.cache/nanochat) is exported as
@@ -7,8 +7,10 @@ NANOCHAT_BASE_DIR to every worker, so nanochat code on any node resolves the sam
 """
 import logging
 import os
+from dataclasses import dataclass
 
 from nanochat.common import get_base_dir
+from nanochat.flags import ArgsMixin, flag, storage_flag
 from nanochat.storage import is_uri
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,20 +21,6 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROPAGATED_ENV = ("NANOCHAT_BASE_DIR", "NANOCHAT_DTYPE", "NANOCHAT_TASK_DATA", "NANOCHAT_DATA_URL",
                   "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                   "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "GOOGLE_APPLICATION_CREDENTIALS")
-
-
-def add_storage_arg(parser):
-    parser.add_argument("--storage", default=None,
-                        help="storage root (local path, NFS mount, or s3:// / gs:// URI); "
-                             "default $NANOCHAT_BASE_DIR or ~/.cache/nanochat")
-    return parser
-
-
-def add_common_args(parser):
-    add_storage_arg(parser)
-    parser.add_argument("--num-workers", type=int, default=None, help="Ray workers (default: all GPUs, or 1 on CPU)")
-    parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker (nccl, bf16)")
-    return parser
 
 
 def storage_root(storage=None):
@@ -47,15 +35,18 @@ def storage_root(storage=None):
 RAY_DATA_CPUS_PER_WORKER = 1.5
 
 
-def add_train_args(parser):
-    """Flags every Ray Train stage launcher shares."""
-    parser.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs reserved per training worker")
-    parser.add_argument("--max-failures", type=int, default=3, help="worker-group restarts before giving up")
-    parser.add_argument("--loader", choices=["auto", "plain", "ray"], default="auto",
-                        help="ray: tokenize (render) the training data in a Ray Data actor pool per worker; plain: "
-                             "in the training process; auto: ray when the cluster has CPUs to spare for it")
-    parser.add_argument("--data-actors", type=int, default=2, help="Ray Data actors per worker with --loader ray")
-    return parser
+@dataclass
+class LaunchConfig(ArgsMixin):
+    """Flags every Ray Train stage launcher shares (the stage's own config adds the rest)."""
+    storage: str | None = storage_flag()
+    num_workers: int | None = flag(None, "Ray Train workers (default: all GPUs, or 1 on CPU)")
+    use_gpu: bool = flag(False, "one GPU per worker (nccl, bf16)")
+    cpus_per_worker: int = flag(1, "CPUs reserved per training worker")
+    max_failures: int = flag(3, "worker-group restarts before giving up")
+    loader: str = flag("auto", "ray: tokenize (render) the training data in a Ray Data actor pool per worker; plain: "
+                               "in the training process; auto: ray when the cluster has CPUs to spare for it",
+                       choices=["auto", "plain", "ray"])
+    data_actors: int = flag(2, "Ray Data actors per worker with --loader ray")
 
 
 def pick_loader(loader, num_workers, cpus_per_worker):

@@ -9,13 +9,14 @@ parquet-footer checks, retries with backoff and jitter on transient errors, no r
 over the nodes, at most --workers in flight; a re-run fetches only what is missing or invalid. A failed or partial
 download fails the stage with an error naming every missing shard.
 """
-import argparse
 import logging
 import sys
+from dataclasses import dataclass
 
 from nanochat.dataset import (DATA_URL_ENV, DEFAULT_HUB, HUB_ALIASES, HUB_SOURCES, DownloadError, download_shard,
                               raise_for_failures, shard_plan)
-from ray_jobs.common import add_storage_arg, init_ray, storage_root
+from nanochat.flags import ArgsMixin, flag, storage_flag
+from ray_jobs.common import init_ray, storage_root
 
 logger = logging.getLogger("nanochat")
 
@@ -46,20 +47,22 @@ def download(num_train_shards=-1, *, source=DEFAULT_HUB, data_dir=None, base_url
     return [path for _, path in plan]
 
 
+@dataclass
+class DownloadConfig(ArgsMixin):
+    num_files: int = flag(-1, "train shards to download (-1 = all)", aliases=["-n"])
+    num_workers: int = flag(16, "downloads in flight at once", aliases=["-w"])
+    source: str = flag(DEFAULT_HUB, "which shuffle to download", aliases=["--dataset"],
+                       choices=sorted(HUB_SOURCES) + sorted(HUB_ALIASES))
+    base_url: str | None = flag(None, f"mirror base URL (default ${DATA_URL_ENV} or the Hub)")
+    data_dir: str | None = flag(None, "target directory or URI (default: <storage root>/base_data_climbmix or "
+                                      "base_data)", aliases=["--dir"])
+    max_attempts: int = flag(5, "tries per shard on transient errors")
+    backoff: float = flag(2.0, "first retry delay in seconds (doubles)")
+    storage: str | None = storage_flag()
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Download nanochat pretraining shards (train 0..N-1 + val shard) "
-                                                 "as Ray tasks spread over the cluster")
-    parser.add_argument("-n", "--num-files", type=int, default=-1, help="train shards to download (-1 = all)")
-    parser.add_argument("-w", "--num-workers", type=int, default=16, help="downloads in flight at once")
-    parser.add_argument("--source", "--dataset", dest="source", default=DEFAULT_HUB,
-                        choices=sorted(HUB_SOURCES) + sorted(HUB_ALIASES), help="which shuffle to download")
-    parser.add_argument("--base-url", default=None, help=f"mirror base URL (default ${DATA_URL_ENV} or the Hub)")
-    parser.add_argument("--data-dir", "--dir", dest="data_dir", default=None,
-                        help="target directory or URI (default: <storage root>/base_data_climbmix or base_data)")
-    parser.add_argument("--max-attempts", type=int, default=5, help="tries per shard on transient errors")
-    parser.add_argument("--backoff", type=float, default=2.0, help="first retry delay in seconds (doubles)")
-    add_storage_arg(parser)
-    args = parser.parse_args(argv)
+    args = DownloadConfig.parse(argv, __doc__)
     from nanochat.common import setup_default_logging
     setup_default_logging()
     storage_root(args.storage)

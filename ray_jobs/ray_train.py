@@ -112,16 +112,17 @@ def run_trainer(worker_fn, cfg, *, name, checkpoint_dir, storage, num_workers, u
 
 def launch(argv, *, description, stage, config_cls, worker_fn, output_dir, worker_kwargs=None, after=None,
            defaults=None):
-    """One training stage from the command line: the shared flags and the config's, the storage root, Ray, the
-    resume lookup, the worker group. worker_kwargs(args, cfg, root, num_workers) -> extra worker arguments (e.g. a
-    Ray Data source); after(cfg, final, root) runs once training is done. Returns the final metrics."""
+    """One training stage from the command line: the launcher's flags (LaunchConfig) and the stage config's, the
+    storage root, Ray, the resume lookup, the worker group. worker_kwargs(launch_cfg, cfg, root, num_workers) ->
+    extra worker arguments (e.g. a Ray Data source); after(cfg, final, root) runs once training is done. Returns
+    the final metrics."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_args(parser)
-    common.add_train_args(parser)
+    common.LaunchConfig.add_args(parser)
     config_cls.add_args(parser)
     parser.set_defaults(**(defaults or {}))
     args = parser.parse_args(argv)
-    root = common.storage_root(args.storage)
+    run = common.LaunchConfig.from_args(args)
+    root = common.storage_root(run.storage)
     cfg = config_cls.from_args(args).resolved()
     common.init_ray()
     ckpt_dir = output_dir(cfg, root)
@@ -129,12 +130,12 @@ def launch(argv, *, description, stage, config_cls, worker_fn, output_dir, worke
     resume_step = find_resume_step(ckpt_dir) if cfg.resume else None
     if cfg.resume and resume_step is None:
         print(f"--resume: no checkpoint in {ckpt_dir} yet, starting fresh")
-    num_workers = common.default_num_workers(args.num_workers, args.use_gpu)
+    num_workers = common.default_num_workers(run.num_workers, run.use_gpu)
     final = run_trainer(
         worker_fn, cfg, name=f"{stage}-{os.path.basename(ckpt_dir)}", checkpoint_dir=ckpt_dir, storage=root,
-        num_workers=num_workers, use_gpu=args.use_gpu, resume_step=resume_step, cpus_per_worker=args.cpus_per_worker,
-        max_failures=args.max_failures,
-        worker_kwargs=worker_kwargs(args, cfg, root, num_workers) if worker_kwargs else {})
+        num_workers=num_workers, use_gpu=run.use_gpu, resume_step=resume_step, cpus_per_worker=run.cpus_per_worker,
+        max_failures=run.max_failures,
+        worker_kwargs=worker_kwargs(run, cfg, root, num_workers) if worker_kwargs else {})
     if after:
         after(cfg, final, root)
     print(f"{stage} finished: {final}")

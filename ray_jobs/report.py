@@ -5,10 +5,10 @@ reset (at the start of a run) writes the header; when a Ray cluster is reachable
 nodes, GPUs and CPUs go into the header too, and the hourly rate counts the cluster's GPUs. generate (default, at the
 end) stitches the sections every stage logged into report.md. The work is done by nanochat/report.py.
 """
-import argparse
 import os
+from dataclasses import dataclass
 
-
+from nanochat.flags import ArgsMixin, flag, storage_flag
 from nanochat.report import Report
 from ray_jobs.common import storage_root
 
@@ -24,13 +24,16 @@ def cluster_info():
             "cpus": int(res.get("CPU", 0)), "memory_gb": res.get("memory", 0) / 1024**3}
 
 
+@dataclass
+class ReportConfig(ArgsMixin):
+    command: str = flag("generate", "reset: write the header (start of a run); generate: stitch report.md",
+                        positional=True, choices=["generate", "reset"])
+    storage: str | None = storage_flag()
+    ray: bool = flag(False, "reset: include the Ray cluster's facts (connects to it)")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", nargs="?", default="generate", choices=["generate", "reset"])
-    parser.add_argument("--storage", default=None,
-                        help="storage root (default $NANOCHAT_BASE_DIR or ~/.cache/nanochat)")
-    parser.add_argument("--ray", action="store_true", help="reset: include the Ray cluster's facts (connects to it)")
-    args = parser.parse_args(argv)
+    args = ReportConfig.parse(argv, __doc__)
     report = Report(os.path.join(storage_root(args.storage), "report"))
     if args.command == "reset":
         cluster = None

@@ -12,13 +12,12 @@ interrupted training stage continues from its last checkpoint. `--set base_train
 any stage flag (stage names below; `--set serve.port=8001` passes flags to serve/app.py). The last line printed is
 the path of the report.
 """
-import argparse
 import os
 import time
-
+from dataclasses import dataclass
 
 from nanochat import storage
-from nanochat.flags import TASK_DATA_ENV, task_data_dir
+from nanochat.flags import TASK_DATA_ENV, ArgsMixin, flag, storage_flag, task_data_dir
 from ray_jobs import common
 
 STAGES = ["data", "tok_train", "tok_eval", "base_train", "base_eval", "mid_train", "chat_eval_mid", "chat_sft",
@@ -88,11 +87,12 @@ def default_task_data(preset):
 
 
 def to_argv(flags):
+    """{"depth": 4, "resume": True, "use-gpu": False, "step": None} -> --depth 4 --resume --no-use-gpu"""
     argv = []
     for key, value in flags.items():
-        if value is True:
-            argv.append(f"--{key}")
-        elif value is not False and value is not None:
+        if isinstance(value, bool):
+            argv.append(f"--{key}" if value else f"--no-{key}")
+        elif value is not None:
             argv += [f"--{key}", str(value)]
     return argv
 
@@ -154,20 +154,24 @@ def parse_overrides(items):
     return out
 
 
+@dataclass
+class SpeedrunConfig(ArgsMixin):
+    preset: str = flag("demo", "demo: a few minutes on a laptop, tiny model; d20 / d24: nanochat's speedrun sizes",
+                       choices=sorted(PRESETS))
+    storage: str | None = storage_flag()
+    num_workers: int | None = flag(None, "Ray Train workers of the training stages (default: all GPUs, or 1 on CPU)")
+    use_gpu: bool = flag(False, "one GPU per training worker (nccl, bf16)")
+    num_actors: int | None = flag(None, "evaluation actors (default: all GPUs / 2)")
+    serve: bool = flag(False, "serve the final model at the end: blocks under a Ray started here, deploys and "
+                              "returns on a cluster joined via RAY_ADDRESS (as under `ray job submit`)")
+    set: list[str] = flag([], "override a stage's flag (repeatable)", action="append", metavar="STAGE.FLAG=VALUE")
+    skip: list[str] = flag([], "leave a stage out (repeatable)", action="append", choices=STAGES)
+    task_data: str | None = flag(None, "offline task files laid out like nanochat/data/tasks/ (demo default: that "
+                                       "shipped pack)")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="demo", choices=sorted(PRESETS),
-                        help="demo: a few minutes on a laptop, tiny model; d20 / d24: nanochat's speedrun sizes")
-    common.add_common_args(parser)
-    parser.add_argument("--num-actors", type=int, default=None, help="evaluation actors (default: all GPUs / 2)")
-    parser.add_argument("--serve", action="store_true",
-                        help="serve the final model at the end: blocks under a Ray started here, deploys and "
-                             "returns on a cluster joined via RAY_ADDRESS (as under `ray job submit`)")
-    parser.add_argument("--set", action="append", default=[], metavar="STAGE.FLAG=VALUE", help="override a flag")
-    parser.add_argument("--skip", action="append", default=[], choices=STAGES, help="leave a stage out")
-    parser.add_argument("--task-data", default=None,
-                        help="offline task files laid out like ../shared/data (demo default: the shipped pack)")
-    args = parser.parse_args(argv)
+    args = SpeedrunConfig.parse(argv, __doc__)
     root = common.storage_root(args.storage)
     args.storage = root
     task_data = task_data_dir(args.task_data or "") or default_task_data(args.preset)

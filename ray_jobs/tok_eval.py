@@ -7,10 +7,11 @@ offline they are skipped with a note).
 
 A few documents and three tokenizers: this runs in the job's driver process, there is nothing to distribute.
 """
-import argparse
 import threading
+from dataclasses import dataclass
 
-from ray_jobs.common import add_common_args, storage_root
+from nanochat.flags import ArgsMixin, flag, storage_flag
+from ray_jobs.common import storage_root
 
 # Short texts in the spirit of nanochat's tok_eval, written for this project.
 NEWS = """\
@@ -86,11 +87,14 @@ def source_samples(spec):
     return {f"{split}-docs": "\n".join(src.read_unit(src.units(split)[0])) for split in ("train", "val")}, src
 
 
+@dataclass
+class TokEvalConfig(ArgsMixin):
+    data: str = flag("hub", "where the train / val documents come from: hub | auto | fallback | a file, dir or glob")
+    storage: str | None = storage_flag()
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Bytes per token of our tokenizer vs GPT-2 / GPT-4")
-    parser.add_argument("--data", default="hub", help="hub | auto | fallback | a dir/glob of parquet, txt, jsonl")
-    add_common_args(parser)
-    args = parser.parse_args(argv)
+    args = TokEvalConfig.parse(argv, __doc__)
     root = storage_root(args.storage)
 
     from nanochat.tokenizer import get_tokenizer

@@ -11,13 +11,14 @@ training is a single in-memory job (rustbpe counts the text with its own threads
 streams the text straight from the source; nothing is gained by splitting it. The driver gets the trained tokenizer
 back and saves it, so ROOT only has to be writable from where the job is launched.
 """
-import argparse
 import logging
 import sys
 import time
+from dataclasses import dataclass
 
 from nanochat import storage
-from ray_jobs.common import add_common_args, init_ray, storage_root
+from nanochat.flags import ArgsMixin, flag, storage_flag
+from ray_jobs.common import init_ray, storage_root
 
 logger = logging.getLogger("tok_train")
 
@@ -46,14 +47,17 @@ def train_tokenizer(source, vocab_size, max_chars, doc_cap):
     return tokenizer, stats
 
 
+@dataclass
+class TokTrainConfig(ArgsMixin):
+    data: str = flag("hub", "hub | auto | fallback | a file, dir or glob of .parquet, .txt, .jsonl(.gz)")
+    vocab_size: int = flag(32768, "including the 9 special tokens")
+    max_chars: float = flag(2e9, "characters of text to train on")
+    doc_cap: int = flag(10_000, "crop each document to this many characters")
+    storage: str | None = storage_flag()
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Train the BPE tokenizer (rustbpe) in one Ray task")
-    parser.add_argument("--data", default="hub", help="hub | auto | fallback | a dir/glob of parquet, txt, jsonl")
-    parser.add_argument("--vocab-size", type=int, default=32768, help="including the 9 special tokens")
-    parser.add_argument("--max-chars", type=float, default=2_000_000_000, help="characters of text to train on")
-    parser.add_argument("--doc-cap", type=int, default=10_000, help="crop each document to this many characters")
-    add_common_args(parser)
-    args = parser.parse_args(argv)
+    args = TokTrainConfig.parse(argv, __doc__)
     max_chars = int(args.max_chars)
 
     root = storage_root(args.storage)  # exported first: 'hub' resolves its shard directory under the root

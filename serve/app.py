@@ -26,7 +26,6 @@ Run (all three bind 127.0.0.1:8000 unless told otherwise):
     serve run serve.app:build_app source=sft model_tag=d20 replicas=2 gpus_per_replica=1
     serve deploy serve/config.yaml
 """
-import argparse
 import os
 import time
 from dataclasses import asdict, dataclass, fields
@@ -134,20 +133,15 @@ def build_app(args=None):
 app = build_app({})  # for `serve run serve.app:app`: defaults, storage from $NANOCHAT_BASE_DIR
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Serve a nanochat checkpoint with Ray Serve. Blocks when it "
-                                     "starts Ray itself; with RAY_ADDRESS set it deploys to that cluster and returns.")
-    return ServeConfig.add_args(parser).parse_args(argv)
-
-
 def main(argv=None):
-    args = parse_args(argv)
+    args = ServeConfig.parse(argv, "Serve a nanochat checkpoint with Ray Serve. Blocks when it starts Ray itself; "
+                                   "with RAY_ADDRESS set it deploys to that cluster and returns.")
 
     from ray_jobs.common import init_ray, storage_root
     args.storage = storage_root(args.storage)  # resolved and exported before Ray starts, so replicas see it
     init_ray()
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(build_app(vars(args)), name="nanochat", route_prefix="/")
+    serve.run(build_app(asdict(args)), name="nanochat", route_prefix="/")
     if os.environ.get("RAY_ADDRESS"):
         # on a cluster we joined (e.g. under `ray job submit`) the app outlives this driver: deploy and return
         print(f"nanochat serving on http://{args.host}:{args.port}/ (stop it with `serve shutdown`)", flush=True)

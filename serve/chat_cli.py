@@ -9,12 +9,14 @@ Chat with a model in the terminal: a local checkpoint (default) or a running ser
 Interactive commands: clear (or /clear) starts a new conversation; quit, exit (or /exit, /quit) leave.
 The reply streams as it is generated; bytes of a character split across tokens are held until complete.
 """
-import argparse
 import codecs
 import json
 import os
+import random
 import sys
+from dataclasses import dataclass
 
+from nanochat.flags import ArgsMixin, flag, storage_flag
 from nanochat.storage import is_uri
 
 CLEAR, EXIT = {"clear", "/clear"}, {"quit", "exit", "/quit", "/exit"}
@@ -110,25 +112,26 @@ class RemoteChat:
         self.messages.append({"role": "assistant", "content": "".join(parts) or " "})
 
 
+@dataclass
+class ChatCliConfig(ArgsMixin):
+    source: str = flag("sft", "which checkpoints to chat with (local model)", aliases=["-i"],
+                       choices=["sft", "rl", "mid", "base"])
+    model_tag: str | None = flag(None, "model tag, e.g. d20 (default: the largest)", aliases=["-g"])
+    step: int | None = flag(None, "checkpoint step (default: the last)", aliases=["-s"])
+    prompt: str = flag("", "one-shot: answer this prompt and exit", aliases=["-p"])
+    temperature: float = flag(0.6, "sampling temperature (0: greedy)", aliases=["-t"])
+    top_k: int = flag(50, "top-k sampling (0: off)", aliases=["-k"])
+    max_tokens: int = flag(256, "longest reply", aliases=["-m"])
+    seed: int | None = flag(None, "sampling seed (default: a random one per session)")
+    storage: str | None = storage_flag()
+    device_type: str | None = flag(None, "cuda | cpu | mps (default: autodetect)")
+    url: str | None = flag(None, "talk to a running server (python -m serve.app) instead")
+    api_key: str | None = flag(None, "Bearer key for --url (default $NANOCHAT_API_KEY)")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Chat with a nanochat model in the terminal.")
-    parser.add_argument("-i", "--source", default="sft", choices=["sft", "rl", "mid", "base"],
-                        help="which checkpoints to chat with (local model)")
-    parser.add_argument("-g", "--model-tag", default=None, help="model tag, e.g. d20 (default: the largest)")
-    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
-    parser.add_argument("-p", "--prompt", default="", help="one-shot: answer this prompt and exit")
-    parser.add_argument("-t", "--temperature", type=float, default=0.6, help="sampling temperature (0: greedy)")
-    parser.add_argument("-k", "--top-k", type=int, default=50, help="top-k sampling (0: off)")
-    parser.add_argument("-m", "--max-tokens", type=int, default=256, help="longest reply")
-    parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: a random one per session)")
-    parser.add_argument("--storage", default=None,
-                        help="storage root (default $NANOCHAT_BASE_DIR or ~/.cache/nanochat)")
-    parser.add_argument("--device-type", default=None, help="cuda | cpu | mps (default: autodetect)")
-    parser.add_argument("--url", default=None, help="talk to a running server (python -m serve.app) instead")
-    parser.add_argument("--api-key", default=None, help="Bearer key for --url (default $NANOCHAT_API_KEY)")
-    args = parser.parse_args(argv)
+    args = ChatCliConfig.parse(argv, __doc__)
     if args.seed is None and not args.url:
-        import random
         args.seed = random.getrandbits(31)
 
     chat = RemoteChat(args) if args.url else LocalChat(args)

@@ -9,8 +9,9 @@ class ARC(Task):
     """ARC(subset, split, data_path=None, start=0, stop=None, step=1)
     subset: 'ARC-Easy' | 'ARC-Challenge'; split: 'train' | 'validation' | 'test'.
     data_path None loads `allenai/ai2_arc` from the HuggingFace Hub; otherwise a data file, or a directory
-    holding `{split}.jsonl.gz` (etc.), e.g. shared/data/arc/ARC-Easy. Rows are shuffled with seed 42.
+    holding `{split}.jsonl.gz` (etc.), e.g. nanochat/data/tasks/arc/ARC-Easy. Rows are shuffled with seed 42.
     Letters are the dataset's own choice labels (mostly A-D; some rows have 3 or 5 choices or labels 1-4)."""
+    eval_type = "categorical"
 
     def __init__(self, subset, split, data_path=None, **kwargs):
         super().__init__(**kwargs)
@@ -21,13 +22,6 @@ class ARC(Task):
         self.subset, self.split = subset, split
         self.ds = load_split("allenai/ai2_arc", subset, split, data_path,
                              required=("question", "choices", "answerKey"))
-
-    @property
-    def eval_type(self):
-        return "categorical"
-
-    def num_examples(self):
-        return len(self.ds)
 
     def get_example(self, index):
         row = self.ds[index]

@@ -2,7 +2,7 @@
 
 A task is an indexable collection of conversations ({"messages": [...], ...extra}). Data comes from the
 HuggingFace Hub by default (`datasets.load_dataset`) or from local files when a `data_path` is given, so
-everything also works offline (tests use the copies under ../shared/data).
+everything also works offline (as with the pack shipped in nanochat/data/tasks/).
 """
 import gzip
 import json
@@ -19,21 +19,19 @@ import numpy as np
 
 class Task:
     """A logical slice [start:stop:step] over a subclass's examples.
-    Subclasses define eval_type ('categorical' | 'generative'), num_examples(), get_example(index) and
-    evaluate(conversation, response); reward() defaults to float(evaluate()). `stop` is clamped to
-    num_examples(), so e.g. stop=5200 on a partial test split simply takes what is there."""
+    Subclasses set eval_type ('categorical' | 'generative') and define get_example(index) and
+    evaluate(conversation, response), and num_examples() unless their rows are in self.ds; reward() defaults to
+    float(evaluate()). `stop` is clamped to num_examples(), so e.g. stop=5200 on a partial test split simply takes
+    what is there."""
+    eval_type = None
 
     def __init__(self, start=0, stop=None, step=1):
         if start < 0 or step < 1 or (stop is not None and stop < start):
             raise ValueError(f"bad task slice start={start} stop={stop} step={step}")
         self.start, self.stop, self.step = start, stop, step
 
-    @property
-    def eval_type(self):
-        raise NotImplementedError
-
     def num_examples(self):
-        raise NotImplementedError
+        return len(self.ds)
 
     def get_example(self, index):
         raise NotImplementedError

@@ -12,6 +12,7 @@ class CustomJSON(Task):
     assistant starting with user, at least 2, string contents ({"messages": [...]} objects are accepted too).
     Every line is validated on load; errors name the file and line. A missing file raises FileNotFoundError,
     unless missing_ok=True: then a warning is printed and the task is empty (upstream nanochat's behaviour)."""
+    eval_type = "generative"
 
     def __init__(self, filepath, missing_ok=False, **kwargs):
         super().__init__(**kwargs)
@@ -39,10 +40,6 @@ class CustomJSON(Task):
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
             self.conversations.append(messages)
-
-    @property
-    def eval_type(self):
-        return "generative"
 
     def num_examples(self):
         return len(self.conversations)

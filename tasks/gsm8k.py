@@ -31,8 +31,9 @@ class GSM8K(Task):
     """GSM8K(subset='main', split='train', data_path=None, start=0, stop=None, step=1)
     subset: 'main' | 'socratic'; split: 'train' | 'test'.
     data_path None loads `openai/gsm8k` from the HuggingFace Hub; otherwise a data file, or a directory
-    holding `{split}.jsonl.gz` (etc.), e.g. shared/data/gsm8k. Rows are shuffled with seed 42.
+    holding `{split}.jsonl.gz` (etc.), e.g. nanochat/data/tasks/gsm8k. Rows are shuffled with seed 42.
     Generative: evaluate() compares the '#### N' numbers; reward() is that as a float (for RL)."""
+    eval_type = "generative"
 
     def __init__(self, subset="main", split="train", data_path=None, **kwargs):
         super().__init__(**kwargs)
@@ -42,13 +43,6 @@ class GSM8K(Task):
             raise ValueError(f"GSM8K split must be 'train' or 'test', got {split!r}")
         self.subset, self.split = subset, split
         self.ds = load_split("openai/gsm8k", subset, split, data_path, required=("question", "answer"))
-
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return len(self.ds)
 
     def get_example(self, index):
         row = self.ds[index]

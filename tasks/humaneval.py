@@ -43,6 +43,7 @@ class HumanEval(Task):
     package is not installed, `openai/openai_humaneval` (split 'test') from the HuggingFace Hub. Otherwise a
     data file, or a directory holding `test.jsonl.gz` / `HumanEval.jsonl.gz` (etc.). Shuffled with seed 42.
     Generative: evaluate() runs prompt imports + the completion's code + the tests in nanochat.execution."""
+    eval_type = "generative"
 
     def __init__(self, data_path=None, timeout=5.0, **kwargs):
         super().__init__(**kwargs)
@@ -50,16 +51,9 @@ class HumanEval(Task):
         if data_path is None:
             data_path = bundled_data_path()  # stays None (-> Hub) without the package
         elif Path(data_path).is_dir() and (Path(data_path) / "HumanEval.jsonl.gz").is_file():
-            data_path = Path(data_path) / "HumanEval.jsonl.gz"  # the official file name, e.g. shared/data/humaneval
+            data_path = Path(data_path) / "HumanEval.jsonl.gz"  # the official file name
         self.ds = load_split("openai/openai_humaneval", "openai_humaneval", "test", data_path,
                              required=("task_id", "prompt", "canonical_solution", "test", "entry_point"))
-
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return len(self.ds)
 
     def get_example(self, index):
         row = self.ds[index]

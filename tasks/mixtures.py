@@ -2,8 +2,8 @@
 The conversation mixtures of midtraining and chat SFT (the OLD recipe).
 
 With task_data=None every task loads from the HuggingFace Hub (nanochat's recipe). With task_data=DIR the tasks
-read local files laid out like ../shared/data (env NANOCHAT_TASK_DATA sets the default), which holds no SmolTalk
-and no MMLU auxiliary_train; offline, the substitutes are (logged):
+read local files laid out like the shipped pack nanochat/data/tasks/ (env NANOCHAT_TASK_DATA sets the default),
+which holds no SmolTalk and no MMLU auxiliary_train; offline, the substitutes are (logged):
 - SmolTalk -> DIR/chat/chatterbot_english_conversations.jsonl.gz (train), fastchat_reference_conversations (val)
 - MMLU auxiliary_train (multiple-choice practice) -> ARC-Easy + ARC-Challenge train
 Identity conversations (CustomJSON) are used when `identity` (a JSONL path) exists, else left out.

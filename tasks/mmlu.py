@@ -25,7 +25,8 @@ class MMLU(Task):
     with split 'train' (the Hub nests those rows in a 'train' column; unwrapped here), or a single subject
     name (a local file holding all subjects is then filtered to that subject).
     data_path None loads `cais/mmlu` from the HuggingFace Hub; otherwise a data file, or a directory holding
-    `{split}.jsonl.gz` (etc.), e.g. shared/data/mmlu. Rows are shuffled with seed 42."""
+    `{split}.jsonl.gz` (etc.), e.g. nanochat/data/tasks/mmlu. Rows are shuffled with seed 42."""
+    eval_type = "categorical"
 
     def __init__(self, subset, split, data_path=None, **kwargs):
         super().__init__(**kwargs)
@@ -42,13 +43,6 @@ class MMLU(Task):
             self.ds = shuffle_rows([r for r in rows if r.get("subject") == subset])
         else:
             self.ds = load_split("cais/mmlu", subset, split, data_path, required=required)
-
-    @property
-    def eval_type(self):
-        return "categorical"
-
-    def num_examples(self):
-        return len(self.ds)
 
     def get_example(self, index):
         row = self.ds[index]

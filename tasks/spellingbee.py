@@ -125,16 +125,13 @@ class SpellingBee(Task):
     """SpellingBee(size=1000, split='train', words_path=None, start=0, stop=None, step=1)
     `size` synthetic letter-counting problems; example i is fully determined by random.Random(i) (test split:
     Random(10_000_000 + i)). Generative: evaluate() compares the '#### N' answers like GSM8K."""
+    eval_type = "generative"
 
     def __init__(self, size=1000, split="train", words_path=None, **kwargs):
         super().__init__(**kwargs)
         _check_split(split)
         self.size, self.split = size, split
         self.words = load_words(words_path)
-
-    @property
-    def eval_type(self):
-        return "generative"
 
     def num_examples(self):
         return self.size
@@ -186,6 +183,7 @@ class SimpleSpelling(Task):
     """SimpleSpelling(size=1000, split='train', words_path=None, start=0, stop=None, step=1)
     "Spell the word: apple" -> "apple:a,p,p,l,e". Words come from the list shuffled with Random(42); example i
     draws with Random(i) (test: Random(10_000_000 + i)). evaluate() is an exact match of the spelling."""
+    eval_type = "generative"
 
     def __init__(self, size=1000, split="train", words_path=None, **kwargs):
         super().__init__(**kwargs)
@@ -194,10 +192,6 @@ class SimpleSpelling(Task):
         words = list(load_words(words_path))
         random.Random(42).shuffle(words)
         self.words = words
-
-    @property
-    def eval_type(self):
-        return "generative"
 
     def num_examples(self):
         return self.size

@@ -12,7 +12,9 @@ from nanochat.flags import ArgsMixin, flag, task_data_dir
 
 ENTRY_POINTS = ["ray_jobs.base_train", "ray_jobs.mid_train", "ray_jobs.chat_sft", "ray_jobs.chat_rl",
                 "ray_jobs.base_eval", "ray_jobs.chat_eval", "ray_jobs.tok_train", "ray_jobs.tok_eval",
-                "ray_jobs.download", "ray_jobs.report", "ray_jobs.speedrun", "serve.app", "serve.chat_cli"]
+                "ray_jobs.download", "ray_jobs.report", "ray_jobs.speedrun", "serve.app", "serve.chat_cli",
+                "nanochat.base_train", "nanochat.chat_train", "nanochat.chat_rl", "nanochat.data.build_fallback_corpus",
+                "nanochat.data.build_task_data"]
 
 
 @dataclass
@@ -31,6 +33,27 @@ def test_flags_from_a_dataclass():
     assert Example.from_args(parser.parse_args(["--no-resume"])).resume is False
     text = parser.format_help()
     assert "model depth (default: 20)" in text and "a name (default: none)" in text
+
+
+@dataclass
+class Job(ArgsMixin):
+    command: str = flag("generate", "what to do", positional=True, choices=["generate", "reset"])
+    source: str = flag(None, "which checkpoints", aliases=["-i", "--old-source"], required=True)
+    skip: list[str] = flag([], "leave a stage out", action="append")
+
+
+def test_positional_required_alias_and_repeatable_flags(capsys):
+    assert Job.parse(["-i", "sft"]) == Job(command="generate", source="sft", skip=[])
+    cfg = Job.parse(["reset", "--old-source", "rl", "--skip", "a", "--skip", "b"])
+    assert cfg == Job(command="reset", source="rl", skip=["a", "b"])
+    assert Job.parse(["-i", "x"]).skip == [] and Job().skip is not Job().skip  # no list shared between configs
+    with pytest.raises(SystemExit):
+        Job.parse([])  # --source is required
+    assert "the following arguments are required: -i/--source" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        Job.parse(["explode", "-i", "x"])
+    help_text = Job.add_args(argparse.ArgumentParser()).format_help()
+    assert "-i SOURCE, --source SOURCE, --old-source SOURCE" in help_text
 
 
 def test_a_field_without_help_is_refused():

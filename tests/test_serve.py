@@ -399,10 +399,11 @@ def test_config_yaml_is_a_valid_serve_config():
 
 
 def test_command_line_maps_onto_the_app_config():
-    from serve.app import ServeConfig, parse_args
-    args = parse_args(["--storage", "/s", "--source", "rl", "--model-tag", "d20", "--step", "7", "--port", "9000",
-                       "--replicas", "2", "--max-replicas", "4", "--gpus-per-replica", "1", "--api-key", "k"])
-    cfg = ServeConfig.from_options(vars(args))
+    from serve.app import ServeConfig
+    args = ServeConfig.parse(["--storage", "/s", "--source", "rl", "--model-tag", "d20", "--step", "7", "--port",
+                              "9000", "--replicas", "2", "--max-replicas", "4", "--gpus-per-replica", "1",
+                              "--api-key", "k"])
+    cfg = ServeConfig.from_options(asdict(args))
     assert (cfg.storage, cfg.source, cfg.model_tag, cfg.step, cfg.port) == ("/s", "rl", "d20", 7, 9000)
     assert (cfg.replicas, cfg.max_replicas, cfg.gpus_per_replica, cfg.api_key) == (2, 4, 1.0, "k")
     assert cfg.host == "127.0.0.1"  # loopback unless told otherwise

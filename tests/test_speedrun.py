@@ -14,7 +14,7 @@ import requests
 import yaml
 
 from nanochat import storage
-from ray_jobs.speedrun import PRESETS, STAGES, parse_overrides
+from ray_jobs.speedrun import PRESETS, STAGES, parse_overrides, to_argv
 
 TINY_RUN = [  # the demo preset, cut down to a few steps and problems per stage
     "base_train.num-iterations=6", "base_train.eval-every=3", "base_train.save-every=3",
@@ -37,6 +37,16 @@ def test_overrides_parse_and_reject_unknown_stages():
     with pytest.raises(SystemExit, match="STAGE.FLAG=VALUE"):
         parse_overrides(["nonsense.flag=1"])
     assert set(PRESETS) == {"demo", "d20", "d24"} and STAGES[-1] == "report"
+
+
+def test_stage_flags_become_a_command_line_a_stage_parses():
+    from nanochat.chat_train import ChatTrainConfig
+    argv = to_argv({"num-iterations": 5, "resume": True, "use-ray-data": None, "save-every": 0})
+    assert argv == ["--num-iterations", "5", "--resume", "--save-every", "0"]
+    # false turns a flag off (a preset's True can be overridden with --set stage.flag=false)
+    assert to_argv({"resume": False}) == ["--no-resume"]
+    assert ChatTrainConfig.parse(to_argv({"resume": False, "num-iterations": 5})).resume is False
+    assert ChatTrainConfig.parse(to_argv({"resume": True})).resume is True
 
 
 def test_data_stage_falls_back_only_for_the_demo(tmp_path, monkeypatch, ray_local):

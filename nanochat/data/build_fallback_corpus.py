@@ -11,12 +11,14 @@ from a seeded RNG so documents vary in length like web pages do (which is what b
 The last ~8% of each book's documents go to the validation file, so val is held-out text of every author.
 Output is deterministic (fixed seed, gzip mtime 0).
 """
-import argparse
 import gzip
 import json
 import os
 import random
 import re
+from dataclasses import dataclass
+
+from nanochat.flags import ArgsMixin, flag
 
 # A subset of the 12 books, chosen so the two gzipped files stay under ~1.3 MB together.
 BOOKS = [
@@ -48,11 +50,15 @@ def write_jsonl_gz(path, rows):
             f.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("src", help="gutenberg_nltk.jsonl.gz")
-    parser.add_argument("--out-dir", default=os.path.dirname(os.path.abspath(__file__)))
-    args = parser.parse_args()
+@dataclass
+class BuildConfig(ArgsMixin):
+    src: str = flag(None, "the NLTK Gutenberg corpus as JSON lines (gutenberg_nltk.jsonl.gz)", positional=True,
+                    required=True)
+    out_dir: str = flag(os.path.dirname(os.path.abspath(__file__)), "where the two files are written")
+
+
+def main(argv=None):
+    args = BuildConfig.parse(argv, __doc__)
     books = {}
     with gzip.open(args.src, "rt", encoding="utf-8") as f:
         for line in f:

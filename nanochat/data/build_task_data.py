@@ -7,10 +7,12 @@ HuggingFace Hub nor ../shared/data is available). Input: a directory laid out li
 It copies the first rows of each file (gzip, mtime 0), keeping the layout, so tasks/ and core_eval read it
 exactly like the full copy. Row counts are in ROWS / CORE_TASKS below; licenses are in tasks/README.md.
 """
-import argparse
 import gzip
 import os
 import re
+from dataclasses import dataclass
+
+from nanochat.flags import ArgsMixin, flag
 
 ROWS = {  # relative path -> rows kept (None = all)
     "chat/chatterbot_english_conversations.jsonl.gz": None,
@@ -54,11 +56,15 @@ def core_subset(src_dir, dst_dir):
                   CORE_ROWS)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("shared_data")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks"))
-    args = parser.parse_args()
+@dataclass
+class BuildConfig(ArgsMixin):
+    shared_data: str = flag(None, "a directory laid out like nanochat's data dir (the full task files)",
+                            positional=True, required=True)
+    out: str = flag(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks"), "where the pack is written")
+
+
+def main(argv=None):
+    args = BuildConfig.parse(argv, __doc__)
     for rel, n in ROWS.items():
         copy_rows(os.path.join(args.shared_data, rel), os.path.join(args.out, rel), n)
     core_subset(os.path.join(args.shared_data, "core"), os.path.join(args.out, "core"))
