@@ -2,11 +2,17 @@
 Serving load test: requests/s, output tokens/s, time to first token and inter-token latency (p50/p99) at several
 concurrency levels, and the throughput ratio of the highest level to 1 client (continuous batching at work).
 
-    python bench/bench_serve.py                          # in-process scheduler, random-weight model
-    python bench/bench_serve.py --depth 6 --max-tokens 128 --concurrency 1,4,16
-    python bench/bench_serve.py --url http://127.0.0.1:8000 [--api-key KEY]   # a running server, over HTTP (SSE)
-    python bench/bench_serve.py --mixed 64 [--url URL]   # 64 concurrent streams over SSE, OpenAI SSE and WebSocket,
+    python -m bench.bench_serve                          # in-process scheduler, random-weight model
+    python -m bench.bench_serve --depth 6 --max-tokens 128 --concurrency 1,4,16
+    python -m bench.bench_serve --url http://127.0.0.1:8000 [--api-key KEY]   # a running server, over HTTP (SSE)
+    python -m bench.bench_serve --mixed 64 [--url URL]   # 64 concurrent streams over SSE, OpenAI SSE and WebSocket,
                                                           # a third disconnecting mid-stream
+    python -m bench.bench_serve --workload multi-turn --turns 10 [--request-rate 2] [--max-concurrency 8]
+    python -m bench.bench_serve --workload shared-prefix | single [--url URL]   # vLLM's benchmark report
+    python -m bench.bench_serve --long-prompt 2000 --seq-len 4096   # ITL of running streams while it prefills
+
+--workload (bench/serve_load.py) runs in-process against our scheduler with and without the prefix cache and
+against nanochat's way of serving (one request at a time per worker, Engine.generate), and prints the ratios.
 
 Each client sends its requests one after another (streaming) until the level's request count is done, so the
 load is bounded; --url must be a loopback address. The in-process model has random weights with special tokens
@@ -23,12 +29,8 @@ import time
 from collections import Counter
 from urllib.parse import urlparse
 
-
-def percentile(values, q):
-    if not values:
-        return None
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+from bench.serve_load import Http, InProcess, OneAtATime, long_prompt_itl, percentile, run_workload
+from bench.serve_load import summarize as summarize_workload
 
 
 def summarize(concurrency, records, wall):
@@ -47,23 +49,29 @@ def summarize(concurrency, records, wall):
 # in-process: the scheduler alone, no HTTP
 
 def build_local(args):
+    """A random-weight model (special tokens masked, so every reply runs to max_tokens) and a tokenizer."""
     import pydoc_data.topics
     import torch
     from nanochat.common import autodetect_device_type
     from nanochat.gpt import GPTConfig, build_model
     from nanochat.tokenizer import RustBPETokenizer
-    from serve.scheduler import Scheduler
     device = torch.device(args.device or autodetect_device_type())
     tokenizer = RustBPETokenizer.train_from_iterator(iter(pydoc_data.topics.topics.values()), args.vocab_size)
-    config = GPTConfig.from_depth(args.depth, sequence_len=1024, vocab_size=tokenizer.get_vocab_size())
+    config = GPTConfig.from_depth(args.depth, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,
+                                  sequence_len=args.seq_len, vocab_size=tokenizer.get_vocab_size())
     torch.manual_seed(0)
     model = build_model(config, device).eval()
     with torch.no_grad():  # random weights: some signal in the projections, and never a special token
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
         model.lm_head.weight[min(tokenizer.encode_special(s) for s in tokenizer.get_special_tokens()):] = 0
-    scheduler = Scheduler(model, tokenizer, max_batch=max(args.concurrency), max_waiting=4 * max(args.concurrency))
-    return scheduler.start(), tokenizer, str(device), config
+    return model, tokenizer, str(device), config
+
+
+def local_scheduler(args, model, tokenizer, max_batch, prefix_cache=True):
+    from serve.scheduler import Scheduler
+    return Scheduler(model, tokenizer, max_batch=max_batch, max_waiting=10**6, prefix_cache=prefix_cache,
+                     kv_cache_bytes=int(args.kv_cache_mb * 2**20) or None, prefill_chunk=args.prefill_chunk).start()
 
 
 def run_local_level(scheduler, prompts, args, concurrency, n_requests):
@@ -275,15 +283,14 @@ class LocalServer:
         self.thread.join(timeout=30)
 
 
-def run_mixed(args, tokenizer=None, scheduler=None):
+def run_mixed(args, model=None, tokenizer=None):
     if args.url:
         return asyncio.run(mixed_load(args.url, args.mixed, args.max_tokens, args.api_key)), {}
     from serve.api import make_api
     from serve.app import ServeConfig
     from serve.service import ChatService
     cfg = ServeConfig(max_batch=args.max_batch, max_waiting=max(64, args.mixed))
-    scheduler.stop()  # the service runs its own
-    service = ChatService(cfg, scheduler.model, tokenizer)
+    service = ChatService(cfg, model, tokenizer)
     try:
         with LocalServer(make_api(service)) as server:
             summary = asyncio.run(mixed_load(server.url, args.mixed, args.max_tokens))
@@ -297,6 +304,74 @@ def run_mixed(args, tokenizer=None, scheduler=None):
         service.close()
 
 
+def run_workloads(args, model=None, tokenizer=None):
+    """vLLM-style runs of one workload: over HTTP (--url), or in-process against our scheduler with and without
+    the prefix cache and against nanochat's one-request-at-a-time serving; prints a table and the ratios."""
+    kwargs = dict(num_prompts=args.num_prompts, request_rate=args.request_rate, max_concurrency=args.max_concurrency,
+                  turns=args.turns, system_repeats=args.system_repeats, max_tokens=args.max_tokens,
+                  temperature=args.temperature)
+    if args.url:
+        targets = {f"server at {args.url}, X-Session-Id per conversation":
+                   lambda: (Http(args.url, args.api_key, sessions=True), None),
+                   f"server at {args.url}, no session header": lambda: (Http(args.url, args.api_key, sessions=False),
+                                                                          None)}
+    else:
+        def ours(prefix_cache):
+            def make():
+                s = local_scheduler(args, model, tokenizer, args.max_batch, prefix_cache)
+                return InProcess(s, tokenizer), s
+            return make
+
+        def one_at_a_time():
+            server = OneAtATime(model, tokenizer, workers=args.baseline_workers)
+            return InProcess(server, tokenizer), server
+        targets = {"ours": ours(True), "ours, no prefix cache": ours(False),
+                   f"one at a time x{args.baseline_workers} (nanochat chat_web)": one_at_a_time}
+    results = {}
+    for i, (name, make) in enumerate(targets.items()):
+        target, server = make()
+        try:  # a server at --url keeps its cache between runs: each run sends conversations of its own
+            records, wall = asyncio.run(run_workload(target, args.workload, seed=i if args.url else 0, **kwargs))
+        finally:
+            if server is not None:
+                server.stop()
+        results[name] = summarize_workload(records, wall)
+        r = results[name]
+        print(f"{name:40s} {r['completed']:4d} ok {r['failed']:3d} failed  {r['request_throughput']:6.2f} req/s "
+              f"{r['output_tok_per_s']:8.1f} tok/s  TTFT mean/p50/p99 {r['ttft_ms_mean']}/{r['ttft_ms_p50']}/"
+              f"{r['ttft_ms_p99']} ms  TPOT {r['tpot_ms_mean']}/{r['tpot_ms_p50']}/{r['tpot_ms_p99']}  "
+              f"ITL {r['itl_ms_mean']}/{r['itl_ms_p50']}/{r['itl_ms_p99']}  cached {r['cached_tokens']}/"
+              f"{r['prompt_tokens']} prompt tokens", flush=True)
+        if "ttft_ms_mean_by_turn" in r:
+            print(f"{'':40s} TTFT mean by turn (ms): {r['ttft_ms_mean_by_turn']}", flush=True)
+    ratios = {}
+    if not args.url:
+        names = list(results)
+        ours_, off, base = (results[n] for n in names)
+        ratios = dict(output_tok_per_s_vs_one_at_a_time=round(ours_["output_tok_per_s"] / base["output_tok_per_s"], 2),
+                      ttft_mean_one_at_a_time_over_ours=round(base["ttft_ms_mean"] / ours_["ttft_ms_mean"], 2),
+                      ttft_mean_no_cache_over_cache=round(off["ttft_ms_mean"] / ours_["ttft_ms_mean"], 2))
+        if "ttft_ms_mean_by_turn" in ours_:
+            ratios["last_turn_ttft_no_cache_over_cache"] = round(
+                off["ttft_ms_mean_by_turn"][-1] / ours_["ttft_ms_mean_by_turn"][-1], 2)
+        print("ratios: " + ", ".join(f"{k} {v}x" for k, v in ratios.items()))
+    return results, ratios
+
+
+def run_long_prompt(args, model, tokenizer):
+    scheduler = local_scheduler(args, model, tokenizer, args.max_batch)
+    try:
+        out = long_prompt_itl(scheduler, tokenizer, streams=args.streams, long_tokens=args.long_prompt,
+                              max_tokens=args.seq_len // 2)
+    finally:
+        scheduler.stop()
+    print(f"{out['streams']} streams decoding while a {out['long_prompt_tokens']}-token prompt arrives "
+          f"(prefill chunk {args.prefill_chunk}): ITL median {out['itl_ms_p50']} ms, p99 while prefilling "
+          f"{out['itl_ms_p99_while_prefilling']} ms ({out['p99_over_median']}x), long prompt TTFT "
+          f"{out['long_ttft_ms']} ms")
+    return out
+
+
 PROMPTS = ["Why is the sky blue?", "Write a haiku about the sea.", "What is 12*34?", "Tell me a joke.",
            "Explain recursion in one sentence.", "List three prime numbers.", "What is the capital of France?",
            "Summarize the plot of Hamlet."]
@@ -304,25 +379,60 @@ PROMPTS = ["Why is the sky blue?", "Write a haiku about the sea.", "What is 12*3
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts")
+    parser.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts (levels mode)")
     parser.add_argument("--requests-per-client", type=int, default=3, help="requests per client at each level")
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--max-tokens", type=int, default=64, help="tokens per reply")
+    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
     parser.add_argument("--depth", type=int, default=4, help="in-process model depth")
-    parser.add_argument("--vocab-size", type=int, default=4096)
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--aspect-ratio", type=int, default=64, help="in-process model width / depth")
+    parser.add_argument("--head-dim", type=int, default=128, help="in-process model head size")
+    parser.add_argument("--seq-len", type=int, default=1024, help="in-process model context")
+    parser.add_argument("--vocab-size", type=int, default=4096, help="in-process tokenizer vocabulary")
+    parser.add_argument("--device", default=None, help="in-process device (default: autodetect)")
     parser.add_argument("--url", default=None, help="benchmark a running server instead (loopback only)")
     parser.add_argument("--api-key", default=None, help="Bearer key of the server at --url")
     parser.add_argument("--mixed", type=int, default=0,
                         help="instead of levels: this many concurrent streams over SSE, OpenAI SSE and WebSocket, "
                              "a third disconnecting mid-stream")
-    parser.add_argument("--max-batch", type=int, default=16, help="batch rows of the in-process server (--mixed)")
+    parser.add_argument("--max-batch", type=int, default=16, help="requests running at once in the in-process server")
+    parser.add_argument("--kv-cache-mb", type=float, default=0, help="in-process KV budget (0: the default)")
+    parser.add_argument("--prefill-chunk", type=int, default=256, help="in-process prompt tokens per step")
+    parser.add_argument("--workload", choices=["single", "shared-prefix", "multi-turn"], default=None,
+                        help="vLLM-style run of this workload (ours with and without prefix cache, and nanochat's "
+                             "one-request-at-a-time serving; or the server at --url)")
+    parser.add_argument("--num-prompts", type=int, default=32, help="requests (multi-turn: conversations)")
+    parser.add_argument("--request-rate", type=float, default=float("inf"),
+                        help="Poisson arrivals per second of requests (multi-turn: of conversations); inf: all at once")
+    parser.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most")
+    parser.add_argument("--turns", type=int, default=10, help="turns per conversation (multi-turn)")
+    parser.add_argument("--system-repeats", type=int, default=8,
+                        help="length of the shared system prompt, in repeats of a ~35-token text (shared-prefix)")
+    parser.add_argument("--baseline-workers", type=int, default=1,
+                        help="workers of the one-request-at-a-time baseline (nanochat: one per GPU)")
+    parser.add_argument("--long-prompt", type=int, default=0,
+                        help="instead: ITL of --streams running streams while a prompt of this many tokens arrives")
+    parser.add_argument("--streams", type=int, default=4, help="running streams for --long-prompt")
     args = parser.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    if args.url:
+        check_loopback(args.url)
+    model, tokenizer, device, config = (None, None, None, None) if args.url else build_local(args)
+    where = dict(mode="http", url=args.url) if args.url else dict(
+        mode="in-process", device=device, depth=config.n_layer, n_embd=config.n_embd, seq_len=config.sequence_len,
+        max_batch=args.max_batch, prefill_chunk=args.prefill_chunk)
 
+    if args.long_prompt:
+        out = run_long_prompt(args, model, tokenizer)
+        print(json.dumps(dict(bench="serve-long-prompt", **where, **out)))
+        return
+    if args.workload:
+        results, ratios = run_workloads(args, model, tokenizer)
+        print(json.dumps(dict(bench="serve-workload", workload=args.workload, **where, num_prompts=args.num_prompts,
+                              request_rate=args.request_rate, max_concurrency=args.max_concurrency,
+                              max_tokens=args.max_tokens, results=results, ratios=ratios)))
+        return
     if args.mixed:
-        scheduler, tokenizer = (None, None) if args.url else build_local(args)[:2]
-        summary, server = run_mixed(args, tokenizer, scheduler)
+        summary, server = run_mixed(args, model, tokenizer)
         print(f"{summary['streams']} streams: {summary['completed']} completed, {summary['disconnected']} "
               f"disconnected, {summary['failed']} failed in {summary['seconds']}s; {summary['tok_per_s']} tok/s; "
               f"TTFT p50/p99 {summary['ttft_ms_p50']}/{summary['ttft_ms_p99']} ms; statuses {summary['statuses']}"
@@ -332,15 +442,11 @@ def main():
         return
 
     if args.url:
-        check_loopback(args.url)
-        target = dict(mode="http", url=args.url)
         run_level = lambda c, n: run_http_level(args, PROMPTS, c, n)  # noqa: E731
     else:
-        scheduler, tokenizer, device, config = build_local(args)
+        scheduler = local_scheduler(args, model, tokenizer, max(args.concurrency))
         prompts = [tokenizer.render_for_completion([{"role": "user", "content": p},
                                                     {"role": "assistant", "content": ""}]) for p in PROMPTS]
-        target = dict(mode="in-process", device=device, depth=config.n_layer, n_embd=config.n_embd,
-                      max_batch=scheduler.max_batch)
         run_local_level(scheduler, prompts, args, 1, 1)  # warm-up
         run_level = lambda c, n: run_local_level(scheduler, prompts, args, c, n)  # noqa: E731
 
@@ -355,13 +461,13 @@ def main():
               f"ITL p50/p99 {s['itl_ms_p50']}/{s['itl_ms_p99']} ms", flush=True)
     if not args.url:
         stats = scheduler.snapshot()
-        target.update(max_active=stats["max_active"], mean_occupancy=round(stats["mean_occupancy"], 2))
+        where.update(max_active=stats["max_active"], mean_occupancy=round(stats["mean_occupancy"], 2))
         scheduler.stop()
     base = next((s for s in levels if s["concurrency"] == 1), levels[0])
     top = levels[-1]
     ratio = round(top["output_tok_per_s"] / base["output_tok_per_s"], 2)
     print(f"throughput at concurrency {top['concurrency']} vs {base['concurrency']}: {ratio}x")
-    print(json.dumps(dict(bench="serve", **target, max_tokens=args.max_tokens, levels=levels,
+    print(json.dumps(dict(bench="serve", **where, max_tokens=args.max_tokens, levels=levels,
                           throughput_ratio=ratio, ratio_levels=[top["concurrency"], base["concurrency"]])))
 
 

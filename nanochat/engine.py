@@ -67,6 +67,10 @@ class KVCache:
             v_layer.view(-1, H, D).index_copy_(0, flat, v.reshape(B * T, H, D).to(v_layer.dtype))
         return k_layer, v_layer
 
+    def last_rows(self, x):
+        """(B, T, ...) -> (B, 1, ...): every row's last position (rows here are never padded)."""
+        return x[:, -1:]
+
     def advance(self, n):
         self.cache_seqlens += n
         self.write = None
@@ -225,7 +229,7 @@ class Engine:
         # prefill once at batch 1, then fan the cache out to num_samples rows
         prefill_cache = KVCache.for_model(model, 1, len(tokens))
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
-        logits = model(ids, kv_cache=prefill_cache)[:, -1, :].expand(num_samples, -1)
+        logits = model(ids, kv_cache=prefill_cache, last_only=True)[:, -1, :].expand(num_samples, -1)
         cache_len = len(tokens) + max_tokens if max_tokens is not None else model.config.sequence_len
         kv_cache = KVCache.for_model(model, num_samples, max(cache_len, len(tokens) + 1))
         kv_cache.prefill(prefill_cache)

@@ -374,7 +374,14 @@ class GPT(nn.Module):
         mixed = cur + gate * shifted
         return mixed if prev is not None else torch.cat([x[:, :1], mixed], dim=1)
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+    def token_embedding(self, idx):
+        """The normed input embedding of tokens (what smear mixes, and what a KV cache keeps of a row's last
+        token)."""
+        return norm(self.transformer.wte(idx).to(self.cos.dtype))
+
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", last_only=False):
+        """Logits (B, T, vocab), or the loss with targets. kv_cache: continue its rows (and extend them);
+        last_only: logits at each row's last position only (B, 1, vocab), all that sampling needs."""
         B, T = idx.size()
         cfg = self.config
         lo, hi = (0, 0) if kv_cache is None else kv_cache.begin(T)  # (begin: the one host sync of a forward)
@@ -385,13 +392,13 @@ class GPT(nn.Module):
             positions = kv_cache.cache_seqlens.to(idx.device).long()[:, None] + torch.arange(T, device=idx.device)
             cos_sin = self._rotary(positions, lo, hi, T)
 
-        x = norm(self.transformer.wte(idx).to(self.cos.dtype))
+        x = self.token_embedding(idx)
         if cfg.use_smear:
             if kv_cache is None:
                 x = self._smear(x, None) if T > 1 else x
             else:
                 prev = kv_cache.prev_embedding  # normed pre-smear embedding of each row's last token (or None)
-                kv_cache.prev_embedding = x[:, -1:]
+                kv_cache.prev_embedding = kv_cache.last_rows(x)
                 x = self._smear(x, prev) if prev is not None else (self._smear(x, None) if T > 1 else x)
 
         # one plan (and mask, if any) per distinct window, shared by its layers
@@ -415,7 +422,8 @@ class GPT(nn.Module):
         if x_backout is not None:
             x = x - self.backout_lambda.to(x.dtype) * x_backout
         x = norm(x)
-
+        if last_only:
+            x = x[:, -1:] if kv_cache is None else kv_cache.last_rows(x)
         logits = self.lm_head(x)[..., :cfg.vocab_size].float()
         logits = cfg.softcap * torch.tanh(logits / cfg.softcap)
         if targets is None:

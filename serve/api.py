@@ -14,7 +14,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from serve.api_common import Access
 from serve.chat_routes import add_chat_routes
@@ -49,9 +49,7 @@ class CountRequests:
             status[0] = 499  # the client went away before an answer started (nginx's code for it)
             raise
         finally:
-            self.service.m_requests.labels(route, str(status[0])).inc()
-            if status[0] >= 400:
-                self.service.m_errors.labels(route, str(status[0])).inc()
+            self.service.metrics.route(route, status[0])
 
 
 def make_api(service):
@@ -79,7 +77,8 @@ def make_api(service):
     @app.get("/metrics")
     async def metrics(request: Request):
         access.check(request)
-        return Response(generate_latest(service.registry), media_type=CONTENT_TYPE_LATEST)
+        text = await service.all_metrics() if service.all_metrics else service.metrics.text().encode()
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     add_chat_routes(app, service, access)
     add_openai_routes(app, service, access)

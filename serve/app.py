@@ -14,7 +14,10 @@ Routes:
                                 extra_body, usage, finish_reason)
     GET  /v1/models
     GET  /health                model loaded, scheduler alive, this replica's batch
-    GET  /metrics               Prometheus text, this replica's counters and histograms
+    GET  /metrics               Prometheus text in vLLM's names (serve/metrics.py)
+
+Requests with an X-Session-Id header (a conversation id) go to the replica that served that session before, where
+its earlier turns are in the prefix cache (serve/router.py).
 
 With an API key configured, /chat, /ws, /v1/* and /metrics require it (Authorization: Bearer KEY); / and /health
 stay open. /ws takes connections from the page's own origin, or the --cors-origins list, or non-browser clients.
@@ -27,14 +30,19 @@ Run (all three bind 127.0.0.1:8000 unless told otherwise):
     serve deploy serve/config.yaml
 """
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass, fields
 
+import ray
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 
 from nanochat.flags import ArgsMixin, flag, value_type
 from nanochat.storage import is_uri
 from serve.api import make_api
+from serve.metrics import merge_replicas
+from serve.router import SessionAffinityRouter
 from serve.service import ChatService
 
 
@@ -55,8 +63,17 @@ class ServeConfig(ArgsMixin):
                                      "(default $NANOCHAT_API_KEY; none: open)")
     cors_origins: str = flag("", "comma-separated origins allowed cross-site, for HTTP (CORS) and /ws; '*' for any; "
                                  "default: the page's own origin only")
-    max_batch: int = flag(16, "KV-cache rows per replica (requests decoded together)")
+    max_batch: int = flag(16, "requests running at once per replica (decoded together)")
     max_waiting: int = flag(64, "requests waiting per replica before answering 503")
+    kv_cache_mb: float = flag(0, "KV-cache memory per replica in MiB, allocated in blocks (0: half of the GPU "
+                                 "memory free after loading the model; on CPU what max_batch full contexts take)")
+    block_size: int = flag(16, "tokens per KV-cache block (the prefix cache shares whole blocks)")
+    prefix_cache: bool = flag(True, "keep finished requests' KV blocks and reuse them for prompts that start the "
+                                    "same way (earlier turns of a chat, a shared system prompt)")
+    session_affinity: bool = flag(True, "send requests with the same X-Session-Id header to the same replica "
+                                        "(where the conversation's earlier turns are cached)")
+    prefill_chunk: int = flag(256, "prompt tokens prefilled per scheduler step, between decode steps (a long "
+                                   "prompt is prefilled in chunks so running streams keep their pace)")
     stall_timeout: float = flag(60.0, "seconds a scheduler step may run before the replica reports itself unhealthy "
                                       "and Ray Serve replaces it")
     ws_idle_timeout: float = flag(300.0, "seconds a WebSocket may stay open with no frame and no work")
@@ -90,13 +107,62 @@ class ServeConfig(ArgsMixin):
 # -----------------------------------------------------------------------------
 # Ray Serve
 
+@ray.remote(num_cpus=0)
+class MetricsBoard:
+    """Every replica's latest metrics text, so that /metrics on any replica shows them all."""
+
+    def __init__(self):
+        self.texts = {}
+
+    def put(self, replica, text):
+        self.texts[replica] = (text, time.time())
+
+    def get(self, max_age=30.0):  # a replica that stopped reporting (gone) drops out
+        now = time.time()
+        self.texts = {r: (t, at) for r, (t, at) in self.texts.items() if now - at <= max_age}
+        return {r: t for r, (t, _) in self.texts.items()}
+
+
+def metrics_board(app_name):
+    return MetricsBoard.options(name=f"nanochat-metrics-{app_name}", namespace="serve", get_if_exists=True).remote()
+
+
 @serve.deployment(name="ChatServer", health_check_period_s=5, health_check_timeout_s=30)
 @serve.ingress()
 class ChatServer:
     """One replica: loads the model and runs the scheduler; the FastAPI app is built here, bound to it."""
 
+    PUBLISH_EVERY_S = 2.0
+
     def __init__(self, config):
-        self.service = ChatService(ServeConfig(**config), replica=serve.get_replica_context().replica_id.unique_id)
+        context = serve.get_replica_context()
+        self.service = ChatService(ServeConfig(**config), replica=context.replica_id.unique_id)
+        self.app_name = context.app_name
+        self.board = metrics_board(self.app_name)
+        self.service.all_metrics = self.all_metrics
+        self.publisher = threading.Thread(target=self._publish, daemon=True)
+        self.publisher.start()
+
+    def _publish(self):
+        while not self.service.closed:
+            self._put()
+            time.sleep(self.PUBLISH_EVERY_S)
+
+    def _put(self):
+        try:
+            self.board.put.remote(self.service.replica, self.service.metrics.text())
+        except ray.exceptions.RayActorError:  # the board went with the replica that created it: make another
+            self.board = metrics_board(self.app_name)
+
+    async def all_metrics(self):
+        """Prometheus text of every live replica (this one's fresh), each series labelled with its replica."""
+        texts = {}
+        try:
+            texts = await self.board.get.remote()
+        except ray.exceptions.RayActorError:
+            self.board = metrics_board(self.app_name)
+        texts[self.service.replica] = self.service.metrics.text()
+        return merge_replicas(texts)
 
     def __serve_build_asgi_app__(self):
         return make_api(self.service)
@@ -122,6 +188,8 @@ def build_app(args=None):
         max_queued_requests=4 * cfg.max_waiting,
         ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica},
     )
+    if cfg.session_affinity:
+        options["request_router_config"] = RequestRouterConfig(request_router_class=SessionAffinityRouter)
     if cfg.max_replicas and cfg.max_replicas > cfg.replicas:
         options["autoscaling_config"] = {"min_replicas": cfg.replicas, "max_replicas": cfg.max_replicas,
                                          "target_ongoing_requests": cfg.max_batch}

@@ -14,6 +14,7 @@ import json
 import os
 import random
 import sys
+import uuid
 from dataclasses import dataclass
 
 from nanochat.flags import ArgsMixin, flag, storage_flag
@@ -79,6 +80,7 @@ class RemoteChat:
 
     def clear(self):
         self.messages = []
+        self.session = uuid.uuid4().hex  # X-Session-Id: the server keeps a conversation's turns on one replica
 
     def reply(self, text, write):
         import requests
@@ -88,7 +90,7 @@ class RemoteChat:
         if self.args.seed is not None:
             body["seed"] = self.args.seed
         key = self.args.api_key or os.environ.get("NANOCHAT_API_KEY")
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        headers = {"X-Session-Id": self.session, **({"Authorization": f"Bearer {key}"} if key else {})}
         parts = []
         with requests.post(self.url, json=body, headers=headers, stream=True, timeout=600) as r:
             if r.status_code != 200:

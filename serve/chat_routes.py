@@ -37,7 +37,7 @@ def add_chat_routes(app, service, access):
         if not req.stream:
             (text,), (done,) = await collect(service, batch)
             return {"response": text, "finish_reason": done["finish_reason"],
-                    "usage": usage(len(prompt), done["completion_tokens"])}
+                    "usage": usage(len(prompt), done["completion_tokens"], done["cached_tokens"])}
 
         async def stream():
             try:
@@ -46,7 +46,7 @@ def add_chat_routes(app, service, access):
                         yield sse({"token": ev["text"]})
                     else:
                         yield sse({"done": True, "finish_reason": ev["finish_reason"],
-                                   "usage": usage(len(prompt), ev["completion_tokens"])})
+                                   "usage": usage(len(prompt), ev["completion_tokens"], ev["cached_tokens"])})
             except ApiError as e:
                 yield sse({"error": e.message})
         return StreamingResponse(stream(), media_type="text/event-stream")
@@ -142,12 +142,12 @@ async def ws_session(websocket, service, access):
                     if "text" in ev:
                         await websocket.send_json({"token": ev["text"]})
                     else:
-                        await websocket.send_json({"done": True, "finish_reason": ev["finish_reason"],
-                                                   "usage": usage(len(prompt), ev["completion_tokens"])})
-                service.m_requests.labels("/ws", "200").inc()
+                        await websocket.send_json({
+                            "done": True, "finish_reason": ev["finish_reason"],
+                            "usage": usage(len(prompt), ev["completion_tokens"], ev["cached_tokens"])})
+                service.metrics.route("/ws", 200)
             except ApiError as e:
-                service.m_requests.labels("/ws", str(e.status)).inc()
-                service.m_errors.labels("/ws", str(e.status)).inc()
+                service.metrics.route("/ws", e.status)
                 await websocket.send_json({"error": e.message, "status": e.status})
             finally:
                 state["batch"], state["active_at"] = None, time.monotonic()  # idle time counts from here

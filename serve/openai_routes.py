@@ -34,14 +34,15 @@ def add_openai_routes(app, service, access):
             choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
                         "logprobs": None, "finish_reason": dones[i]["finish_reason"]} for i in range(len(params))]
             return {"id": cid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
-                    "usage": usage(len(prompt), sum(d["completion_tokens"] for d in dones))}
+                    "usage": usage(len(prompt), sum(d["completion_tokens"] for d in dones),
+                                   max(d["cached_tokens"] for d in dones))}
 
         def chunk(choices, **extra):
             return sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                         "choices": choices, **extra})
 
         async def stream():
-            completion_tokens = 0
+            completion_tokens = cached_tokens = 0
             for i in range(len(params)):  # the role comes first, as OpenAI sends it
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None}])
@@ -52,10 +53,11 @@ def add_openai_routes(app, service, access):
                                       "finish_reason": None}])
                     else:
                         completion_tokens += ev["completion_tokens"]
+                        cached_tokens = max(cached_tokens, ev["cached_tokens"])
                         yield chunk([{"index": i, "delta": {}, "logprobs": None,
                                       "finish_reason": ev["finish_reason"]}])
                 if (req.stream_options or {}).get("include_usage"):
-                    yield chunk([], usage=usage(len(prompt), completion_tokens))
+                    yield chunk([], usage=usage(len(prompt), completion_tokens, cached_tokens))
             except ApiError as e:
                 yield sse({"error": {"message": e.message, "type": "server_error", "param": None, "code": None}})
             yield "data: [DONE]\n\n"

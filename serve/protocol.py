@@ -129,9 +129,11 @@ def validate(messages, temperature, top_k, top_p, max_tokens, seed, stop, n=1):
     return convo, params
 
 
-def usage(prompt_tokens, completion_tokens):
+def usage(prompt_tokens, completion_tokens, cached_tokens=0):
+    """OpenAI's usage object; cached_tokens: prompt tokens whose keys came from the prefix cache."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def parse(body, model_cls):

@@ -1,20 +1,24 @@
 """
-Continuous batching for serving: many requests decoded together, each at its own position.
+Continuous batching for serving: many requests decoded together, each at its own position, over paged KV memory.
 
-One background thread owns the model and a KV cache with `max_batch` rows. Active requests occupy rows
-0..n-1 (kept contiguous, so a decode step runs on a (n, 1) batch over a view of the first n rows). Between
-decode steps the loop
-  1. retires finished and cancelled requests (the last row moves into the freed one),
-  2. admits waiting requests into free rows: the prompt is prefilled straight into the new row of the cache,
-     and its first token is sampled from the prefill logits,
-  3. runs one decode step that advances every active row by one token.
+One background thread owns the model and a BlockPool (nanochat.paged_cache): KV memory in blocks, sized by a byte
+budget, with a prefix cache. Each loop iteration
+  1. retires finished and cancelled requests (their blocks go back to the pool; full ones stay cached),
+  2. admits waiting requests, in order, while there is a batch row and KV memory for them: a request takes the
+     cached blocks that hold the longest prefix of its prompt, plus new blocks for the rest of its prompt and
+     for max_tokens (so a running request never runs out of memory); the head of the queue waits otherwise,
+  3. runs one decode step that advances every request past its prompt by one token,
+  4. prefills up to `prefill_chunk` prompt tokens of the requests still prefilling, all in one forward; a long
+     prompt takes several iterations, so the streams already running keep their pace while it arrives. A
+     request whose prompt is done gets its first token from the prefill logits.
 Each request has its own sampling parameters and its own torch.Generator, so a seeded request samples the
 same tokens whether it runs alone or beside others. The waiting queue is bounded: submit() raises Overloaded
 when it is full instead of queueing forever.
 
 Output: every request gets events through a callback (called on the scheduler thread):
     {"text": str, "tokens": int}   new complete text (UTF-8 safe, stop strings held back), tokens since last event
-    {"done": True, "finish_reason": "stop"|"length"|"cancelled"|"error", "prompt_tokens", "completion_tokens"}
+    {"done": True, "finish_reason": "stop"|"length"|"cancelled"|"error", "prompt_tokens", "completion_tokens",
+     "cached_tokens"}
 AsyncRequests / generate() wrap that for asyncio and plain-thread consumers. Nothing here depends on Ray.
 """
 import asyncio
@@ -30,7 +34,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanochat.engine import KVCache, ToolUse, sample_next_token
+from nanochat.engine import ToolUse, sample_next_token
+from nanochat.paged_cache import BlockPool, PagedBatch, PagedRow, block_bytes
 
 logger = logging.getLogger("nanochat.serve")
 
@@ -62,6 +67,8 @@ class Request:
     cancelled: bool = False
     finish_reason: str | None = None
     generated: list = field(default_factory=list)  # sampled + forced tokens, never the stop token
+    kv: PagedRow | None = None  # its blocks and how many positions hold keys, while it has a row
+    cached_tokens: int = 0  # prompt tokens that came from the prefix cache
 
     def cancel(self):
         """Safe from any thread; the row is freed before the next decode step."""
@@ -75,43 +82,55 @@ class Request:
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.text, self.sent, self.unsent_tokens = "", 0, 0
         self.last_token = None
+        self.prev = None  # (1, 1, C) smear state after its last fed token (models with smear)
+        self.keys = []  # prefix-cache keys of its full blocks, in order
+
+    @property
+    def prefilled(self):
+        return self.kv.length >= len(self.prompt)
+
+    def fed_tokens(self, start, stop):
+        """The tokens at positions start .. stop - 1 of its cache (the prompt, then the generated tokens)."""
+        n = len(self.prompt)
+        return (self.prompt[start:stop] if stop <= n else
+                self.prompt[start:] + self.generated[max(0, start - n):stop - n])
 
 
-class _RowsView(KVCache):
-    """Rows [start, stop) of a KVCache as a cache of their own. Tensors are views, so the model's in-place
-    writes (insert, advance) land in the big cache; prev_embedding is reassigned by the model, so the caller
-    copies it back."""
-
-    def __init__(self, cache, start, stop, prev_embedding):
-        self.k_cache = cache.k_cache[:, start:stop]
-        self.v_cache = cache.v_cache[:, start:stop]
-        self.cache_seqlens = cache.cache_seqlens[start:stop]
-        self.prev_embedding = prev_embedding
-        self.n_layers, self.batch_size, self.max_seq_len = cache.n_layers, stop - start, cache.max_seq_len
-        self.write = None
+def default_kv_bytes(model, max_batch, seq_len, block_size):
+    """The KV budget when none is given: on a GPU, half of the memory free once the model is loaded; elsewhere
+    what max_batch requests of the full context take (and the scratch block)."""
+    device = model.get_device()
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2
+    cfg = model.config
+    per_token = block_bytes(cfg.n_layer, 1, cfg.n_kv_head, cfg.n_embd // cfg.n_head, model.cos.dtype)
+    return (max_batch * -(-seq_len // block_size) + 1) * block_size * per_token
 
 
 class Scheduler:
     def __init__(self, model, tokenizer, max_batch=16, max_waiting=64, seq_len=None, stall_timeout=60.0,
-                 max_failed_steps=5):
+                 max_failed_steps=5, kv_cache_bytes=None, block_size=16, prefix_cache=True, prefill_chunk=512):
+        """max_batch: requests running at once; kv_cache_bytes: the KV memory budget (default_kv_bytes when None);
+        prefill_chunk: prompt tokens prefilled per iteration, between decode steps."""
         self.model, self.tokenizer = model, tokenizer
         # health: a step running for more than stall_timeout seconds (hung), or this many failed steps in a row
         # (e.g. a sticky device error), and the replica reports itself unhealthy
         self.stall_timeout, self.max_failed_steps = stall_timeout, max_failed_steps
         self.step_started, self.failed_steps = None, 0  # step_started: monotonic time of the running step
         self.device = model.get_device()
-        self.max_batch, self.max_waiting = max_batch, max_waiting
+        self.max_batch, self.max_waiting, self.prefill_chunk = max_batch, max_waiting, prefill_chunk
         self.seq_len = seq_len or model.config.sequence_len
-        self.cache = KVCache.for_model(model, max_batch, self.seq_len)
-        self.prev = None  # (max_batch, 1, C) smear state per row, allocated at the first prefill
+        budget = kv_cache_bytes or default_kv_bytes(model, max_batch, self.seq_len, block_size)
+        self.pool = BlockPool.for_model(model, budget, block_size, prefix_cache)
+        self.smear = getattr(model.config, "use_smear", False)
         self.stop_tokens = tokenizer.turn_end_ids()
-        self.rows = []  # active requests; rows[i] lives in cache row i
+        self.rows = []  # running requests (prefilling or decoding), in admission order
         self.waiting = deque()
         self.cv = threading.Condition()
         self.running = False
         self.thread = None
         self.stats = dict(steps=0, tokens=0, admitted=0, finished=0, cancelled=0, max_active=0, occupancy_sum=0,
-                          errors=0)
+                          errors=0, prompt_tokens=0, prefill_tokens=0, prefix_query_tokens=0, prefix_hit_tokens=0)
 
     # -------------------------------------------------------------------------
     # public API (any thread)
@@ -123,11 +142,14 @@ class Scheduler:
         self.thread.start()
         return self
 
-    def run(self):
-        """Run the loop on the calling thread until stop(). The thread that built the model should run it: with
-        OpenMP, every thread that runs torch ops gets a team of worker threads of its own, and two teams on the
-        same cores make libgomp stop spinning between ops, which here made decoding 1.7x slower."""
+    def run(self, on_ready=None):
+        """Run the loop on the calling thread until stop(); on_ready() is called once work is accepted. The thread
+        that built the model should run it: with OpenMP, every thread that runs torch ops gets a team of worker
+        threads of its own, and two teams on the same cores make libgomp stop spinning between ops, which here
+        made decoding 1.7x slower."""
         self.running, self.thread = True, threading.current_thread()
+        if on_ready is not None:
+            on_ready()
         self._loop()
 
     def stop(self, timeout=10):
@@ -162,6 +184,10 @@ class Scheduler:
                 raise ValueError("empty prompt")
             if len(prompt) >= self.seq_len:
                 raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in the context of {self.seq_len}")
+            need = self.pool.blocks_for(self._reserved_tokens(prompt, params))
+            if need > self.pool.usable_blocks:
+                raise ValueError(f"prompt of {len(prompt)} tokens plus max_tokens {params.max_tokens} needs {need} "
+                                 f"KV blocks; the replica has {self.pool.usable_blocks} (lower max_tokens)")
             requests.append(Request(list(prompt), params, sink))
         with self.cv:
             if not self.running:
@@ -174,10 +200,17 @@ class Scheduler:
         return requests
 
     def snapshot(self):
+        pool = self.pool
         s = dict(self.stats, active=len(self.rows), waiting=len(self.waiting), max_batch=self.max_batch,
-                 max_waiting=self.max_waiting)
+                 max_waiting=self.max_waiting, kv_blocks=pool.usable_blocks, kv_blocks_used=pool.used(),
+                 kv_blocks_cached=len(pool.entry), block_size=pool.block_size, prefix_evictions=pool.evictions)
         s["mean_occupancy"] = s["occupancy_sum"] / max(s["steps"], 1)
+        s["kv_usage"] = s["kv_blocks_used"] / max(pool.usable_blocks, 1)
         return s
+
+    def _reserved_tokens(self, prompt, params):
+        """Positions a request may fill: its prompt and max_tokens, within the context."""
+        return min(len(prompt) + params.max_tokens, self.seq_len)
 
     # -------------------------------------------------------------------------
     # the loop (scheduler thread only)
@@ -196,67 +229,125 @@ class Scheduler:
                             if r.cancelled:
                                 self._finish(r, "cancelled")
                         self.waiting = deque(r for r in self.waiting if not r.cancelled)
-                    admit = []
-                    while self.waiting and len(self.rows) + len(admit) < self.max_batch:
-                        admit.append(self.waiting.popleft())
+                    while self.waiting and len(self.rows) < self.max_batch and self._reserve(self.waiting[0]):
+                        self.rows.append(self.waiting.popleft())
                 try:
-                    for req in admit:
-                        try:
-                            self._admit(req)
-                        except Exception as e:  # one prompt that cannot be prefilled fails alone
-                            logger.exception("prefill failed")
-                            self.stats["errors"] += 1
-                            self._finish(req, "error", error=f"prefill failed: {type(e).__name__}: {e}")
                     self._retire()
-                    if self.rows:
-                        self._decode_step()
-                        self._retire()
-                    self.failed_steps = 0
+                    decoding = [r for r in self.rows if r.prefilled]
+                    if decoding:
+                        self._decode_step(decoding)
+                        self.failed_steps = 0  # a decode step went through: the device works
+                    self._prefill_step()
+                    self._retire()
                 except Exception as e:  # a broken step fails the requests in it, not the server
                     logger.exception("scheduler step failed")
                     self.failed_steps += 1
                     self.stats["errors"] += 1
-                    for req in self.rows + [r for r in admit if r.finish_reason is None]:
+                    for req in self.rows:
                         self._finish(req, "error", error=f"{type(e).__name__}: {e}")
-                    self.rows = []
+                    self._retire()
                 finally:
                     self.step_started = None
         # shutting down: nobody will serve what is left
         for req in self.rows + list(self.waiting):
             self._finish(req, "cancelled")
-        self.rows, self.waiting = [], deque()
+        self._retire()
+        self.waiting = deque()
 
-    def _admit(self, req):
-        """Prefill the prompt into the next free row and take its first token from the prefill logits."""
-        row = len(self.rows)
+    def _reserve(self, req):
+        """KV memory for a request at the head of the queue: the cached blocks of its prompt's longest prefix and
+        new blocks for the rest of what it may fill. False (nothing taken) when the pool cannot hold it yet."""
+        pool = self.pool
+        blocks, keys = pool.match(req.prompt)
+        fresh = pool.allocate(pool.blocks_for(self._reserved_tokens(req.prompt, req.params)) - len(blocks))
+        if fresh is None:
+            pool.release(blocks)
+            return False
         req._start(self.device, self.tokenizer)
-        self.cache.cache_seqlens[row] = 0
-        view = _RowsView(self.cache, row, row + 1, None)  # no prev: the prompt starts the row's sequence
-        ids = torch.tensor([req.prompt], dtype=torch.long, device=self.device)
-        logits = self.model(ids, kv_cache=view)[:, -1, :]
-        if view.prev_embedding is not None:  # models with smear carry the last embedding per row
-            if self.prev is None:
-                self.prev = view.prev_embedding.new_zeros((self.max_batch, *view.prev_embedding.shape[1:]))
-            self.prev[row] = view.prev_embedding[0]
-        self.rows.append(req)
+        req.kv = PagedRow(blocks + fresh, length=len(blocks) * pool.block_size)
+        req.keys, req.cached_tokens = keys, req.kv.length
+        if req.cached_tokens and self.smear:  # smear continues from the last cached token's embedding
+            last = torch.tensor([[req.prompt[req.kv.length - 1]]], device=self.device)
+            req.prev = self.model.token_embedding(last)
         self.stats["admitted"] += 1
-        token = self._sample([req], logits)[0]
-        if req.finish_reason is None:  # sampling may have failed it
-            self._accept(req, token)
+        self.stats["prompt_tokens"] += len(req.prompt)
+        self.stats["prefix_query_tokens"] += len(req.prompt)
+        self.stats["prefix_hit_tokens"] += req.cached_tokens
+        return True
 
-    def _decode_step(self):
-        n = len(self.rows)
-        view = _RowsView(self.cache, 0, n, None if self.prev is None else self.prev[:n])
-        ids = torch.tensor([[r.last_token] for r in self.rows], dtype=torch.long, device=self.device)
-        logits = self.model(ids, kv_cache=view)[:, -1, :]
-        if self.prev is not None:
-            self.prev[:n] = view.prev_embedding
+    def _forward(self, reqs, ids, new_lens, last_only):
+        """One forward of the requests' rows over ids (B, T); their lengths and smear states advance."""
+        prev = None
+        if self.smear and any(r.prev is not None for r in reqs):
+            like = next(r.prev for r in reqs if r.prev is not None)
+            prev = torch.cat([r.prev if r.prev is not None else torch.zeros_like(like) for r in reqs])
+        cache = PagedBatch(self.pool, [r.kv for r in reqs], new_lens, prev)
+        logits = self.model(ids, kv_cache=cache, last_only=last_only)[:, -1, :]
+        if cache.prev_embedding is not None:
+            for i, r in enumerate(reqs):
+                r.prev = cache.prev_embedding[i:i + 1]
+        return logits
+
+    def _decode_step(self, reqs):
+        ids = torch.tensor([[r.last_token] for r in reqs], dtype=torch.long, device=self.device)
+        logits = self._forward(reqs, ids, [1] * len(reqs), last_only=False)
         self.stats["steps"] += 1
-        self.stats["occupancy_sum"] += n
-        self.stats["max_active"] = max(self.stats["max_active"], n)
-        for req, token in zip(self.rows, self._sample(self.rows, logits)):
+        self.stats["occupancy_sum"] += len(reqs)
+        self.stats["max_active"] = max(self.stats["max_active"], len(reqs))
+        for req in reqs:
+            self._register_full_blocks(req)
+        for req, token in zip(reqs, self._sample(reqs, logits)):
             if req.finish_reason is None and not req.cancelled:
                 self._accept(req, token)
+
+    def _prefill_step(self):
+        """Up to prefill_chunk prompt tokens of the requests still prefilling, oldest first, in one forward. When
+        that forward fails, each request is tried alone, so a prompt that cannot be prefilled fails by itself."""
+        batch, budget = [], self.prefill_chunk
+        for req in self.rows:
+            if budget <= 0:
+                break
+            if not req.prefilled and req.finish_reason is None and not req.cancelled:
+                n = min(len(req.prompt) - req.kv.length, budget)
+                batch.append((req, n))
+                budget -= n
+        if not batch:
+            return
+        try:
+            self._prefill(batch)
+        except Exception:
+            if len(batch) == 1:
+                raise
+            for req, n in batch:
+                try:
+                    self._prefill([(req, n)])
+                except Exception as e:
+                    logger.exception("prefill failed")
+                    self.stats["errors"] += 1
+                    self._finish(req, "error", error=f"prefill failed: {type(e).__name__}: {e}")
+
+    def _prefill(self, batch):
+        reqs = [req for req, _ in batch]
+        T = max(n for _, n in batch)
+        rows = [req.prompt[req.kv.length:req.kv.length + n] + [0] * (T - n) for req, n in batch]
+        logits = self._forward(reqs, torch.tensor(rows, dtype=torch.long, device=self.device),
+                               [n for _, n in batch], last_only=True)
+        self.stats["prefill_tokens"] += sum(n for _, n in batch)
+        for req in reqs:
+            self._register_full_blocks(req)
+        done = [i for i, req in enumerate(reqs) if req.prefilled]
+        if done:
+            firsts = [reqs[i] for i in done]
+            for req, token in zip(firsts, self._sample(firsts, logits[done])):
+                if req.finish_reason is None:  # sampling may have failed it
+                    self._accept(req, token)
+
+    def _register_full_blocks(self, req):
+        """Put the request's blocks that are now full into the prefix cache."""
+        bs = self.pool.block_size
+        for b in range(len(req.keys), req.kv.length // bs):
+            parent = req.keys[-1] if req.keys else None
+            req.keys.append(self.pool.register(req.kv.blocks[b], parent, req.fed_tokens(b * bs, (b + 1) * bs)))
 
     def _sample(self, reqs, logits):
         """One token per request with its own parameters and generator; one host sync for the whole batch.
@@ -351,7 +442,7 @@ class Scheduler:
         req.finish_reason = reason
         self.stats["cancelled" if reason == "cancelled" else "finished"] += 1
         event = {"done": True, "finish_reason": reason, "prompt_tokens": len(req.prompt),
-                 "completion_tokens": len(req.generated)}
+                 "completion_tokens": len(req.generated), "cached_tokens": req.cached_tokens}
         if error:
             event["error"] = error
         self._send(req, event)
@@ -363,25 +454,17 @@ class Scheduler:
             req.cancelled = True
 
     def _retire(self):
-        """Free the rows of finished and cancelled requests; the last active row moves into each hole."""
-        i = 0
-        while i < len(self.rows):
-            req = self.rows[i]
+        """Give the blocks of finished and cancelled requests back to the pool (their full blocks stay cached)."""
+        keep = []
+        for req in self.rows:
             if req.finish_reason is None and not req.cancelled:
-                i += 1
+                keep.append(req)
                 continue
             if req.finish_reason is None:
                 self._finish(req, "cancelled")
-            last = len(self.rows) - 1
-            if i != last:
-                n = int(self.cache.cache_seqlens[last])
-                self.cache.k_cache[:, i, :n] = self.cache.k_cache[:, last, :n]
-                self.cache.v_cache[:, i, :n] = self.cache.v_cache[:, last, :n]
-                self.cache.cache_seqlens[i] = n
-                if self.prev is not None:
-                    self.prev[i] = self.prev[last]
-                self.rows[i] = self.rows[last]
-            self.rows.pop()
+            self.pool.release(req.kv.blocks)
+            req.kv.blocks = []
+        self.rows = keep
 
 
 # -----------------------------------------------------------------------------

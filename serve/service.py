@@ -8,8 +8,8 @@ import threading
 import time
 
 import torch
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from serve.metrics import ServeMetrics
 from serve.protocol import ApiError
 from serve.scheduler import AsyncRequests, Overloaded, Scheduler
 
@@ -24,8 +24,7 @@ class ChatService:
         if model is None:
             model, tokenizer, self.step, self.scheduler = self._load_and_schedule(cfg, self.device)
         else:
-            self.scheduler = Scheduler(model, tokenizer, cfg.max_batch, cfg.max_waiting,
-                                       stall_timeout=cfg.stall_timeout).start()
+            self.scheduler = self._scheduler(cfg, model, tokenizer).start()
         self.model, self.tokenizer = model, tokenizer
         if cfg.checkpoint:
             self.model_id = f"nanochat-{os.path.basename(cfg.checkpoint.rstrip('/'))}"
@@ -35,22 +34,9 @@ class ChatService:
         self.assistant_start = tokenizer.encode_special("<|assistant_start|>")
         self.started = time.time()
         self.open_sockets = 0
-        r = self.registry = CollectorRegistry()
-        self.m_requests = Counter("nanochat_requests", "HTTP requests and WebSocket turns", ["route", "status"],
-                                  registry=r)
-        self.m_errors = Counter("nanochat_errors", "requests answered with an error", ["route", "status"], registry=r)
-        self.m_tokens = Counter("nanochat_tokens_generated", "completion tokens generated", registry=r)
-        self.m_prompt_tokens = Counter("nanochat_prompt_tokens", "prompt tokens prefilled", registry=r)
-        self.m_ttft = Histogram("nanochat_time_to_first_token_seconds", "submit to first text", registry=r,
-                                buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
-        self.m_itl = Histogram("nanochat_inter_token_latency_seconds", "time per streamed token", registry=r,
-                               buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1))
-        Gauge("nanochat_active_requests", "requests decoding in the batch", registry=r).set_function(
-            lambda: len(self.scheduler.rows))
-        Gauge("nanochat_waiting_requests", "requests waiting for a batch row", registry=r).set_function(
-            lambda: len(self.scheduler.waiting))
-        Gauge("nanochat_open_websockets", "WebSockets open on this replica", registry=r).set_function(
-            lambda: self.open_sockets)
+        self.metrics = ServeMetrics(self.scheduler, lambda: self.open_sockets)
+        self.all_metrics = None  # async () -> every replica's metrics, where a deployment provides it
+        self.closed = False
 
     @classmethod
     def _load_and_schedule(cls, cfg, device):
@@ -61,19 +47,22 @@ class ChatService:
         def torch_thread():
             try:
                 model, tokenizer, step = cls._load(cfg, device)
-                scheduler = Scheduler(model, tokenizer, cfg.max_batch, cfg.max_waiting,
-                                      stall_timeout=cfg.stall_timeout)
-                scheduler.running, scheduler.thread = True, threading.current_thread()  # accepts work from now
+                scheduler = cls._scheduler(cfg, model, tokenizer)
             except BaseException as e:
                 ready.put(e)
                 return
-            ready.put((model, tokenizer, step, scheduler))
-            scheduler.run()
+            scheduler.run(on_ready=lambda: ready.put((model, tokenizer, step, scheduler)))
         threading.Thread(target=torch_thread, name="nanochat-scheduler", daemon=True).start()
         out = ready.get()
         if isinstance(out, BaseException):
             raise out
         return out
+
+    @staticmethod
+    def _scheduler(cfg, model, tokenizer):
+        return Scheduler(model, tokenizer, cfg.max_batch, cfg.max_waiting, stall_timeout=cfg.stall_timeout,
+                         kv_cache_bytes=int(cfg.kv_cache_mb * 2**20) or None, block_size=cfg.block_size,
+                         prefix_cache=cfg.prefix_cache, prefill_chunk=cfg.prefill_chunk)
 
     @staticmethod
     def _load(cfg, device):
@@ -89,6 +78,7 @@ class ChatService:
         return model, tokenizer, meta.get("step")
 
     def close(self):
+        self.closed = True
         self.scheduler.stop()
 
     def prompt(self, convo):
@@ -107,24 +97,15 @@ class ChatService:
             batch = AsyncRequests(self.scheduler, prompt, params)
         except Overloaded as e:
             raise ApiError(503, str(e), code="overloaded") from None
-        self.m_prompt_tokens.inc(len(prompt) * len(params))
         return batch
 
     async def events(self, batch):
         """(index, event) of a batch, observing latency metrics on the way."""
-        last = {}
+        timers = [self.metrics.timer(r.submitted_at) for r in batch.requests]
         async for i, ev in batch:
-            now = time.monotonic()
-            if "text" in ev:
-                if i not in last:
-                    self.m_ttft.observe(now - batch.requests[i].submitted_at)
-                else:
-                    self.m_itl.observe((now - last[i]) / max(ev["tokens"], 1))
-                last[i] = now
-            elif ev.get("done"):
-                self.m_tokens.inc(ev["completion_tokens"])
-                if ev["finish_reason"] == "error":
-                    raise ApiError(500, f"generation failed: {ev.get('error')}")
+            timers[i].observe(ev)
+            if ev.get("done") and ev["finish_reason"] == "error":
+                raise ApiError(500, f"generation failed: {ev.get('error')}")
             yield i, ev
 
     def health(self):

@@ -11,6 +11,7 @@ from dataclasses import asdict
 
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 import torch
 import yaml
 
@@ -141,11 +142,22 @@ def test_page_health_models_metrics(url, client):
     chat(url, message="Hello", max_tokens=3)
     metrics = requests.get(url + "/metrics", headers=AUTH, timeout=10)
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
-    for name in ("nanochat_requests_total", "nanochat_errors_total", "nanochat_tokens_generated_total",
-                 "nanochat_time_to_first_token_seconds_bucket", "nanochat_inter_token_latency_seconds_bucket",
-                 "nanochat_active_requests"):
-        assert name in metrics.text
-    assert 'nanochat_requests_total{route="/chat",status="200"}' in metrics.text
+    parsed = [s for family in text_string_to_metric_families(metrics.text) for s in family.samples]
+    assert {s.labels.get("replica") for s in parsed} == {h["replica"]}  # every series names its replica
+    samples = {(s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "replica"))): s.value
+               for s in parsed}
+    names = {name for name, _ in samples}
+    for name in ("nanochat:num_requests_running", "nanochat:num_requests_waiting", "nanochat:kv_cache_usage_perc",
+                 "nanochat:prefix_cache_queries_total", "nanochat:prefix_cache_hits_total",
+                 "nanochat:prompt_tokens_total", "nanochat:generation_tokens_total",
+                 "nanochat:time_to_first_token_seconds_bucket", "nanochat:inter_token_latency_seconds_bucket",
+                 "nanochat:request_time_per_output_token_seconds_bucket", "nanochat:e2e_request_latency_seconds_bucket",
+                 "nanochat:http_requests_total", "nanochat:open_websockets"):
+        assert name in names, name
+    assert samples[("nanochat:http_requests_total", (("route", "/chat"), ("status", "200")))] >= 1
+    assert samples[("nanochat:request_success_total", (("finished_reason", "length"),))] >= 1
+    assert samples[("nanochat:generation_tokens_total", ())] >= 3
+    assert samples[("nanochat:e2e_request_latency_seconds_count", ())] >= 1
 
 
 def test_chat_json_and_sse(url):
@@ -164,7 +176,12 @@ def test_chat_json_and_sse(url):
         assert r.headers["content-type"].startswith("text/event-stream")
         events = sse_events(r)
     assert "".join(e["token"] for e in events if "token" in e) == plain["response"]
-    assert events[-1]["done"] and events[-1]["usage"] == plain["usage"] and len(events) > 2
+    assert events[-1]["done"] and len(events) > 2
+    streamed = events[-1]["usage"]
+    # the same prompt again: its whole blocks (of 16) come from the prefix cache, and usage says so
+    assert plain["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert streamed.pop("prompt_tokens_details") == {"cached_tokens": (streamed["prompt_tokens"] - 1) // 16 * 16}
+    assert streamed == {k: v for k, v in plain["usage"].items() if k != "prompt_tokens_details"}
     seeded = [chat(url, message="Hello", max_tokens=10, temperature=1.0, seed=s).json()["response"] for s in (5, 5, 6)]
     assert seeded[0] == seeded[1] != seeded[2]
 
@@ -412,6 +429,46 @@ def test_command_line_maps_onto_the_app_config():
     assert (cfg.step, cfg.gpus_per_replica, cfg.model_tag, cfg.max_replicas) == (3, 0.5, None, None)
     with pytest.raises(ValueError, match="unknown serve option"):
         ServeConfig.from_options({"prot": "1"})
+
+
+def test_two_replicas_keep_a_conversation_on_one_and_report_both(url):
+    """Two replicas: every turn of a conversation sent with X-Session-Id lands where its earlier turns are cached
+    (each later turn takes them from the prefix cache), and /metrics on either replica shows both."""
+    from ray import serve
+
+    from serve.app import build_app
+    app = build_app({"storage": _app["root"], "max_batch": 2, "replicas": 2, "cpus_per_replica": 0.5,
+                     "api_key": API_KEY})
+    serve.run(app, name="pair", route_prefix="/pair", logging_config={"log_level": "WARNING",
+                                                                      "enable_access_log": False})
+    purl = url + "/pair"
+    try:
+        wait_healthy(purl)
+        seen, deadline = set(), time.time() + 60
+        while len(seen) < 2 and time.time() < deadline:  # both replicas up
+            seen.add(health(purl)["replica"])
+        assert len(seen) == 2
+        for session in ("conversation-a", "conversation-b", "conversation-c"):
+            messages, prompts = [], []
+            for turn in range(4):
+                messages.append({"role": "user", "content": f"{session} asks question number {turn}"})
+                r = requests.post(purl + "/v1/chat/completions", headers={**AUTH, "X-Session-Id": session},
+                                  json={"messages": messages, "max_tokens": 6, "temperature": 0}, timeout=60)
+                assert r.status_code == 200, r.text
+                body = r.json()
+                used = body["usage"]
+                if prompts:  # everything up to the last turn's prompt, in whole blocks, was cached where it went
+                    assert used["prompt_tokens_details"]["cached_tokens"] >= prompts[-1] // 16 * 16, (session, turn)
+                prompts.append(used["prompt_tokens"])
+                messages.append({"role": "assistant", "content": body["choices"][0]["message"]["content"]})
+        deadline, replicas = time.time() + 20, set()
+        while replicas != seen and time.time() < deadline:  # each replica publishes every couple of seconds
+            text = requests.get(purl + "/metrics", headers=AUTH, timeout=10).text
+            replicas = {s.labels["replica"] for f in text_string_to_metric_families(text) for s in f.samples}
+            time.sleep(0.5)
+        assert replicas == seen
+    finally:
+        serve.delete("pair")
 
 
 def test_killed_replica_is_replaced(url, ray_local):

@@ -1,0 +1,142 @@
+"""nanochat/paged_cache.py: block allocation, the prefix cache (match, register, LRU eviction), and the model's
+forward over paged rows giving the logits of a plain forward."""
+import random
+
+import pytest
+import torch
+
+from conftest import perturbed
+from nanochat.gpt import GPTConfig, build_model
+from nanochat.paged_cache import BlockPool, PagedBatch, PagedRow, block_bytes
+
+# smear, value embeddings, GQA and a sliding window (128 of 256) all on
+CONFIG = dict(sequence_len=256, vocab_size=300, n_layer=4, n_head=4, n_kv_head=2, n_embd=64, window_pattern="SSSL")
+
+
+def pool(num_blocks=8, block_size=4, prefix_cache=True):
+    return BlockPool(1, num_blocks, block_size, 1, 2, prefix_cache=prefix_cache)
+
+
+def test_allocate_release_and_the_scratch_block():
+    p = pool()
+    assert p.usable_blocks == 7 and p.available() == 7
+    a = p.allocate(3)
+    assert len(a) == 3 and 0 not in a and p.used() == 3
+    assert p.allocate(5) is None and p.available() == 4  # all or nothing
+    p.release(a)
+    assert p.available() == 7 and p.used() == 0
+    with pytest.raises(ValueError, match="at least 2 blocks"):
+        BlockPool(1, 1, 4, 1, 2)
+
+
+def test_prefix_match_shares_blocks_and_leaves_the_last_token_to_compute():
+    p = pool()
+    tokens = list(range(10))  # two full blocks of 4, and 2 tokens
+    blocks = p.allocate(3)
+    parent = None
+    for i in range(2):
+        parent = p.register(blocks[i], parent, tokens[4 * i:4 * i + 4])
+    assert p.match(tokens[:3]) == ([], [])  # shorter than a block
+    hit, keys = p.match(tokens + [99])
+    assert hit == blocks[:2] and keys[-1] == parent and p.refs[blocks[0]] == 2
+    assert p.match(tokens[:8])[0] == blocks[:1]  # 8 tokens: the 8th must be computed, so only block 0 is taken
+    assert p.match([7] + tokens[1:])[0] == []  # a different first token shares nothing
+    off = pool(prefix_cache=False)
+    b = off.allocate(1)
+    off.register(b[0], None, tokens[:4])
+    assert off.match(tokens)[0] == []
+
+
+def test_unused_cached_blocks_are_evicted_least_recently_used_first():
+    p = pool(num_blocks=4, block_size=2)  # 3 usable
+    a, b = p.allocate(1), p.allocate(1)
+    p.register(a[0], None, [1, 2])
+    p.register(b[0], None, [3, 4])
+    p.release(a)
+    p.release(b)
+    assert p.available() == 3 and len(p.entry) == 2  # cached, yet available
+    assert p.match([1, 2, 0])[0] == a  # a is used again: b is now the least recently used
+    p.release(a)
+    assert p.allocate(2) is not None and p.evictions == 1
+    assert p.match([3, 4, 0])[0] == [] and p.match([1, 2, 0])[0] == a  # b's prefix left the cache, a's stayed
+
+
+def test_a_prefix_computed_twice_keeps_one_copy_in_the_cache():
+    p = pool()
+    a, b = p.allocate(1), p.allocate(1)
+    key_a = p.register(a[0], None, [5, 6, 7, 8])
+    assert p.register(b[0], None, [5, 6, 7, 8]) == key_a  # same key, so descendants chain the same way
+    p.release(b)
+    assert b[0] in p.free and p.match([5, 6, 7, 8, 9])[0] == a
+
+
+def test_budget_in_bytes():
+    model = build_model(GPTConfig(**CONFIG))
+    per_block = block_bytes(4, 16, 2, 16, torch.float32)
+    assert per_block == 2 * 4 * 16 * 2 * 16 * 4
+    p = BlockPool.for_model(model, 10.5 * per_block, block_size=16)
+    assert p.num_blocks == 10 and p.k.shape == (4, 160, 2, 16)
+
+
+@pytest.mark.parametrize("block_size", [16, 5])
+def test_paged_forward_matches_the_plain_forward(block_size):
+    """Rows in scattered blocks, at different lengths, prefilled in padded chunks together and then decoded
+    together, give the logits of a plain forward over each whole sequence (past the 128-token window too)."""
+    torch.manual_seed(0)
+    model = perturbed(build_model(GPTConfig(**CONFIG)), scale=0.1).eval()
+    lengths = [200, 37, 150]
+    seqs = [torch.randint(0, 300, (n,), generator=torch.Generator().manual_seed(n)) for n in lengths]
+    p = BlockPool.for_model(model, 100 * block_bytes(4, block_size, 2, 16, torch.float32), block_size)
+    order = list(range(1, p.num_blocks))
+    random.Random(0).shuffle(order)  # blocks far from contiguous
+    rows = []
+    for n in lengths:
+        k = p.blocks_for(n)
+        rows.append(PagedRow(order[:k]))
+        order = order[k:]
+    assert all(len(r.blocks) == p.blocks_for(n) for r, n in zip(rows, lengths))
+    with torch.no_grad():
+        refs = [model(s[None])[0] for s in seqs]
+        got = [[] for _ in seqs]
+        prev = None
+        cuts = [[0, 60, 130, 190], [0, 30], [0, 100, 140]]  # prefill chunks per row, then decode one by one
+        for step in range(max(len(c) for c in cuts)):
+            live = [i for i in range(3) if step < len(cuts[i])]
+            spans = [(cuts[i][step], cuts[i][step + 1] if step + 1 < len(cuts[i]) else cuts[i][step] + 1)
+                     for i in live]
+            T = max(b - a for a, b in spans)
+            ids = torch.zeros(len(live), T, dtype=torch.long)
+            for j, (i, (a, b)) in enumerate(zip(live, spans)):
+                ids[j, :b - a] = seqs[i][a:b]
+            batch_prev = None if prev is None else torch.cat([prev[i] for i in live])
+            cache = PagedBatch(p, [rows[i] for i in live], [b - a for a, b in spans], batch_prev)
+            logits = model(ids, kv_cache=cache)
+            prev = prev or {}
+            for j, (i, (a, b)) in enumerate(zip(live, spans)):
+                got[i].append(logits[j, :b - a])
+                prev[i] = cache.prev_embedding[j:j + 1]
+        # then decode what is left of every row, all three in one batch at different positions
+        while any(r.length < n for r, n in zip(rows, lengths)):
+            live = [i for i in range(3) if rows[i].length < lengths[i]]
+            ids = torch.tensor([[seqs[i][rows[i].length]] for i in live])
+            cache = PagedBatch(p, [rows[i] for i in live], [1] * len(live), torch.cat([prev[i] for i in live]))
+            logits = model(ids, kv_cache=cache)
+            for j, i in enumerate(live):
+                got[i].append(logits[j])
+                prev[i] = cache.prev_embedding[j:j + 1]
+    for ref, parts, n in zip(refs, got, lengths):
+        torch.testing.assert_close(torch.cat(parts)[:n], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_last_only_logits_are_each_rows_last_real_position():
+    model = perturbed(build_model(GPTConfig(**CONFIG)), scale=0.1).eval()
+    p = BlockPool.for_model(model, 16 * block_bytes(4, 16, 2, 16, torch.float32))
+    rows = [PagedRow(p.allocate(2)), PagedRow(p.allocate(2))]
+    ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        last = model(ids, kv_cache=PagedBatch(p, rows, [20, 7]), last_only=True)
+        full = [model(ids[:1])[0, -1], model(ids[1:, :7])[0, -1]]
+    assert last.shape == (2, 1, 300)
+    torch.testing.assert_close(last[:, 0], torch.stack(full), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="KV overflow: position 32 is past the row's 2 blocks of 16"):
+        model(ids[:1, :1], kv_cache=PagedBatch(p, [PagedRow(rows[0].blocks, length=32)], [1]))
