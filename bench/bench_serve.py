@@ -396,7 +396,7 @@ def main():
                              "a third disconnecting mid-stream")
     parser.add_argument("--max-batch", type=int, default=16, help="requests running at once in the in-process server")
     parser.add_argument("--kv-cache-mb", type=float, default=0, help="in-process KV budget (0: the default)")
-    parser.add_argument("--prefill-chunk", type=int, default=256, help="in-process prompt tokens per step")
+    parser.add_argument("--prefill-chunk", type=int, default=256, help="in-process prompt tokens per step at most")
     parser.add_argument("--workload", choices=["single", "shared-prefix", "multi-turn"], default=None,
                         help="vLLM-style run of this workload (ours with and without prefix cache, and nanochat's "
                              "one-request-at-a-time serving; or the server at --url)")

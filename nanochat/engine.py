@@ -52,8 +52,9 @@ class KVCache:
         self.write = (T, lo, flat)
         return lo, hi
 
-    def insert(self, layer_idx, k, v):
-        """Write k, v (B, T, H, D) at each row's current position; return the layer's full cache."""
+    def insert(self, layer_idx, k, v, key_start, key_stop):
+        """Write k, v (B, T, H, D) at each row's current position; return the layer's keys and values at positions
+        key_start .. key_stop - 1."""
         B, T, H, D = k.shape
         if self.write is None or self.write[0] != T:
             self.begin(T)
@@ -65,7 +66,7 @@ class KVCache:
         else:  # a layer's rows are contiguous, in the cache and in a view of some of its rows
             k_layer.view(-1, H, D).index_copy_(0, flat, k.reshape(B * T, H, D).to(k_layer.dtype))
             v_layer.view(-1, H, D).index_copy_(0, flat, v.reshape(B * T, H, D).to(v_layer.dtype))
-        return k_layer, v_layer
+        return k_layer[:, key_start:key_stop], v_layer[:, key_start:key_stop]
 
     def last_rows(self, x):
         """(B, T, ...) -> (B, 1, ...): every row's last position (rows here are never padded)."""

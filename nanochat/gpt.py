@@ -176,9 +176,8 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         q, k = norm(q) * self.qk_scale, norm(k) * self.qk_scale
         gqa = self.n_head != self.n_kv_head
-        if kv_cache is not None:
-            k, v = kv_cache.insert(self.layer_idx, k, v)
-            k, v = k[:, plan.key_start:plan.key_stop], v[:, plan.key_start:plan.key_stop]
+        if kv_cache is not None:  # the keys this window sees, from the cache (this forward's included)
+            k, v = kv_cache.insert(self.layer_idx, k, v, plan.key_start, plan.key_stop)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D) for SDPA
         if plan.flex:
             y = flex_sliding_window_attention(q, k, v, window)

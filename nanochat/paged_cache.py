@@ -18,6 +18,7 @@ it backs padding and table entries past a row's end, which attention never looks
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -160,39 +161,47 @@ class PagedBatch:
         if self.span is not None and self.span[2] == T:  # (worked out at construction, for the usual T)
             return self.span[:2]
         bs, B = self.pool.block_size, self.batch_size
-        lengths = torch.tensor([r.length for r in self.rows], dtype=torch.long)
         for row, n in zip(self.rows, self.new_lens):
             if row.length + n > len(row.blocks) * bs:  # would write into blocks that are not its own
                 raise ValueError(f"KV overflow: position {row.length + n - 1} is past the row's "
                                  f"{len(row.blocks)} blocks of {bs}")
+        # numpy: a dozen small host ops cost a few microseconds each here, instead of torch's ~10
+        lengths = np.array([r.length for r in self.rows], dtype=np.int64)
+        new_lens = np.array(self.new_lens, dtype=np.int64)
         lo, hi = int(lengths.min()), int(lengths.max())
         width = self.pool.blocks_for(hi + T)
-        table = torch.tensor([r.blocks[:width] + [0] * (width - len(r.blocks[:width])) for r in self.rows])
-        pos = lengths[:, None] + torch.arange(T)
-        slots = table.gather(1, (pos // bs).clamp(max=width - 1)) * bs + pos % bs
-        real = torch.arange(T)[None, :] < torch.tensor(self.new_lens)[:, None]
-        keys = torch.arange(hi + T)
-        write = torch.where(real, slots, pos % bs).view(-1)
-        read = (table[:, keys // bs] * bs + keys % bs).view(-1)
-        packed = torch.cat([lengths, (torch.tensor(self.new_lens) - 1).clamp(min=0), write, read])
+        table = np.zeros((B, width), dtype=np.int64)
+        for i, r in enumerate(self.rows):
+            own = r.blocks[:width]
+            table[i, :len(own)] = own
+        pos = lengths[:, None] + np.arange(T)
+        slots = np.take_along_axis(table, np.minimum(pos // bs, width - 1), axis=1) * bs + pos % bs
+        write = np.where(np.arange(T)[None, :] < new_lens[:, None], slots, pos % bs)
+        keys = np.arange(hi + T)
+        read = table[:, keys // bs] * bs + keys % bs
+        packed = torch.from_numpy(np.concatenate([lengths, np.maximum(new_lens - 1, 0), write.ravel(), read.ravel()]))
         device = self.pool.k.device
         if device.type == "cuda":
             packed = packed.pin_memory().to(device, non_blocking=True)
         self.cache_seqlens, self._last, self.write_slots, self.read_slots = packed.split([B, B, B * T, B * (hi + T)])
-        self.span, self.fresh = (lo, hi, T), hi == 0
+        self.span, self.fresh, self._reads = (lo, hi, T), hi == 0, {}
         return lo, hi
 
-    def insert(self, layer_idx, k, v):
-        """Write k, v (B, T, H, D) into the rows' slots; return keys and values 0 .. hi + T - 1 of every row."""
+    def insert(self, layer_idx, k, v, key_start, key_stop):
+        """Write k, v (B, T, H, D) into the rows' slots; return every row's keys and values at positions
+        key_start .. key_stop - 1 (gathered from its blocks)."""
         B, T, H, D = k.shape
         k_layer, v_layer = self.pool.k[layer_idx], self.pool.v[layer_idx]
         k_layer.index_copy_(0, self.write_slots, k.reshape(B * T, H, D).to(k_layer.dtype))
         v_layer.index_copy_(0, self.write_slots, v.reshape(B * T, H, D).to(v_layer.dtype))
         if self.fresh:  # every row starts here: the keys are exactly the new ones
-            return k, v
-        span = self.span[1] + T
-        return (k_layer.index_select(0, self.read_slots).view(B, span, H, D),
-                v_layer.index_select(0, self.read_slots).view(B, span, H, D))
+            return k[:, key_start:key_stop], v[:, key_start:key_stop]
+        if key_start not in self._reads:  # a sliding window reads fewer keys; layers of one window share them
+            span = self.span[1] + T
+            self._reads[key_start] = self.read_slots.view(B, span)[:, key_start:key_stop].reshape(-1)
+        read = self._reads[key_start]
+        n = key_stop - key_start
+        return k_layer.index_select(0, read).view(B, n, H, D), v_layer.index_select(0, read).view(B, n, H, D)
 
     def last_rows(self, x):
         """(B, T, ...) -> (B, 1, ...): each row's last real (not padding) position."""

@@ -28,7 +28,7 @@ def test_kv_cache_shapes_advance_reset_prefill():
     one = KVCache(batch_size=1, num_heads=2, seq_len=6, head_dim=8, num_layers=4)
     k = torch.randn(1, 6, 2, 8)
     for layer in range(4):
-        one.insert(layer, k * layer, k * -layer)
+        one.insert(layer, k * layer, k * -layer, 0, 6)
     one.advance(6)
     one.prev_embedding = torch.randn(1, 1, 64)
     cache.prefill(one)
@@ -43,7 +43,7 @@ def test_kv_cache_shapes_advance_reset_prefill():
 def test_kv_cache_overflow_is_an_error():
     cache = KVCache(batch_size=1, num_heads=1, seq_len=4, head_dim=2, num_layers=1)
     with pytest.raises(ValueError, match="overflow"):
-        cache.insert(0, torch.zeros(1, 5, 1, 2), torch.zeros(1, 5, 1, 2))
+        cache.insert(0, torch.zeros(1, 5, 1, 2), torch.zeros(1, 5, 1, 2), 0, 5)
 
 
 def test_rows_at_different_positions_match_separate_runs(model):
