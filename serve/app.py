@@ -29,10 +29,12 @@ Run (all three bind 127.0.0.1:8000 unless told otherwise):
     serve run serve.app:build_app source=sft model_tag=d20 replicas=2 gpus_per_replica=1
     serve deploy serve/config.yaml
 """
+import logging
 import os
 import threading
 import time
 from dataclasses import asdict, dataclass, fields
+from types import SimpleNamespace
 
 import ray
 from ray import serve
@@ -42,8 +44,12 @@ from nanochat.flags import ArgsMixin, flag, value_type
 from nanochat.storage import is_uri
 from serve.api import make_api
 from serve.metrics import merge_replicas
-from serve.router import SessionAffinityRouter
+from serve.protocol import ApiError
+from serve.router import SessionAffinityRouter, affinity_key, rendezvous
+from serve.scheduler import SamplingParams
 from serve.service import ChatService
+
+logger = logging.getLogger("nanochat.serve")
 
 
 @dataclass
@@ -70,8 +76,8 @@ class ServeConfig(ArgsMixin):
     block_size: int = flag(16, "tokens per KV-cache block (the prefix cache shares whole blocks)")
     prefix_cache: bool = flag(True, "keep finished requests' KV blocks and reuse them for prompts that start the "
                                     "same way (earlier turns of a chat, a shared system prompt)")
-    session_affinity: bool = flag(True, "send requests with the same X-Session-Id header to the same replica "
-                                        "(where the conversation's earlier turns are cached)")
+    affinity: bool = flag(True, "send a conversation's requests to the replica that holds its earlier turns: by "
+                                "their X-Session-Id header, else by their prompt's opening")
     prefill_chunk: int = flag(256, "prompt tokens prefilled per scheduler step, between decode steps (a long "
                                    "prompt is prefilled in chunks so running streams keep their pace)")
     stall_timeout: float = flag(60.0, "seconds a scheduler step may run before the replica reports itself unhealthy "
@@ -122,6 +128,30 @@ class MetricsBoard:
         self.texts = {r: (t, at) for r, (t, at) in self.texts.items() if now - at <= max_age}
         return {r: t for r, (t, _) in self.texts.items()}
 
+    def replicas(self, max_age=6.0):
+        """The replicas that reported lately: the live ones, as far as placement by prompt is concerned."""
+        now = time.time()
+        return sorted(r for r, (_, at) in self.texts.items() if now - at <= max_age)
+
+
+class RemoteRequests:
+    """Requests running on another replica, as AsyncRequests look: (index, event) pairs, cancel()."""
+
+    def __init__(self, stream, n):
+        self.stream = stream
+        now = time.monotonic()
+        self.requests = [SimpleNamespace(submitted_at=now) for _ in range(n)]
+
+    async def __aiter__(self):
+        try:
+            async for item in self.stream:
+                yield item
+        finally:
+            self.cancel()
+
+    def cancel(self):
+        self.stream.cancel()
+
 
 def metrics_board(app_name):
     return MetricsBoard.options(name=f"nanochat-metrics-{app_name}", namespace="serve", get_if_exists=True).remote()
@@ -136,12 +166,54 @@ class ChatServer:
 
     def __init__(self, config):
         context = serve.get_replica_context()
-        self.service = ChatService(ServeConfig(**config), replica=context.replica_id.unique_id)
-        self.app_name = context.app_name
+        cfg = ServeConfig(**config)
+        self.service = ChatService(cfg, replica=context.replica_id.unique_id)
+        self.app_name, self.deployment = context.app_name, context.deployment
         self.board = metrics_board(self.app_name)
         self.service.all_metrics = self.all_metrics
+        if cfg.affinity:
+            self.service.forward = self.forward
+        self.user_end = self.service.tokenizer.encode_special("<|user_end|>")
+        self.peers, self.live = None, ([], 0.0)  # (replica ids, when read)
         self.publisher = threading.Thread(target=self._publish, daemon=True)
         self.publisher.start()
+
+    async def forward(self, prompt, params):
+        """Run the request on the replica that owns its prompt's opening, when that is not this one: a batch that
+        streams from there, or None (run here)."""
+        key = affinity_key(prompt, self.user_end)
+        replicas = await self.live_replicas()
+        if len(replicas) < 2 or rendezvous(key, replicas) == self.service.replica:
+            return None
+        if self.peers is None:
+            self.peers = serve.get_deployment_handle(self.deployment, app_name=self.app_name)
+        stream = self.peers.options(stream=True, session_id=key).generate.remote(prompt, [asdict(p) for p in params])
+        try:
+            await stream.__anext__()  # accepted there (or its ApiError, e.g. 503, surfaces here, before any reply)
+        except Exception as e:
+            cause = e if isinstance(e, ApiError) else getattr(e, "cause", None)  # (Ray wraps the replica's error)
+            if isinstance(cause, ApiError):
+                raise cause from None
+            logger.warning("forwarding to the prompt's replica failed; serving it here", exc_info=True)
+            return None
+        return RemoteRequests(stream, len(params))
+
+    async def live_replicas(self):
+        replicas, read_at = self.live
+        if time.time() - read_at > self.PUBLISH_EVERY_S:
+            try:
+                self.live = (await self.board.replicas.remote(), time.time())
+            except ray.exceptions.RayActorError:
+                self.board = metrics_board(self.app_name)
+        return self.live[0]
+
+    async def generate(self, prompt, params):
+        """A request forwarded by another replica (see forward): run here, stream its events back, the first being
+        an acknowledgement."""
+        batch = self.service.submit_here(prompt, [SamplingParams(**p) for p in params])
+        yield None
+        async for item in batch:
+            yield item
 
     def _publish(self):
         while not self.service.closed:
@@ -188,7 +260,7 @@ def build_app(args=None):
         max_queued_requests=4 * cfg.max_waiting,
         ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica},
     )
-    if cfg.session_affinity:
+    if cfg.affinity:
         options["request_router_config"] = RequestRouterConfig(request_router_class=SessionAffinityRouter)
     if cfg.max_replicas and cfg.max_replicas > cfg.replicas:
         options["autoscaling_config"] = {"min_replicas": cfg.replicas, "max_replicas": cfg.max_replicas,

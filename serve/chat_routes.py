@@ -17,7 +17,7 @@ logger = logging.getLogger("nanochat.serve")
 WS_MAX_QUEUED_TURNS = 8  # per socket, beside the one being answered; one more closes the socket
 
 
-def chat_job(service, req):
+async def chat_job(service, req, session=None):
     """Validate a /chat body (HTTP or one WebSocket turn) and submit it: (prompt tokens, AsyncRequests)."""
     if req.message is not None and req.messages is not None:
         raise ApiError(400, "send either 'message' or 'messages', not both")
@@ -25,7 +25,7 @@ def chat_job(service, req):
     convo, params = validate(messages, req.temperature, req.top_k, req.top_p, req.max_tokens, req.seed,
                              req.stop)
     prompt = service.prompt(convo)
-    return prompt, service.submit(prompt, params)
+    return prompt, await service.submit(prompt, params, session)
 
 
 def add_chat_routes(app, service, access):
@@ -33,7 +33,7 @@ def add_chat_routes(app, service, access):
     async def chat(request: Request):
         access.check(request)
         req = await read_body(request, ChatRequest)
-        prompt, batch = chat_job(service, req)
+        prompt, batch = await chat_job(service, req, request.headers.get("x-session-id"))
         if not req.stream:
             (text,), (done,) = await collect(service, batch)
             return {"response": text, "finish_reason": done["finish_reason"],
@@ -137,7 +137,7 @@ async def ws_session(websocket, service, access):
                 continue
             try:
                 req = parse(raw.encode() if isinstance(raw, str) else raw, ChatRequest)
-                prompt, state["batch"] = chat_job(service, req)
+                prompt, state["batch"] = await chat_job(service, req, websocket.headers.get("x-session-id"))
                 async for _, ev in service.events(state["batch"]):
                     if "text" in ev:
                         await websocket.send_json({"token": ev["text"]})

@@ -27,7 +27,7 @@ def add_openai_routes(app, service, access):
         convo, params = validate(req.messages, req.temperature, req.top_k, req.top_p, max_tokens, req.seed,
                                  req.stop, req.n)
         prompt = service.prompt(convo)
-        batch = service.submit(prompt, params)
+        batch = await service.submit(prompt, params, request.headers.get("x-session-id"))
         cid, created, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), req.model or service.model_id
         if not req.stream:
             texts, dones = await collect(service, batch)

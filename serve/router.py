@@ -1,17 +1,18 @@
 """
-Conversation affinity across replicas, on Ray Serve's request-router API: every turn of a conversation goes to the
-replica that holds its earlier turns in its prefix cache.
+Conversation affinity across replicas, on Ray Serve's request-router API: every turn of a conversation (and every
+request opening with the same long prefix) goes to the replica that holds it in its prefix cache.
 
-A client names its conversation with the `X-Session-Id` header (any string; the web UI's WebSocket needs none, as a
-socket stays on one replica). The first request of a session goes to the replica that rendezvous hashing picks
-among the live ones, so every proxy (one per node) agrees without sharing state; later requests follow the replica
-the session last went to. When that replica has `imbalance` more requests queued than the least-loaded candidate,
-or is gone, the request falls back to power-of-two-choices on load (and the session follows it there). Requests
-without a session id are routed on load alone.
-
-The HTTP proxy hands the router the request's headers, not its body, which is why the session is a header: routing
-on the prompt itself (requests that share only a system prompt) needs the prompt at routing time, i.e. an ingress
-deployment in front of the model replicas.
+Ray's HTTP proxy shows a router the request's headers, not its body, so affinity works at two levels:
+- A request with an `X-Session-Id` header (a conversation id, as `serve.chat_cli --url` sends) is routed by the
+  proxy with SessionAffinityRouter below: to the replica the session went to before, or for a new session to the
+  one that rendezvous hashing picks among the live replicas, so every proxy (one per node) agrees without sharing
+  state. When that replica has `imbalance` more requests queued than the least-loaded candidate, or is gone, the
+  request falls back to power-of-two-choices on load (and the session follows it there).
+- A request without one lands on any replica, which reads its prompt and works out its owner: rendezvous hashing
+  of the prompt's opening (affinity_key: up to the end of its first user message, at most 256 tokens, which every
+  later turn of the conversation repeats) over the live replicas. If that is another replica, the request is passed
+  to it through a deployment handle carrying the key as its session id, which this router sends to the same owner.
+A WebSocket stays on one replica, and each of its turns is placed like a request without a header.
 """
 import hashlib
 import random
@@ -22,13 +23,20 @@ from ray.serve.request_router import FIFOMixin, LocalityMixin, RequestRouter
 MAX_SESSIONS = 100_000  # sessions remembered per router (least recently used forgotten first)
 
 
-def rendezvous(session, replicas):
-    """The replica with the highest hash of (session, replica): stable while it lives, and when it goes only its
-    sessions move."""
-    def score(replica):
-        key = f"{session}|{replica.replica_id.unique_id}".encode()
-        return hashlib.blake2b(key, digest_size=8).digest()
-    return max(replicas, key=score)
+AFFINITY_TOKENS = 256  # the most of a prompt's opening that decides its owner
+
+
+def affinity_key(prompt, user_end):
+    """A prompt's opening, as a string: its tokens up to and including the first <|user_end|> (the system prompt and
+    first question, which every later turn repeats), at most AFFINITY_TOKENS."""
+    end = prompt.index(user_end) + 1 if user_end in prompt[:AFFINITY_TOKENS] else AFFINITY_TOKENS
+    return hashlib.blake2b(repr(prompt[:end]).encode(), digest_size=12).hexdigest()
+
+
+def rendezvous(key, replica_ids):
+    """The replica id with the highest hash of (key, id): stable while it lives, and when it goes only its keys
+    move."""
+    return max(replica_ids, key=lambda rid: hashlib.blake2b(f"{key}|{rid}".encode(), digest_size=8).digest())
 
 
 class SessionAffinityRouter(FIFOMixin, LocalityMixin, RequestRouter):
@@ -48,7 +56,8 @@ class SessionAffinityRouter(FIFOMixin, LocalityMixin, RequestRouter):
         if not session:
             return fallback
         by_id = {r.replica_id: r for r in candidates}
-        preferred = by_id.get(self.sessions.get(session)) or rendezvous(session, candidates)
+        by_name = {r.replica_id.unique_id: r for r in candidates}
+        preferred = by_id.get(self.sessions.get(session)) or by_name[rendezvous(session, list(by_name))]
         # the queue lengths Serve has probed lately (Ray's own prefix-aware router reads the same cache)
         cache = getattr(self, "_replica_queue_len_cache", None)
         queued = {r.replica_id: cache.get(r.replica_id) if cache else None for r in candidates}

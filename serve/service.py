@@ -36,6 +36,7 @@ class ChatService:
         self.open_sockets = 0
         self.metrics = ServeMetrics(self.scheduler, lambda: self.open_sockets)
         self.all_metrics = None  # async () -> every replica's metrics, where a deployment provides it
+        self.forward = None  # async (prompt, params) -> a batch running on another replica, or None: run here
         self.closed = False
 
     @classmethod
@@ -92,12 +93,22 @@ class ChatService:
                                 f"{self.seq_len} tokens", param="messages")
         return ids
 
-    def submit(self, prompt, params):
+    async def submit(self, prompt, params, session=None):
+        """Start generating: here, or on the replica that owns this prompt's opening (self.forward, where the
+        deployment provides it; not for requests that name their session, which the proxy has placed already)."""
+        if self.forward is not None and not session:
+            batch = await self.forward(prompt, params)
+            if batch is not None:
+                return batch
+        return self.submit_here(prompt, params)
+
+    def submit_here(self, prompt, params):
         try:
-            batch = AsyncRequests(self.scheduler, prompt, params)
+            return AsyncRequests(self.scheduler, prompt, params)
         except Overloaded as e:
             raise ApiError(503, str(e), code="overloaded") from None
-        return batch
+        except ValueError as e:  # e.g. more KV memory than the replica has
+            raise ApiError(400, str(e), param="max_tokens") from None
 
     async def events(self, batch):
         """(index, event) of a batch, observing latency metrics on the way."""

@@ -431,9 +431,25 @@ def test_command_line_maps_onto_the_app_config():
         ServeConfig.from_options({"prot": "1"})
 
 
+def converse(purl, name, header=True, turns=4, system=None):
+    """A conversation over the OpenAI route, with its name as X-Session-Id or without one: each turn's usage."""
+    messages, usages = ([{"role": "system", "content": system}] if system else []), []
+    headers = {**AUTH, **({"X-Session-Id": name} if header else {})}
+    for turn in range(turns):
+        messages.append({"role": "user", "content": f"{name} asks question number {turn}"})
+        r = requests.post(purl + "/v1/chat/completions", headers=headers,
+                          json={"messages": messages, "max_tokens": 6, "temperature": 0}, timeout=60)
+        assert r.status_code == 200, r.text
+        usages.append(r.json()["usage"])
+        messages.append({"role": "assistant", "content": r.json()["choices"][0]["message"]["content"]})
+    return usages
+
+
 def test_two_replicas_keep_a_conversation_on_one_and_report_both(url):
-    """Two replicas: every turn of a conversation sent with X-Session-Id lands where its earlier turns are cached
-    (each later turn takes them from the prefix cache), and /metrics on either replica shows both."""
+    """Two replicas: every turn of a conversation lands where its earlier turns are cached (each later turn takes
+    them from the prefix cache), whether it names its session (X-Session-Id, placed by the proxy's router) or not
+    (placed by its prompt's opening); requests sharing a long system prompt meet on one replica; /metrics on
+    either replica shows both."""
     from ray import serve
 
     from serve.app import build_app
@@ -448,25 +464,23 @@ def test_two_replicas_keep_a_conversation_on_one_and_report_both(url):
         while len(seen) < 2 and time.time() < deadline:  # both replicas up
             seen.add(health(purl)["replica"])
         assert len(seen) == 2
-        for session in ("conversation-a", "conversation-b", "conversation-c"):
-            messages, prompts = [], []
-            for turn in range(4):
-                messages.append({"role": "user", "content": f"{session} asks question number {turn}"})
-                r = requests.post(purl + "/v1/chat/completions", headers={**AUTH, "X-Session-Id": session},
-                                  json={"messages": messages, "max_tokens": 6, "temperature": 0}, timeout=60)
-                assert r.status_code == 200, r.text
-                body = r.json()
-                used = body["usage"]
-                if prompts:  # everything up to the last turn's prompt, in whole blocks, was cached where it went
-                    assert used["prompt_tokens_details"]["cached_tokens"] >= prompts[-1] // 16 * 16, (session, turn)
-                prompts.append(used["prompt_tokens"])
-                messages.append({"role": "assistant", "content": body["choices"][0]["message"]["content"]})
+        # /metrics on either shows both (each replica publishes every couple of seconds), and from then on each
+        # knows the other, for placing requests by their prompt
         deadline, replicas = time.time() + 20, set()
-        while replicas != seen and time.time() < deadline:  # each replica publishes every couple of seconds
+        while replicas != seen and time.time() < deadline:
             text = requests.get(purl + "/metrics", headers=AUTH, timeout=10).text
             replicas = {s.labels["replica"] for f in text_string_to_metric_families(text) for s in f.samples}
             time.sleep(0.5)
         assert replicas == seen
+        for name, header in (("chat-a", True), ("chat-b", True), ("chat-c", True), ("chat-d", False),
+                             ("chat-e", False), ("chat-f", False)):
+            usages = converse(purl, name, header)
+            for before, now in zip(usages, usages[1:]):  # all of the turn before, in whole blocks, was cached
+                assert now["prompt_tokens_details"]["cached_tokens"] >= before["prompt_tokens"] // 16 * 16, name
+        system = "You are a terse assistant who answers in one short sentence. " * 12  # ~300 tokens here
+        for name in ("chat-g", "chat-h", "chat-i"):
+            (usage,) = converse(purl, name, header=False, turns=1, system=system)
+        assert usage["prompt_tokens_details"]["cached_tokens"] >= 256  # where the others left the system prompt
     finally:
         serve.delete("pair")
 

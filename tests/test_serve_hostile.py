@@ -260,3 +260,21 @@ def test_64_streams_over_sse_openai_and_websocket_with_a_third_disconnecting(ser
     assert set(summary["statuses"]) == {"200", "101"}, summary  # no 5xx, no 503: 64 fit in rows + waiting
     assert summary["completion_tokens"] == 42 * 24
     assert idle(server.service), server.service.scheduler.snapshot()
+
+
+def test_a_request_bigger_than_the_kv_budget_is_a_400_and_harms_nobody(tiny_tokenizer):
+    """0.05 MiB of KV memory (a few hundred tokens): a request whose prompt and max_tokens need more is refused
+    with a message, while one that fits is answered."""
+    cfg = ServeConfig(api_key=KEY, kv_cache_mb=0.05)
+    service = ChatService(cfg, tiny_chat_model(tiny_tokenizer), tiny_tokenizer)
+    try:
+        with LocalServer(make_api(service)) as srv:
+            usable = service.scheduler.pool.usable_blocks
+            too_big = requests.post(srv.url + "/chat", headers=AUTH, timeout=30,
+                                    json={"message": "hi", "max_tokens": 4000})
+            assert too_big.status_code == 400, too_big.text
+            assert f"KV blocks; the replica has {usable}" in too_big.json()["error"]["message"]
+            fits = requests.post(srv.url + "/chat", headers=AUTH, timeout=30, json={"message": "hi", "max_tokens": 8})
+            assert fits.status_code == 200 and fits.json()["usage"]["completion_tokens"] == 8
+    finally:
+        service.close()
