@@ -120,24 +120,33 @@ def long_prompt_itl(server, tokenizer, streams=4, long_tokens=2000, max_tokens=2
     """Inter-token latency of `streams` running streams while one prompt of long_tokens arrives: p99 of their gaps
     that overlap the long prompt's prefill (its submission to its first token), against their median before it."""
     from serve.scheduler import SamplingParams
-    log, lock = [], threading.Lock()
+    log, texts = [], {"before": 0, "after": 0}
+    settled, long_started, after = threading.Event(), threading.Event(), threading.Event()
+    # (waiting on events: polling the log would take the GIL from the scheduler thread, into the gaps measured)
 
     def sink(name):
-        def put(ev):
-            with lock:
-                log.append((time.perf_counter(), name, ev))
+        def put(ev):  # called on the scheduler thread only
+            log.append((time.perf_counter(), name, ev))
+            if name == "long":
+                long_started.set()
+            elif "text" in ev:
+                phase = "after" if long_started.is_set() else "before"
+                texts[phase] += 1
+                if texts["before"] >= streams * settle:
+                    settled.set()
+                if texts["after"] >= 2 * streams:  # every stream's gap across the prefill has ended
+                    after.set()
         return put
     prompt = tokenizer.render_for_completion([{"role": "user", "content": QUESTIONS[0]},
                                               {"role": "assistant", "content": ""}])
     running = [server.submit(prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0), sink(i))
                for i in range(streams)]
-    while sum(1 for _, name, ev in list(log) if "text" in ev) < streams * settle:
-        time.sleep(0.005)
     words = tokenizer.encode(" ".join(QUESTIONS) * 200)[:long_tokens]
+    settled.wait(120)
     t_submit = time.perf_counter()
     long = server.submit(words, SamplingParams(max_tokens=4, temperature=0.0), sink("long"))
-    while not any(name == "long" for _, name, _ in list(log)):
-        time.sleep(0.005)
+    long_started.wait(120)
+    after.wait(120)
     t_first = next(t for t, name, _ in list(log) if name == "long")
     for r in running + [long]:
         r.cancel()
