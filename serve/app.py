@@ -199,8 +199,7 @@ class ChatServer:
         return RemoteRequests(stream, len(params))
 
     async def live_replicas(self):
-        replicas, read_at = self.live
-        if time.time() - read_at > self.PUBLISH_EVERY_S:
+        if time.time() - self.live[1] > self.PUBLISH_EVERY_S:
             try:
                 self.live = (await self.board.replicas.remote(), time.time())
             except ray.exceptions.RayActorError:
@@ -216,15 +215,10 @@ class ChatServer:
             yield item
 
     def _publish(self):
+        # (a board that went with the replica that created it is replaced when next read, below)
         while not self.service.closed:
-            self._put()
-            time.sleep(self.PUBLISH_EVERY_S)
-
-    def _put(self):
-        try:
             self.board.put.remote(self.service.replica, self.service.metrics.text())
-        except ray.exceptions.RayActorError:  # the board went with the replica that created it: make another
-            self.board = metrics_board(self.app_name)
+            time.sleep(self.PUBLISH_EVERY_S)
 
     async def all_metrics(self):
         """Prometheus text of every live replica (this one's fresh), each series labelled with its replica."""
