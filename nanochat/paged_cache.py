@@ -121,14 +121,6 @@ class BlockPool:
             self.entry[block] = (key, parent, chunk)
         return key
 
-    def reset_prefix_cache(self):
-        """Forget every cached prefix (blocks in use keep their contents)."""
-        for block in list(self.evictable):
-            self.free.append(block)
-        self.evictable.clear()
-        self.index.clear()
-        self.entry.clear()
-
 
 def block_bytes(num_layers, block_size, num_kv_heads, head_dim, dtype):
     """Bytes of one block: keys and values of block_size tokens in every layer."""
