@@ -1,0 +1,98 @@
+"""nanochat/hf_tokenizer.py against transformers: the exported fast tokenizer gives our ids (held text of the shared
+data, the shipped corpus, odd strings), decodes byte for byte, and its chat template renders our ids."""
+import gzip
+import json
+
+import pydoc_data.topics
+import pytest
+from transformers import AutoTokenizer
+
+from conftest import SHARED_DATA
+from nanochat.dataset import FALLBACK_VAL
+from nanochat.hf_tokenizer import save_hf_tokenizer
+from nanochat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer
+
+ODD = ["", " ", "  leading and trailing  ", "Hello world! 123 + 4567 = 4690.", "don't we'll they've I'M",
+       "Ünïcödé: 你好世界, 안녕하세요, Привет, 🚀✨\t tabs\r\n\r\nend", "x" * 300, "1234567890" * 5,
+       "\u200b\ufeff zero width", "a\n\n\n\nb", "émoji 👩‍👩‍👧‍👦 family"]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """(ours, the exported one loaded by transformers): a 4096-token vocabulary trained on Python's docs."""
+    ours = RustBPETokenizer.train_from_iterator(iter(pydoc_data.topics.topics.values()), 4096)
+    out = tmp_path_factory.mktemp("hf_tokenizer")
+    save_hf_tokenizer(ours, str(out))
+    return ours, AutoTokenizer.from_pretrained(str(out))
+
+
+def check_texts(pair, texts):
+    ours, hf = pair
+    for text in texts:
+        ids = hf.encode(text, add_special_tokens=False)
+        assert ids == ours.encode(text), text[:80]
+        assert hf.decode(ids) == text  # byte for byte
+    return len(texts)
+
+
+def test_odd_strings_and_the_shipped_corpus(pair):
+    with gzip.open(FALLBACK_VAL, "rt", encoding="utf-8") as f:
+        docs = [json.loads(line)["text"] for line in f]  # every held-out document of the shipped corpus
+    assert len(docs) > 50 and check_texts(pair, ODD + docs) == len(ODD) + len(docs)
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs ../shared/data (the held real text)")
+def test_the_held_text_of_the_shared_data(pair):
+    with gzip.open(SHARED_DATA / "pretrain" / "tinyshakespeare.txt.gz", "rt", encoding="utf-8") as f:
+        shakespeare = f.read()
+    texts = [shakespeare[i:i + 20000] for i in range(0, len(shakespeare), 20000)]
+    for rel in ("chat/fastchat_reference_conversations.jsonl.gz", "gsm8k/test.jsonl.gz"):
+        with gzip.open(SHARED_DATA / rel, "rt", encoding="utf-8") as f:
+            texts.append(f.read())  # the raw JSON lines: quotes, escapes, digits, newlines
+    check_texts(pair, texts)
+
+
+def test_special_token_strings_in_text(pair):
+    """Our encode() reads '<|bos|>' in text as text; Hugging Face reads it as the special token (as it does for every
+    chat template) unless told split_special_tokens=True, which then gives our ids."""
+    ours, hf = pair
+    text = "a literal <|bos|> and <|user_start|> in text"
+    assert hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] == ours.encode(text)
+    assert ours.encode_special("<|bos|>") in hf.encode(text, add_special_tokens=False)
+
+
+def test_special_tokens_keep_their_ids(pair):
+    ours, hf = pair
+    for name in SPECIAL_TOKENS:
+        assert hf.convert_tokens_to_ids(name) == ours.encode_special(name)
+    assert hf.bos_token == "<|bos|>" and hf.eos_token == "<|assistant_end|>"
+    assert len(hf) == ours.get_vocab_size()
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"}],
+    [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Sky colour?"},
+     {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "And grass?"},
+     {"role": "assistant", "content": "Green."}],
+    [{"role": "user", "content": "What is 12*34, plus 5?"},
+     {"role": "assistant", "content": [{"type": "text", "text": "Let me compute. "},
+                                       {"type": "python", "text": "12*34+5"},
+                                       {"type": "python_output", "text": "413"},
+                                       {"type": "text", "text": "It is 413."}]},
+     {"role": "user", "content": "Thanks! Now 7*7?"},
+     {"role": "assistant", "content": [{"type": "python", "text": "7*7"}, {"type": "python_output", "text": "49"},
+                                       {"type": "text", "text": "49."}]}],
+]
+
+
+def chat_ids(hf, messages, **kwargs):
+    out = hf.apply_chat_template(messages, tokenize=True, **kwargs)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+def test_the_chat_template_renders_our_ids(pair, messages):
+    ours, hf = pair
+    assert chat_ids(hf, messages) == ours.render_conversation(messages)[0]
+    # the prompt for the next reply: everything before the last assistant turn, then an open assistant turn
+    assert chat_ids(hf, messages[:-1], add_generation_prompt=True) == ours.render_for_completion(messages)
