@@ -315,16 +315,20 @@ class Scheduler:
             return
         try:
             self._prefill(batch)
-        except Exception:
+            return
+        except Exception as e:
             if len(batch) == 1:
-                raise
-            for req, n in batch:
-                try:
-                    self._prefill([(req, n)])
-                except Exception as e:
-                    logger.exception("prefill failed")
-                    self.stats["errors"] += 1
-                    self._finish(req, "error", error=f"prefill failed: {type(e).__name__}: {e}")
+                return self._prefill_failed(batch[0][0], e)
+        for req, n in batch:
+            try:
+                self._prefill([(req, n)])
+            except Exception as e:
+                self._prefill_failed(req, e)
+
+    def _prefill_failed(self, req, error):
+        logger.error("prefill failed", exc_info=error)
+        self.stats["errors"] += 1
+        self._finish(req, "error", error=f"prefill failed: {type(error).__name__}: {error}")
 
     def _prefill(self, batch):
         reqs = [req for req, _ in batch]

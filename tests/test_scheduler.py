@@ -290,6 +290,33 @@ def test_a_poison_request_fails_alone(model, tiny_tokenizer):
         s.stop()
 
 
+def test_a_prompt_that_cannot_be_prefilled_alone_fails_alone(model, tiny_tokenizer):
+    """Regression: a bad prompt prefilled by itself (here: admitted while two streams decode) used to fail the whole
+    step, and with it the streams decoding beside it."""
+    tok = tiny_tokenizer
+    s = Scheduler(model, tok, max_batch=4, prefix_cache=False).start()
+    try:
+        prompts = [tok.encode(p, prepend="<|bos|>") for p in PROMPTS[:2]]
+        params = SamplingParams(max_tokens=40, temperature=0.0)
+        alone = [generate(s, p, params, timeout=60) for p in prompts]
+        sinks, started = [queue.Queue() for _ in prompts], threading.Event()
+        for p, q in zip(prompts, sinks):
+            s.submit(p, params, lambda ev, q=q: (q.put(ev), started.set()))
+        assert started.wait(30)
+        _, bad = generate(s, prompts[0] + [TINY_VOCAB + 7], params, timeout=60)  # no such token
+        assert bad["finish_reason"] == "error" and "prefill failed" in bad["error"], bad
+        results = []
+        for q in sinks:
+            parts = []
+            while "done" not in (event := q.get(timeout=60)):
+                parts.append(event["text"])
+            results.append(("".join(parts), event))
+        assert results == alone
+        assert s.snapshot()["errors"] == 1 and s.health_problem() is None
+    finally:
+        s.stop()
+
+
 @pytest.mark.parametrize("special", ["<|user_start|>", "<|user_end|>", "<|assistant_start|>"])
 def test_tokens_of_other_turns_end_the_reply(model, tiny_tokenizer, special):
     """A model that samples a token which can only belong to another turn ends its reply there (finish_reason
