@@ -29,24 +29,8 @@ import time
 from collections import Counter
 from urllib.parse import urlparse
 
-from bench.serve_load import Http, InProcess, OneAtATime, long_prompt_itl, percentile, run_workload
-from bench.serve_load import summarize as summarize_workload
+from bench.serve_load import Http, InProcess, OneAtATime, long_prompt_itl, percentile, run_workload, summarize
 
-
-def summarize(concurrency, records, wall):
-    """records: [(ttft_s, [inter-token gaps], completion_tokens)] of one level."""
-    ttft = [r[0] for r in records]
-    itl = [gap for r in records for gap in r[1]]
-    tokens = sum(r[2] for r in records)
-    ms = lambda v: None if v is None else round(v * 1000, 2)  # noqa: E731
-    return dict(concurrency=concurrency, requests=len(records), seconds=round(wall, 2),
-                requests_per_s=round(len(records) / wall, 2), output_tok_per_s=round(tokens / wall, 1),
-                ttft_ms_p50=ms(percentile(ttft, 50)), ttft_ms_p99=ms(percentile(ttft, 99)),
-                itl_ms_p50=ms(percentile(itl, 50)), itl_ms_p99=ms(percentile(itl, 99)))
-
-
-# -----------------------------------------------------------------------------
-# in-process: the scheduler alone, no HTTP
 
 def build_local(args):
     """A random-weight model (special tokens masked, so every reply runs to max_tokens) and a tokenizer."""
@@ -74,39 +58,6 @@ def local_scheduler(args, model, tokenizer, max_batch, prefix_cache=True):
                      kv_cache_bytes=int(args.kv_cache_mb * 2**20) or None, prefill_chunk=args.prefill_chunk).start()
 
 
-def run_local_level(scheduler, prompts, args, concurrency, n_requests):
-    from serve.scheduler import AsyncRequests, SamplingParams
-
-    async def one(prompt):
-        batch = AsyncRequests(scheduler, prompt, [SamplingParams(max_tokens=args.max_tokens,
-                                                                 temperature=args.temperature)])
-        start, last, ttft, gaps, tokens = time.perf_counter(), None, None, [], 0
-        async for _, ev in batch:
-            now = time.perf_counter()
-            if "text" in ev and ev["tokens"]:  # (a final flush of held-back text carries no new token)
-                if last is None:
-                    ttft = now - start
-                else:
-                    gaps.extend([(now - last) / ev["tokens"]] * ev["tokens"])
-                last = now
-            else:
-                tokens = ev["completion_tokens"]
-        return ttft, gaps, tokens
-
-    async def level():
-        todo = list(range(n_requests))
-        records = []
-
-        async def client():
-            while todo:
-                i = todo.pop()
-                records.append(await one(prompts[i % len(prompts)]))
-        t0 = time.perf_counter()
-        await asyncio.gather(*[client() for _ in range(concurrency)])
-        return records, time.perf_counter() - t0
-    return asyncio.run(level())
-
-
 # -----------------------------------------------------------------------------
 # over HTTP: a running server's OpenAI route, streamed
 
@@ -115,52 +66,6 @@ def check_loopback(url):
     addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
     if not all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses):
         raise SystemExit(f"--url must point at this machine (loopback), got {host} -> {sorted(addresses)}")
-
-
-def run_http_level(args, prompts, concurrency, n_requests):
-    import requests
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    lock, todo, records = threading.Lock(), list(range(n_requests)), []
-
-    def one(session, text):
-        body = {"messages": [{"role": "user", "content": text}], "max_tokens": args.max_tokens,
-                "temperature": args.temperature, "stream": True, "stream_options": {"include_usage": True}}
-        start, last, ttft, gaps, tokens = time.perf_counter(), None, None, [], 0
-        with session.post(args.url.rstrip("/") + "/v1/chat/completions", json=body, headers=headers, stream=True,
-                          timeout=300) as r:
-            r.raise_for_status()
-            for line in r.iter_lines():
-                if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                    continue
-                event = json.loads(line[6:])
-                if event.get("usage"):
-                    tokens = event["usage"]["completion_tokens"]
-                if any(c["delta"].get("content") for c in event["choices"]):
-                    now = time.perf_counter()
-                    if last is None:
-                        ttft = now - start
-                    else:
-                        gaps.append(now - last)
-                    last = now
-        return ttft, gaps, tokens
-
-    def client():
-        session = requests.Session()
-        while True:
-            with lock:
-                if not todo:
-                    return
-                i = todo.pop()
-            record = one(session, prompts[i % len(prompts)])
-            with lock:
-                records.append(record)
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return records, time.perf_counter() - t0
 
 
 # -----------------------------------------------------------------------------
@@ -335,7 +240,7 @@ def run_workloads(args, model=None, tokenizer=None):
         finally:
             if server is not None:
                 server.stop()
-        results[name] = summarize_workload(records, wall)
+        results[name] = summarize(records, wall)
         r = results[name]
         print(f"{name:40s} {r['completed']:4d} ok {r['failed']:3d} failed  {r['request_throughput']:6.2f} req/s "
               f"{r['output_tok_per_s']:8.1f} tok/s  TTFT mean/p50/p99 {r['ttft_ms_mean']}/{r['ttft_ms_p50']}/"
@@ -441,25 +346,22 @@ def main():
         print(json.dumps(dict(bench="serve-mixed", url=args.url, max_tokens=args.max_tokens, **summary, **server)))
         return
 
-    if args.url:
-        run_level = lambda c, n: run_http_level(args, PROMPTS, c, n)  # noqa: E731
-    else:
-        scheduler = local_scheduler(args, model, tokenizer, max(args.concurrency))
-        prompts = [tokenizer.render_for_completion([{"role": "user", "content": p},
-                                                    {"role": "assistant", "content": ""}]) for p in PROMPTS]
-        run_local_level(scheduler, prompts, args, 1, 1)  # warm-up
-        run_level = lambda c, n: run_local_level(scheduler, prompts, args, c, n)  # noqa: E731
-
+    # levels: c clients, each sending its requests one after another (at most c in flight)
+    scheduler = None if args.url else local_scheduler(args, model, tokenizer, max(args.concurrency))
+    target = Http(args.url, args.api_key, sessions=False) if args.url else InProcess(scheduler, tokenizer)
+    options = dict(max_tokens=args.max_tokens, temperature=args.temperature)
+    if not args.url:
+        asyncio.run(run_workload(target, "single", num_prompts=1, **options))  # warm-up
     levels = []
     for c in args.concurrency:
-        records, wall = run_level(c, c * args.requests_per_client)
-        levels.append(summarize(c, records, wall))
-        s = levels[-1]
-        print(f"concurrency {c:3d}: {s['requests']:3d} requests in {s['seconds']:6.2f}s  "
-              f"{s['requests_per_s']:6.2f} req/s  {s['output_tok_per_s']:8.1f} tok/s  "
+        records, wall = asyncio.run(run_workload(target, "single", num_prompts=c * args.requests_per_client,
+                                                 max_concurrency=c, seed=c, **options))
+        levels.append(s := dict(concurrency=c, **summarize(records, wall)))
+        print(f"concurrency {c:3d}: {s['completed']:3d} requests in {s['seconds']:6.2f}s  "
+              f"{s['request_throughput']:6.2f} req/s  {s['output_tok_per_s']:8.1f} tok/s  "
               f"TTFT p50/p99 {s['ttft_ms_p50']}/{s['ttft_ms_p99']} ms  "
               f"ITL p50/p99 {s['itl_ms_p50']}/{s['itl_ms_p99']} ms", flush=True)
-    if not args.url:
+    if scheduler is not None:
         stats = scheduler.snapshot()
         where.update(max_active=stats["max_active"], mean_occupancy=round(stats["mean_occupancy"], 2))
         scheduler.stop()

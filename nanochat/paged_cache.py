@@ -141,7 +141,7 @@ class PagedBatch:
 
     def __init__(self, pool, rows, new_lens, prev=None):
         self.pool, self.rows, self.new_lens = pool, rows, list(new_lens)
-        self.n_layers, self.batch_size = pool.k.size(0), len(rows)
+        self.batch_size = len(rows)
         self.prev_embedding = prev
         self.span = None
         self.begin(max(self.new_lens))

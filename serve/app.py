@@ -216,7 +216,7 @@ class ChatServer:
 
     def _publish(self):
         # (a board that went with the replica that created it is replaced when next read, below)
-        while not self.service.closed:
+        while self.service.scheduler.running:  # until the replica closes
             self.board.put.remote(self.service.replica, self.service.metrics.text())
             time.sleep(self.PUBLISH_EVERY_S)
 

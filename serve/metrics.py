@@ -40,7 +40,7 @@ class SchedulerCollector:
         yield GaugeMetricFamily("nanochat:kv_cache_usage_perc", "fraction of KV-cache blocks in use (1 = full)",
                                 value=s["kv_usage"])
         yield CounterMetricFamily("nanochat:prefix_cache_queries", "prompt tokens looked up in the prefix cache",
-                                  value=s["prefix_query_tokens"])
+                                  value=s["prompt_tokens"])
         yield CounterMetricFamily("nanochat:prefix_cache_hits", "prompt tokens found in the prefix cache",
                                   value=s["prefix_hit_tokens"])
         yield CounterMetricFamily("nanochat:prompt_tokens", "prompt tokens of admitted requests",

@@ -130,7 +130,7 @@ class Scheduler:
         self.running = False
         self.thread = None
         self.stats = dict(steps=0, tokens=0, admitted=0, finished=0, cancelled=0, max_active=0, occupancy_sum=0,
-                          errors=0, prompt_tokens=0, prefill_tokens=0, prefix_query_tokens=0, prefix_hit_tokens=0)
+                          errors=0, prompt_tokens=0, prefill_tokens=0, prefix_hit_tokens=0)
 
     # -------------------------------------------------------------------------
     # public API (any thread)
@@ -270,8 +270,7 @@ class Scheduler:
             last = torch.tensor([[req.prompt[req.kv.length - 1]]], device=self.device)
             req.prev = self.model.token_embedding(last)
         self.stats["admitted"] += 1
-        self.stats["prompt_tokens"] += len(req.prompt)
-        self.stats["prefix_query_tokens"] += len(req.prompt)
+        self.stats["prompt_tokens"] += len(req.prompt)  # (every prompt is looked up in the prefix cache)
         self.stats["prefix_hit_tokens"] += req.cached_tokens
         return True
 

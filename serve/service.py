@@ -37,7 +37,6 @@ class ChatService:
         self.metrics = ServeMetrics(self.scheduler, lambda: self.open_sockets)
         self.all_metrics = None  # async () -> every replica's metrics, where a deployment provides it
         self.forward = None  # async (prompt, params) -> a batch running on another replica, or None: run here
-        self.closed = False
 
     @classmethod
     def _load_and_schedule(cls, cfg, device):
@@ -79,7 +78,6 @@ class ChatService:
         return model, tokenizer, meta.get("step")
 
     def close(self):
-        self.closed = True
         self.scheduler.stop()
 
     def prompt(self, convo):

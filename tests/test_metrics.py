@@ -6,7 +6,7 @@ from serve.metrics import ServeMetrics, merge_replicas
 
 class FakeScheduler:
     def __init__(self, **stats):
-        self.stats = {**dict(active=1, waiting=2, kv_usage=0.25, prefix_query_tokens=100, prefix_hit_tokens=64,
+        self.stats = {**dict(active=1, waiting=2, kv_usage=0.25, prefix_hit_tokens=64,
                              prompt_tokens=100, tokens=40), **stats}
 
     def snapshot(self):
