@@ -55,7 +55,8 @@ def build_local(args):
 def local_scheduler(args, model, tokenizer, max_batch, prefix_cache=True):
     from serve.scheduler import Scheduler
     return Scheduler(model, tokenizer, max_batch=max_batch, max_waiting=10**6, prefix_cache=prefix_cache,
-                     kv_cache_bytes=int(args.kv_cache_mb * 2**20) or None, prefill_chunk=args.prefill_chunk).start()
+                     kv_cache_bytes=int(args.kv_cache_mb * 2**20) or None, prefill_chunk=args.prefill_chunk,
+                     prefill_slowdown=args.prefill_slowdown).start()
 
 
 # -----------------------------------------------------------------------------
@@ -264,14 +265,24 @@ def run_workloads(args, model=None, tokenizer=None):
 
 
 def run_long_prompt(args, model, tokenizer):
-    scheduler = local_scheduler(args, model, tokenizer, args.max_batch)
-    try:
-        out = long_prompt_itl(scheduler, tokenizer, streams=args.streams, long_tokens=args.long_prompt,
-                              max_tokens=args.seq_len // 2)
-    finally:
-        scheduler.stop()
+    """The scheduler runs on this thread, the one that built the model, as the server runs it (two OpenMP thread
+    teams on the same cores make decoding's pace erratic); the measuring client runs on another."""
+    from serve.scheduler import Scheduler
+    scheduler = Scheduler(model, tokenizer, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
+                          prefill_slowdown=args.prefill_slowdown, kv_cache_bytes=int(args.kv_cache_mb * 2**20) or None)
+    out = {}
+
+    def measure():
+        try:
+            out.update(long_prompt_itl(scheduler, tokenizer, streams=args.streams, long_tokens=args.long_prompt,
+                                       max_tokens=args.seq_len // 2))
+        finally:
+            scheduler.stop(timeout=0)
+    client = threading.Thread(target=measure)
+    scheduler.run(on_ready=client.start)
+    client.join()
     print(f"{out['streams']} streams decoding while a {out['long_prompt_tokens']}-token prompt arrives "
-          f"(prefill chunk {args.prefill_chunk}): ITL median {out['itl_ms_p50']} ms, p99 while prefilling "
+          f"(prefill chunk {args.prefill_chunk}, slowdown {args.prefill_slowdown}): ITL median {out['itl_ms_p50']} ms, p99 while prefilling "
           f"{out['itl_ms_p99_while_prefilling']} ms ({out['p99_over_median']}x), long prompt TTFT "
           f"{out['long_ttft_ms']} ms")
     return out
@@ -301,7 +312,9 @@ def main():
                              "a third disconnecting mid-stream")
     parser.add_argument("--max-batch", type=int, default=16, help="requests running at once in the in-process server")
     parser.add_argument("--kv-cache-mb", type=float, default=0, help="in-process KV budget (0: the default)")
-    parser.add_argument("--prefill-chunk", type=int, default=256, help="in-process prompt tokens per step at most")
+    parser.add_argument("--prefill-chunk", type=int, default=512, help="in-process prompt tokens per step at most")
+    parser.add_argument("--prefill-slowdown", type=float, default=2.0,
+                        help="in-process: a step with a prompt chunk takes at most this many decode steps (0: off)")
     parser.add_argument("--workload", choices=["single", "shared-prefix", "multi-turn"], default=None,
                         help="vLLM-style run of this workload (ours with and without prefix cache, and nanochat's "
                              "one-request-at-a-time serving; or the server at --url)")
@@ -324,7 +337,8 @@ def main():
     model, tokenizer, device, config = (None, None, None, None) if args.url else build_local(args)
     where = dict(mode="http", url=args.url) if args.url else dict(
         mode="in-process", device=device, depth=config.n_layer, n_embd=config.n_embd, seq_len=config.sequence_len,
-        max_batch=args.max_batch, prefill_chunk=args.prefill_chunk)
+        max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
+        prefill_slowdown=args.prefill_slowdown)
 
     if args.long_prompt:
         out = run_long_prompt(args, model, tokenizer)

@@ -175,6 +175,8 @@ class CausalSelfAttention(nn.Module):
         cos, sin = cos_sin
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         q, k = norm(q) * self.qk_scale, norm(k) * self.qk_scale
+        if plan is None:  # requests of different lengths packed into one row (serving): the cache attends per row
+            return self.c_proj(kv_cache.attend(self.layer_idx, q, k, v, window).reshape(B, T, C))
         gqa = self.n_head != self.n_kv_head
         if kv_cache is not None:  # the keys this window sees, from the cache (this forward's included)
             k, v = kv_cache.insert(self.layer_idx, k, v, plan.key_start, plan.key_stop)
@@ -363,15 +365,21 @@ class GPT(nn.Module):
             return self.cos[None, lo:lo + T, None], self.sin[None, lo:lo + T, None]
         return self.cos[positions][:, :, None], self.sin[positions][:, :, None]
 
-    def _smear(self, x, prev):
-        """x[t] += lambda * sigmoid(gate(x[t][:24])) * x[t-1]; prev is the embedding before x[0] (or None)."""
-        if prev is not None and x.size(1) == 1:  # decode: nothing to shift
-            return x + self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :24])) * prev
-        shifted = x[:, :-1] if prev is None else torch.cat([prev, x[:, :-1]], dim=1)
-        cur = x[:, 1:] if prev is None else x
-        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(cur[..., :24]))
-        mixed = cur + gate * shifted
-        return mixed if prev is not None else torch.cat([x[:, :1], mixed], dim=1)
+    def _smear(self, x, kv_cache):
+        """x[t] += lambda * sigmoid(gate(x[t][:24])) * x[t-1]. Before a row's first token is the cache's embedding of
+        the row's last token, or nothing (zeros: the first token of a sequence stays as it is)."""
+        prev = None if kv_cache is None else kv_cache.prev_embedding  # (B, 1, C) normed, pre-smear
+        if kv_cache is not None:
+            kv_cache.prev_embedding = kv_cache.last_rows(x)
+
+        def gate(cur):
+            return self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(cur[..., :24]))
+        if getattr(kv_cache, "packed", False):
+            return x + gate(x) * kv_cache.previous_rows(x, prev)
+        if prev is None:  # the first token has nothing before it (and stays out of the gate's matmul)
+            cur = x[:, 1:]
+            return torch.cat([x[:, :1], cur + gate(cur) * x[:, :-1]], dim=1) if x.size(1) > 1 else x
+        return x + gate(x) * torch.cat([prev, x[:, :-1]], dim=1)
 
     def token_embedding(self, idx):
         """The normed input embedding of tokens (what smear mixes, and what a KV cache keeps of a row's last
@@ -379,12 +387,17 @@ class GPT(nn.Module):
         return norm(self.transformer.wte(idx).to(self.cos.dtype))
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", last_only=False):
-        """Logits (B, T, vocab), or the loss with targets. kv_cache: continue its rows (and extend them);
-        last_only: logits at each row's last position only (B, 1, vocab), all that sampling needs."""
+        """Logits (B, T, vocab), or the loss with targets. kv_cache: continue its rows (and extend them); a
+        PackedBatch: idx is one row of its rows' new tokens end to end. last_only: logits at each row's last position
+        only (B, 1, vocab; a PackedBatch's rows: R, 1, vocab), all that sampling needs."""
         B, T = idx.size()
         cfg = self.config
         lo, hi = (0, 0) if kv_cache is None else kv_cache.begin(T)  # (begin: the one host sync of a forward)
-        if lo == hi:  # every row at the same position (training, the Engine)
+        packed = getattr(kv_cache, "packed", False)  # one row holding several requests' tokens (PackedBatch)
+        if packed:
+            positions = kv_cache.positions
+            cos_sin = self._rotary(positions, lo, hi, 1)
+        elif lo == hi:  # every row at the same position (training, the Engine)
             positions = torch.arange(lo, lo + T, device=idx.device)[None]
             cos_sin = self._rotary(None, lo, hi, T)
         else:  # each row continues from its own cache position (continuous batching)
@@ -393,16 +406,11 @@ class GPT(nn.Module):
 
         x = self.token_embedding(idx)
         if cfg.use_smear:
-            if kv_cache is None:
-                x = self._smear(x, None) if T > 1 else x
-            else:
-                prev = kv_cache.prev_embedding  # normed pre-smear embedding of each row's last token (or None)
-                kv_cache.prev_embedding = kv_cache.last_rows(x)
-                x = self._smear(x, prev) if prev is not None else (self._smear(x, None) if T > 1 else x)
+            x = self._smear(x, kv_cache)
 
-        # one plan (and mask, if any) per distinct window, shared by its layers
+        # one plan (and mask, if any) per distinct window, shared by its layers; a packed cache attends itself
         flex_ok = flex_wanted(idx, self.training)
-        plans = {w: plan_attention(positions, T, w, lo, hi, kv_cache is not None, flex_ok)
+        plans = {w: None if packed else plan_attention(positions, T, w, lo, hi, kv_cache is not None, flex_ok)
                  for w in set(self.window_sizes)}
 
         x0 = x

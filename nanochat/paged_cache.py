@@ -11,15 +11,17 @@ conversation, a shared system prompt) takes those blocks as they are and prefill
 reference-counted; a full block nobody uses stays cached until its memory is needed (least recently used first).
 Shared blocks are never written to: a request writes only past its matched prefix, which ends at a block boundary.
 
-PagedBatch is the model-facing view for one forward over some requests (the interface of engine.KVCache): their
-new keys go to their own slots, and attention reads each row's keys gathered from its blocks. Block 0 is scratch:
-it backs padding and table entries past a row's end, which attention never looks at.
+PackedBatch is the model-facing view for one forward over some requests: their new tokens laid end to end in one
+row, requests decoding a token beside prompts being prefilled. Their new keys go to their own slots, and attention
+reads each row's keys gathered from its blocks. Block 0 is scratch: it backs reads past a row's end, which
+attention never looks at.
 """
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 class BlockPool:
@@ -81,13 +83,17 @@ class BlockPool:
 
     def release(self, blocks):
         """Drop one reference to each block; a block nobody uses stays cached (if it holds a prefix) or is freed."""
+        freed = []
         for block in blocks:
             self.refs[block] -= 1
             if self.refs[block] == 0:
                 if block in self.entry:
                     self.evictable[block] = None
                 else:
-                    self.free.append(block)
+                    freed.append(block)
+        # taken again in this order: a request's blocks are consecutive when they can be, so attention reads its
+        # keys as one slice of the pool instead of gathering them
+        self.free.extend(reversed(freed))
 
     def match(self, tokens):
         """The cached blocks that hold the longest prefix of tokens, referenced for the caller, with their keys.
@@ -134,70 +140,149 @@ class PagedRow:
     length: int = 0
 
 
-class PagedBatch:
-    """The KV cache of one forward over `rows` (PagedRow), each advancing by new_lens[i] <= T tokens (the rest of
-    the T columns is padding). prev: (B, 1, C) smear state of each row's last token (zeros for a row that starts
-    here), or None. Row lengths advance by new_lens when the forward is done."""
+@dataclass
+class _AttentionGroup:
+    """Rows attended in one call: `size` rows of `width` new tokens each (tokens: their places in the packed row,
+    row by row), reading keys 0 .. keys - 1 of their blocks (reads: (size, keys) slots, scratch past a row's end).
+    first: the lowest position of their queries. fresh: one row whose keys are all new (a whole prompt). base: for one
+    row in consecutive blocks, the slot of its position 0 (its keys are a slice of the pool: no gather). whole: the
+    group is every token of the forward, in order."""
+    size: int
+    width: int
+    keys: int
+    first: int
+    fresh: bool
+    base: int | None = None
+    whole: bool = False
+    tokens: torch.Tensor = None
+    reads: torch.Tensor = None
+    masks: dict = field(default_factory=dict)
+
+
+class PackedBatch:
+    """The KV cache of one forward over `rows` (PagedRow) that advance by new_lens[i] tokens each: their new tokens
+    are laid end to end in a single row (the model's input is (1, sum(new_lens))), so requests decoding one token
+    and prompts being prefilled run in one forward with no padding. prev: (R, 1, C) smear state of each row's last
+    token (zeros for a row that starts here), or None. Row lengths advance by new_lens when the forward is done.
+
+    The linear layers see one long row; attention (attend) is per group of rows: rows decoding one token whose
+    lengths are within 2x of each other together (their keys padded to the longest: at most half is padding), and
+    each longer row (a prompt chunk) on its own."""
+    packed = True
 
     def __init__(self, pool, rows, new_lens, prev=None):
         self.pool, self.rows, self.new_lens = pool, rows, list(new_lens)
         self.batch_size = len(rows)
         self.prev_embedding = prev
-        self.span = None
-        self.begin(max(self.new_lens))
-
-    def begin(self, T):
-        """Slots of this forward of T columns: where each row's new keys go (padding goes to scratch block 0) and
-        where attention reads each row's keys 0 .. hi + T - 1 from. Built on the host, where the lengths are, and
-        moved to the device in one asynchronous copy: no host sync."""
-        if self.span is not None and self.span[2] == T:  # (worked out at construction, for the usual T)
-            return self.span[:2]
-        bs, B = self.pool.block_size, self.batch_size
-        for row, n in zip(self.rows, self.new_lens):
-            if row.length + n > len(row.blocks) * bs:  # would write into blocks that are not its own
+        bs = pool.block_size
+        for row, n in zip(rows, self.new_lens):
+            if n < 1 or row.length + n > len(row.blocks) * bs:  # would write into blocks that are not its own
                 raise ValueError(f"KV overflow: position {row.length + n - 1} is past the row's "
                                  f"{len(row.blocks)} blocks of {bs}")
-        # numpy: a dozen small host ops cost a few microseconds each here, instead of torch's ~10
-        lengths = np.array([r.length for r in self.rows], dtype=np.int64)
-        new_lens = np.array(self.new_lens, dtype=np.int64)
-        lo, hi = int(lengths.min()), int(lengths.max())
-        width = self.pool.blocks_for(hi + T)
-        table = np.zeros((B, width), dtype=np.int64)
-        for i, r in enumerate(self.rows):
-            own = r.blocks[:width]
-            table[i, :len(own)] = own
-        pos = lengths[:, None] + np.arange(T)
-        slots = np.take_along_axis(table, np.minimum(pos // bs, width - 1), axis=1) * bs + pos % bs
-        write = np.where(np.arange(T)[None, :] < new_lens[:, None], slots, pos % bs)
-        keys = np.arange(hi + T)
-        read = table[:, keys // bs] * bs + keys % bs
-        packed = torch.from_numpy(np.concatenate([lengths, np.maximum(new_lens - 1, 0), write.ravel(), read.ravel()]))
-        device = self.pool.k.device
+        # Index arrays built with numpy on the host, where the lengths are (a dozen small torch ops would cost ~10 us
+        # each), and moved to the device in one asynchronous copy: no host sync.
+        lengths = np.array([r.length for r in rows], dtype=np.int64)
+        new = np.array(self.new_lens, dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(new)[:-1]])
+        R, N = len(rows), int(new.sum())
+        table = np.zeros((R, max(len(r.blocks) for r in rows)), dtype=np.int64)  # past a row's blocks: scratch
+        for i, r in enumerate(rows):
+            table[i, :len(r.blocks)] = r.blocks
+        row_of = np.repeat(np.arange(R), new)
+        positions = lengths[row_of] + np.arange(N) - starts[row_of]
+        write = table[row_of, positions // bs] * bs + positions % bs
+        # smear: each token's previous token is the one before it in its row, or the row's prev for its first token
+        previous = np.arange(R - 1, R + N - 1)
+        previous[starts] = np.arange(R)
+        self.groups, parts = [], [positions, write, starts + new - 1, previous]
+        for members in self._grouping(lengths, new):
+            width, keys = int(new[members[0]]), int((lengths[members] + new[members]).max())
+            group = _AttentionGroup(len(members), width, keys, int(lengths[members].min()),
+                                    fresh=width > 1 and lengths[members[0]] == 0)
+            used = table[members[0], :pool.blocks_for(keys)]
+            if len(members) == 1 and (np.diff(used) == 1).all():
+                group.base, reads = int(used[0]) * bs, np.zeros(0, dtype=np.int64)
+            else:  # (slots past a row's length are masked)
+                k = np.arange(keys)
+                reads = (table[members][:, k // bs] * bs + k % bs).ravel()
+            tokens = (starts[members][:, None] + np.arange(width)).ravel()
+            group.whole = len(tokens) == N  # every token, in order: no gather of queries, no scatter of outputs
+            self.groups.append(group)
+            parts += [tokens, reads]
+        packed = torch.from_numpy(np.concatenate(parts))
+        device = pool.k.device
         if device.type == "cuda":
             packed = packed.pin_memory().to(device, non_blocking=True)
-        self.cache_seqlens, self._last, self.write_slots, self.read_slots = packed.split([B, B, B * T, B * (hi + T)])
-        self.span, self.fresh, self._reads = (lo, hi, T), hi == 0, {}
-        return lo, hi
+        split = packed.split([len(a) for a in parts])
+        self.positions, self.write_slots, self._last, self._previous = split[0][None], split[1], split[2], split[3]
+        for g, tokens, reads in zip(self.groups, split[4::2], split[5::2]):
+            g.tokens, g.reads = tokens, reads.view(g.size, -1)
+        self.lengths = lengths
 
-    def insert(self, layer_idx, k, v, key_start, key_stop):
-        """Write k, v (B, T, H, D) into the rows' slots; return every row's keys and values at positions
-        key_start .. key_stop - 1 (gathered from its blocks)."""
-        B, T, H, D = k.shape
+    @staticmethod
+    def _grouping(lengths, new):
+        """Row indices (ascending) of each attention group: one-token rows taken longest first, a new group whenever
+        a row's keys are fewer than half the group's longest; every longer row alone."""
+        groups = []
+        for i in sorted(np.flatnonzero(new == 1), key=lambda i: -lengths[i]):
+            if groups and 2 * (lengths[i] + 1) >= lengths[groups[-1][0]] + 1:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        return [np.sort(g) for g in groups] + [np.array([i]) for i in np.flatnonzero(new > 1)]
+
+    def begin(self, T):
+        """(lowest, highest) position of this forward's tokens."""
+        assert T == len(self.write_slots), "a packed batch is one row of all its rows' new tokens"
+        return int(self.lengths.min()), int((self.lengths + np.array(self.new_lens)).max()) - 1
+
+    def attend(self, layer_idx, q, k, v, window):
+        """Write k, v (1, N, H, D) into the rows' slots; return attention (1, N, Hq, D) of each row's queries over
+        its own keys within `window`."""
         k_layer, v_layer = self.pool.k[layer_idx], self.pool.v[layer_idx]
-        k_layer.index_copy_(0, self.write_slots, k.reshape(B * T, H, D).to(k_layer.dtype))
-        v_layer.index_copy_(0, self.write_slots, v.reshape(B * T, H, D).to(v_layer.dtype))
-        if self.fresh:  # every row starts here: the keys are exactly the new ones
-            return k[:, key_start:key_stop], v[:, key_start:key_stop]
-        if key_start not in self._reads:  # a sliding window reads fewer keys; layers of one window share them
-            span = self.span[1] + T
-            self._reads[key_start] = self.read_slots.view(B, span)[:, key_start:key_stop].reshape(-1)
-        read = self._reads[key_start]
-        n = key_stop - key_start
-        return k_layer.index_select(0, read).view(B, n, H, D), v_layer.index_select(0, read).view(B, n, H, D)
+        k_layer.index_copy_(0, self.write_slots, k[0].to(k_layer.dtype))
+        v_layer.index_copy_(0, self.write_slots, v[0].to(v_layer.dtype))
+        gqa = q.size(2) != k.size(2)
+        y = None if self.groups[0].whole else torch.empty_like(q[0])
+        for g in self.groups:
+            qg = (q[0] if g.whole else q[0, g.tokens]).view(g.size, g.width, *q.shape[2:]).transpose(1, 2)
+            if g.fresh and g.width - 1 <= window:  # a whole prompt within the window: its own keys, plain causal
+                kg, vg = (t[0, g.tokens][None].transpose(1, 2) for t in (k, v))
+                out = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, enable_gqa=gqa)
+            else:
+                start, mask = self._mask(g, window)
+                shape = (g.size, g.keys - start) + k.shape[2:]
+                if g.base is not None:
+                    kg, vg = (t[g.base + start:g.base + g.keys].view(shape) for t in (k_layer, v_layer))
+                else:
+                    read = g.reads[:, start:].reshape(-1)
+                    kg, vg = (t.index_select(0, read).view(shape) for t in (k_layer, v_layer))
+                kg, vg = kg.transpose(1, 2).to(q.dtype), vg.transpose(1, 2).to(q.dtype)
+                out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, enable_gqa=gqa)
+            out = out.transpose(1, 2).reshape(g.size * g.width, *q.shape[2:])
+            if g.whole:
+                return out[None]
+            y.index_copy_(0, g.tokens, out)
+        return y[None]
+
+    def _mask(self, g, window):
+        """The first key any row of the group sees in this window, and which keys from there each of its queries
+        sees (shared by the layers of one window)."""
+        if window not in g.masks:
+            start = max(0, g.first - window)
+            queries = self.positions[0, g.tokens].view(g.size, g.width, 1)
+            diff = queries - torch.arange(start, g.keys, device=queries.device)
+            g.masks[window] = start, ((diff >= 0) & (diff <= window))[:, None]
+        return g.masks[window]
+
+    def previous_rows(self, x, prev):
+        """(1, N, C) -> each token's previous token in its row (prev, or zeros, for a row's first token)."""
+        first = prev[:, 0] if prev is not None else x.new_zeros(self.batch_size, x.size(-1))
+        return torch.cat([first, x[0]])[self._previous][None]
 
     def last_rows(self, x):
-        """(B, T, ...) -> (B, 1, ...): each row's last real (not padding) position."""
-        return x[torch.arange(x.size(0), device=x.device), self._last][:, None]
+        """(1, N, ...) -> (R, 1, ...): each row's last token."""
+        return x[0, self._last][:, None]
 
     def advance(self, n):
         for row, m in zip(self.rows, self.new_lens):

@@ -78,8 +78,11 @@ class ServeConfig(ArgsMixin):
                                     "same way (earlier turns of a chat, a shared system prompt)")
     affinity: bool = flag(True, "send a conversation's requests to the replica that holds its earlier turns: by "
                                 "their X-Session-Id header, else by their prompt's opening")
-    prefill_chunk: int = flag(256, "prompt tokens prefilled per scheduler step, between decode steps (a long "
-                                   "prompt is prefilled in chunks so running streams keep their pace)")
+    prefill_chunk: int = flag(512, "prompt tokens prefilled per scheduler step at most, in the decoding streams' "
+                                   "forward (a long prompt is prefilled in chunks)")
+    prefill_slowdown: float = flag(2.0, "while streams decode, a step with a prompt chunk takes at most this many "
+                                        "times a decode-only step: chunks are sized from measured step times so the "
+                                        "streams keep their pace (0: always --prefill-chunk)")
     stall_timeout: float = flag(60.0, "seconds a scheduler step may run before the replica reports itself unhealthy "
                                       "and Ray Serve replaces it")
     ws_idle_timeout: float = flag(300.0, "seconds a WebSocket may stay open with no frame and no work")

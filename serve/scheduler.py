@@ -7,10 +7,11 @@ budget, with a prefix cache. Each loop iteration
   2. admits waiting requests, in order, while there is a batch row and KV memory for them: a request takes the
      cached blocks that hold the longest prefix of its prompt, plus new blocks for the rest of its prompt and
      for max_tokens (so a running request never runs out of memory); the head of the queue waits otherwise,
-  3. runs one decode step that advances every request past its prompt by one token,
-  4. prefills up to `prefill_chunk` prompt tokens of the requests still prefilling, all in one forward; a long
-     prompt takes several iterations, so the streams already running keep their pace while it arrives. A
-     request whose prompt is done gets its first token from the prefill logits.
+  3. runs one forward over the last token of every request past its prompt and a chunk of prompt tokens of the
+     requests still prefilling, laid end to end in one row (nanochat.paged_cache.PackedBatch: no padding,
+     attention per row); each request whose prompt is done samples its next (or first) token. The chunk is sized
+     from measured step times (PrefillBudget), so a long prompt takes as many iterations as it needs for the
+     streams already running to keep their pace while it arrives.
 Each request has its own sampling parameters and its own torch.Generator, so a seeded request samples the
 same tokens whether it runs alone or beside others. The waiting queue is bounded: submit() raises Overloaded
 when it is full instead of queueing forever.
@@ -35,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nanochat.engine import ToolUse, sample_next_token
-from nanochat.paged_cache import BlockPool, PagedBatch, PagedRow, block_bytes
+from nanochat.paged_cache import BlockPool, PackedBatch, PagedRow, block_bytes
 
 logger = logging.getLogger("nanochat.serve")
 
@@ -107,18 +108,55 @@ def default_kv_bytes(model, max_batch, seq_len, block_size):
     return (max_batch * -(-seq_len // block_size) + 1) * block_size * per_token
 
 
+class PrefillBudget:
+    """Prompt tokens per step beside running streams, sized from measured step times so that a step with a prompt
+    chunk takes at most `slowdown` times a decode-only step: the streams' inter-token latency stays within that
+    factor of their pace while prompts arrive, on any device. (On a GPU a chunk costs the decoding forward little
+    and the cap is reached; on a CPU every token costs compute and chunks stay small.) With no stream decoding, or
+    slowdown 0, the budget is the cap."""
+
+    def __init__(self, cap, slowdown=2.0, floor=16, smoothing=0.25):
+        self.cap, self.slowdown, self.floor, self.smoothing = cap, slowdown, min(floor, cap), smoothing
+        self.decode_seconds = None  # a decode-only step (moving average)
+        self.token_seconds = None  # what each prompt token adds to a step (moving average)
+
+    def tokens(self, decoding):
+        if not decoding or not self.slowdown:
+            return self.cap
+        if self.decode_seconds is None or self.token_seconds is None:
+            return self.floor  # not measured yet: start small
+        allowed = (self.slowdown - 1) * self.decode_seconds / max(self.token_seconds, 1e-9)
+        return int(min(self.cap, max(self.floor, allowed)))
+
+    def observe(self, decoding, prompt_tokens, seconds):
+        """One step's wall time (it ends with the sampled tokens on the host, so it covers the device's work)."""
+        if not decoding:
+            return
+        if not prompt_tokens:
+            self.decode_seconds = self._average(self.decode_seconds, seconds)
+        elif self.decode_seconds is not None:
+            self.token_seconds = self._average(self.token_seconds,
+                                               max(seconds - self.decode_seconds, 0.0) / prompt_tokens)
+
+    def _average(self, old, new):
+        return new if old is None else old + self.smoothing * (new - old)
+
+
 class Scheduler:
     def __init__(self, model, tokenizer, max_batch=16, max_waiting=64, seq_len=None, stall_timeout=60.0,
-                 max_failed_steps=5, kv_cache_bytes=None, block_size=16, prefix_cache=True, prefill_chunk=512):
+                 max_failed_steps=5, kv_cache_bytes=None, block_size=16, prefix_cache=True, prefill_chunk=512,
+                 prefill_slowdown=2.0):
         """max_batch: requests running at once; kv_cache_bytes: the KV memory budget (default_kv_bytes when None);
-        prefill_chunk: prompt tokens prefilled per iteration, between decode steps."""
+        prefill_chunk: prompt tokens prefilled per iteration at most; prefill_slowdown: how much longer than a
+        decode-only step a step with a prompt chunk may take while streams decode (PrefillBudget; 0: no limit)."""
         self.model, self.tokenizer = model, tokenizer
         # health: a step running for more than stall_timeout seconds (hung), or this many failed steps in a row
         # (e.g. a sticky device error), and the replica reports itself unhealthy
         self.stall_timeout, self.max_failed_steps = stall_timeout, max_failed_steps
         self.step_started, self.failed_steps = None, 0  # step_started: monotonic time of the running step
         self.device = model.get_device()
-        self.max_batch, self.max_waiting, self.prefill_chunk = max_batch, max_waiting, prefill_chunk
+        self.max_batch, self.max_waiting = max_batch, max_waiting
+        self.prefill_budget = PrefillBudget(prefill_chunk, prefill_slowdown)
         self.seq_len = seq_len or model.config.sequence_len
         budget = kv_cache_bytes or default_kv_bytes(model, max_batch, self.seq_len, block_size)
         self.pool = BlockPool.for_model(model, budget, block_size, prefix_cache)
@@ -234,10 +272,13 @@ class Scheduler:
                 try:
                     self._retire()
                     decoding = [r for r in self.rows if r.prefilled]
+                    prefills = self._prefill_plan(self.prefill_budget.tokens(bool(decoding)))
+                    started = time.perf_counter()
+                    self._run_step(decoding, prefills)
+                    self.prefill_budget.observe(len(decoding), sum(n for _, n in prefills),
+                                                time.perf_counter() - started)
                     if decoding:
-                        self._decode_step(decoding)
                         self.failed_steps = 0  # a decode step went through: the device works
-                    self._prefill_step()
                     self._retire()
                 except Exception as e:  # a broken step fails the requests in it, not the server
                     logger.exception("scheduler step failed")
@@ -274,76 +315,74 @@ class Scheduler:
         self.stats["prefix_hit_tokens"] += req.cached_tokens
         return True
 
-    def _forward(self, reqs, ids, new_lens, last_only):
-        """One forward of the requests' rows over ids (B, T); their lengths and smear states advance."""
-        prev = None
-        if self.smear and any(r.prev is not None for r in reqs):
-            like = next(r.prev for r in reqs if r.prev is not None)
-            prev = torch.cat([r.prev if r.prev is not None else torch.zeros_like(like) for r in reqs])
-        cache = PagedBatch(self.pool, [r.kv for r in reqs], new_lens, prev)
-        logits = self.model(ids, kv_cache=cache, last_only=last_only)[:, -1, :]
-        if cache.prev_embedding is not None:
-            for i, r in enumerate(reqs):
-                r.prev = cache.prev_embedding[i:i + 1]
-        return logits
-
-    def _decode_step(self, reqs):
-        ids = torch.tensor([[r.last_token] for r in reqs], dtype=torch.long, device=self.device)
-        logits = self._forward(reqs, ids, [1] * len(reqs), last_only=False)
-        self.stats["steps"] += 1
-        self.stats["occupancy_sum"] += len(reqs)
-        self.stats["max_active"] = max(self.stats["max_active"], len(reqs))
-        for req in reqs:
-            self._register_full_blocks(req)
-        for req, token in zip(reqs, self._sample(reqs, logits)):
-            if req.finish_reason is None and not req.cancelled:
-                self._accept(req, token)
-
-    def _prefill_step(self):
-        """Up to prefill_chunk prompt tokens of the requests still prefilling, oldest first, in one forward. When
-        that forward fails, each request is tried alone, so a prompt that cannot be prefilled fails by itself."""
-        batch, budget = [], self.prefill_chunk
+    def _prefill_plan(self, budget):
+        """Up to `budget` prompt tokens of the requests still prefilling, oldest first: [(request, tokens)]."""
+        plan = []
         for req in self.rows:
             if budget <= 0:
                 break
             if not req.prefilled and req.finish_reason is None and not req.cancelled:
                 n = min(len(req.prompt) - req.kv.length, budget)
-                batch.append((req, n))
+                plan.append((req, n))
                 budget -= n
-        if not batch:
+        return plan
+
+    def _run_step(self, decoding, prefills):
+        """One forward for all of it. When that fails with prompt chunks in it, the decoding requests step alone
+        (a failure there fails the step) and each prompt alone, so a prompt that cannot be prefilled fails by
+        itself."""
+        if not decoding and not prefills:  # (every request left was retired just now)
             return
         try:
-            self._prefill(batch)
-            return
-        except Exception as e:
-            if len(batch) == 1:
-                return self._prefill_failed(batch[0][0], e)
-        for req, n in batch:
+            return self._step(decoding, prefills)
+        except Exception:
+            if not prefills:
+                raise
+        if decoding:
+            self._step(decoding, [])
+        for req, n in prefills:
             try:
-                self._prefill([(req, n)])
+                self._step([], [(req, n)])
             except Exception as e:
-                self._prefill_failed(req, e)
+                logger.error("prefill failed", exc_info=e)
+                self.stats["errors"] += 1
+                self._finish(req, "error", error=f"prefill failed: {type(e).__name__}: {e}")
 
-    def _prefill_failed(self, req, error):
-        logger.error("prefill failed", exc_info=error)
-        self.stats["errors"] += 1
-        self._finish(req, "error", error=f"prefill failed: {type(error).__name__}: {error}")
-
-    def _prefill(self, batch):
-        reqs = [req for req, _ in batch]
-        T = max(n for _, n in batch)
-        rows = [req.prompt[req.kv.length:req.kv.length + n] + [0] * (T - n) for req, n in batch]
-        logits = self._forward(reqs, torch.tensor(rows, dtype=torch.long, device=self.device),
-                               [n for _, n in batch], last_only=True)
-        self.stats["prefill_tokens"] += sum(n for _, n in batch)
+    def _step(self, decoding, prefills):
+        """One forward of the decoding requests' last tokens and the prompt chunks, packed into one row (no
+        padding); every request whose prompt is done then samples a token."""
+        reqs = decoding + [req for req, _ in prefills]
+        ids = [req.last_token for req in decoding]
+        for req, n in prefills:
+            ids += req.prompt[req.kv.length:req.kv.length + n]
+        prev = None
+        if self.smear and any(r.prev is not None for r in reqs):
+            like = next(r.prev for r in reqs if r.prev is not None)
+            prev = torch.cat([r.prev if r.prev is not None else torch.zeros_like(like) for r in reqs])
+        lengths = [req.kv.length for req in reqs]
+        cache = PackedBatch(self.pool, [r.kv for r in reqs], [1] * len(decoding) + [n for _, n in prefills], prev)
+        try:
+            logits = self.model(torch.tensor([ids], dtype=torch.long, device=self.device), kv_cache=cache,
+                                last_only=True)[:, -1, :]
+        except Exception:  # nothing advanced: the rows can be stepped again
+            for req, length in zip(reqs, lengths):
+                req.kv.length = length
+            raise
+        if cache.prev_embedding is not None:
+            for i, r in enumerate(reqs):
+                r.prev = cache.prev_embedding[i:i + 1]
+        if decoding:
+            self.stats["steps"] += 1
+            self.stats["occupancy_sum"] += len(decoding)
+            self.stats["max_active"] = max(self.stats["max_active"], len(decoding))
+        self.stats["prefill_tokens"] += sum(n for _, n in prefills)
         for req in reqs:
             self._register_full_blocks(req)
-        done = [i for i, req in enumerate(reqs) if req.prefilled]
-        if done:
-            firsts = [reqs[i] for i in done]
-            for req, token in zip(firsts, self._sample(firsts, logits[done])):
-                if req.finish_reason is None:  # sampling may have failed it
-                    self._accept(req, token)
+        ready = [i for i, req in enumerate(reqs) if req.prefilled]  # (a prompt that got its last chunk too)
+        sampled = [reqs[i] for i in ready]
+        for req, token in zip(sampled, self._sample(sampled, logits[ready])):
+            if req.finish_reason is None and not req.cancelled:  # sampling may have failed it
+                self._accept(req, token)
 
     def _register_full_blocks(self, req):
         """Put the request's blocks that are now full into the prefix cache."""

@@ -62,7 +62,8 @@ class ChatService:
     def _scheduler(cfg, model, tokenizer):
         return Scheduler(model, tokenizer, cfg.max_batch, cfg.max_waiting, stall_timeout=cfg.stall_timeout,
                          kv_cache_bytes=int(cfg.kv_cache_mb * 2**20) or None, block_size=cfg.block_size,
-                         prefix_cache=cfg.prefix_cache, prefill_chunk=cfg.prefill_chunk)
+                         prefix_cache=cfg.prefix_cache, prefill_chunk=cfg.prefill_chunk,
+                         prefill_slowdown=cfg.prefill_slowdown)
 
     @staticmethod
     def _load(cfg, device):

@@ -1,5 +1,5 @@
 """nanochat/paged_cache.py: block allocation, the prefix cache (match, register, LRU eviction), and the model's
-forward over paged rows giving the logits of a plain forward."""
+forward over rows packed into one giving the logits of a plain forward."""
 import random
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 
 from conftest import perturbed
 from nanochat.gpt import GPTConfig, build_model
-from nanochat.paged_cache import BlockPool, PagedBatch, PagedRow, block_bytes
+from nanochat.paged_cache import BlockPool, PackedBatch, PagedRow, block_bytes
 
 # smear, value embeddings, GQA and a sliding window (128 of 256) all on
 CONFIG = dict(sequence_len=256, vocab_size=300, n_layer=4, n_head=4, n_kv_head=2, n_embd=64, window_pattern="SSSL")
@@ -25,6 +25,7 @@ def test_allocate_release_and_the_scratch_block():
     assert p.allocate(5) is None and p.available() == 4  # all or nothing
     p.release(a)
     assert p.available() == 7 and p.used() == 0
+    assert p.allocate(3) == a  # released blocks are taken again in their order: consecutive ones stay so
     with pytest.raises(ValueError, match="at least 2 blocks"):
         BlockPool(1, 1, 4, 1, 2)
 
@@ -78,65 +79,58 @@ def test_budget_in_bytes():
     assert p.num_blocks == 10 and p.k.shape == (4, 160, 2, 16)
 
 
-@pytest.mark.parametrize("block_size", [16, 5])
-def test_paged_forward_matches_the_plain_forward(block_size):
-    """Rows in scattered blocks, at different lengths, prefilled in padded chunks together and then decoded
-    together, give the logits of a plain forward over each whole sequence (past the 128-token window too)."""
+@pytest.mark.parametrize("block_size,scattered", [(16, True), (5, True), (16, False)])
+def test_packed_forward_matches_the_plain_forward(block_size, scattered):
+    """Rows in scattered (or consecutive: read as slices) blocks, at different lengths, packed into one forward per
+    step: prompt chunks of different sizes beside rows decoding one token (once a row's chunks are done it decodes,
+    while the others still prefill), give the logits of a plain forward over each whole sequence (past the
+    128-token window too)."""
     torch.manual_seed(0)
     model = perturbed(build_model(GPTConfig(**CONFIG)), scale=0.1).eval()
     lengths = [200, 37, 150]
     seqs = [torch.randint(0, 300, (n,), generator=torch.Generator().manual_seed(n)) for n in lengths]
     p = BlockPool.for_model(model, 100 * block_bytes(4, block_size, 2, 16, torch.float32), block_size)
     order = list(range(1, p.num_blocks))
-    random.Random(0).shuffle(order)  # blocks far from contiguous
+    if scattered:
+        random.Random(0).shuffle(order)  # blocks far from contiguous
     rows = []
     for n in lengths:
         k = p.blocks_for(n)
         rows.append(PagedRow(order[:k]))
         order = order[k:]
     assert all(len(r.blocks) == p.blocks_for(n) for r, n in zip(rows, lengths))
+    sliced = [g.base is not None for g in PackedBatch(p, rows, [30, 30, 30]).groups]
+    assert sliced == [not scattered] * 3
+    chunks = [[60, 70, 60], [30], [100, 40]]  # prompt chunks per row, then one token per step to the end
     with torch.no_grad():
         refs = [model(s[None])[0] for s in seqs]
-        got = [[] for _ in seqs]
-        prev = None
-        cuts = [[0, 60, 130, 190], [0, 30], [0, 100, 140]]  # prefill chunks per row, then decode one by one
-        for step in range(max(len(c) for c in cuts)):
-            live = [i for i in range(3) if step < len(cuts[i])]
-            spans = [(cuts[i][step], cuts[i][step + 1] if step + 1 < len(cuts[i]) else cuts[i][step] + 1)
-                     for i in live]
-            T = max(b - a for a, b in spans)
-            ids = torch.zeros(len(live), T, dtype=torch.long)
-            for j, (i, (a, b)) in enumerate(zip(live, spans)):
-                ids[j, :b - a] = seqs[i][a:b]
-            batch_prev = None if prev is None else torch.cat([prev[i] for i in live])
-            cache = PagedBatch(p, [rows[i] for i in live], [b - a for a, b in spans], batch_prev)
-            logits = model(ids, kv_cache=cache)
-            prev = prev or {}
-            for j, (i, (a, b)) in enumerate(zip(live, spans)):
-                got[i].append(logits[j, :b - a])
-                prev[i] = cache.prev_embedding[j:j + 1]
-        # then decode what is left of every row, all three in one batch at different positions
+        got, prev, steps, mixed = [[] for _ in seqs], {}, 0, 0
         while any(r.length < n for r, n in zip(rows, lengths)):
             live = [i for i in range(3) if rows[i].length < lengths[i]]
-            ids = torch.tensor([[seqs[i][rows[i].length]] for i in live])
-            cache = PagedBatch(p, [rows[i] for i in live], [1] * len(live), torch.cat([prev[i] for i in live]))
-            logits = model(ids, kv_cache=cache)
-            for j, i in enumerate(live):
-                got[i].append(logits[j])
+            spans = [chunks[i].pop(0) if chunks[i] else 1 for i in live]
+            mixed += 1 in spans and any(n > 1 for n in spans)
+            ids = torch.cat([seqs[i][rows[i].length:rows[i].length + n] for i, n in zip(live, spans)])[None]
+            batch_prev = torch.cat([prev[i] for i in live]) if prev else None
+            cache = PackedBatch(p, [rows[i] for i in live], spans, batch_prev)
+            logits = model(ids, kv_cache=cache)[0]
+            for j, (i, part) in enumerate(zip(live, logits.split(spans))):
+                got[i].append(part)
                 prev[i] = cache.prev_embedding[j:j + 1]
+            steps += 1
+    assert mixed == 2 and steps == 3 + 10  # decode tokens beside prompt chunks twice; row 0: 3 chunks, 10 tokens
     for ref, parts, n in zip(refs, got, lengths):
-        torch.testing.assert_close(torch.cat(parts)[:n], ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(torch.cat(parts), ref, rtol=1e-4, atol=1e-4)
 
 
-def test_last_only_logits_are_each_rows_last_real_position():
+def test_last_only_logits_are_each_rows_last_token():
     model = perturbed(build_model(GPTConfig(**CONFIG)), scale=0.1).eval()
     p = BlockPool.for_model(model, 16 * block_bytes(4, 16, 2, 16, torch.float32))
     rows = [PagedRow(p.allocate(2)), PagedRow(p.allocate(2))]
     ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        last = model(ids, kv_cache=PagedBatch(p, rows, [20, 7]), last_only=True)
+        last = model(torch.cat([ids[0], ids[1, :7]])[None], kv_cache=PackedBatch(p, rows, [20, 7]), last_only=True)
         full = [model(ids[:1])[0, -1], model(ids[1:, :7])[0, -1]]
-    assert last.shape == (2, 1, 300)
+    assert last.shape == (2, 1, 300) and [r.length for r in rows] == [20, 7]
     torch.testing.assert_close(last[:, 0], torch.stack(full), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="KV overflow: position 32 is past the row's 2 blocks of 16"):
-        model(ids[:1, :1], kv_cache=PagedBatch(p, [PagedRow(rows[0].blocks, length=32)], [1]))
+        PackedBatch(p, [PagedRow(rows[0].blocks, length=32)], [1])

@@ -11,7 +11,7 @@ import torch
 from conftest import TINY_VOCAB, perturbed
 from nanochat.engine import Engine
 from nanochat.gpt import GPTConfig, build_model
-from serve.scheduler import AsyncRequests, Overloaded, SamplingParams, Scheduler, generate
+from serve.scheduler import AsyncRequests, Overloaded, PrefillBudget, SamplingParams, Scheduler, generate
 
 # default GPTConfig pieces on: smear (per-row prev_embedding), value embeddings, sliding windows (128 of 256)
 SMALL = dict(sequence_len=256, vocab_size=TINY_VOCAB, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
@@ -119,7 +119,15 @@ def test_cancel_frees_the_row(tiny_tokenizer, scheduler):
     assert done["completion_tokens"] == 5
     assert events[-1]["done"] and events[-1]["finish_reason"] == "cancelled"
     assert events[-1]["completion_tokens"] < 200
-    assert scheduler.snapshot()["cancelled"] == 1
+    assert scheduler.snapshot()["cancelled"] == 1 and scheduler.snapshot()["errors"] == 0
+
+
+def test_a_step_with_nothing_to_run_does_nothing(model, tiny_tokenizer):
+    """Regression: when the requests left were all retired at the top of an iteration (cancelled just before it),
+    the step had nothing to run and failed trying (an error, and a failed step towards unhealthy)."""
+    s = Scheduler(model, tiny_tokenizer)
+    s._run_step([], [])
+    assert s.stats["errors"] == 0 and s.stats["steps"] == 0
 
 
 def test_overload_and_prompt_limits(model, tiny_tokenizer):
@@ -195,12 +203,11 @@ class ScriptedModel(torch.nn.Module):
         return torch.device("cpu")
 
     def forward(self, idx, kv_cache=None, last_only=False):
-        B, T = idx.shape
-        logits = torch.zeros(B, T, self.vocab)
-        for b in range(B):
-            for t in range(T):
-                i = int(kv_cache.cache_seqlens[b]) + t + 1 - self.prompt_len
-                logits[b, t, self.script[i] if 0 <= i < len(self.script) else self.then] = 1.0
+        T = idx.size(1)  # (the scheduler packs its requests' tokens into one row)
+        logits = torch.zeros(1, T, self.vocab)
+        for t, position in enumerate(kv_cache.positions[0].tolist()):
+            i = position + 1 - self.prompt_len
+            logits[0, t, self.script[i] if 0 <= i < len(self.script) else self.then] = 1.0
         kv_cache.advance(T)
         return kv_cache.last_rows(logits) if last_only else logits
 
@@ -515,3 +522,27 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(model, tiny_t
     first_long = next(i for i, (name, _) in enumerate(log) if name == "long")
     during = sum(e.get("tokens", 0) for name, e in log[mark:first_long] if name == "running")
     assert 200 // 16 <= during <= 200 // 16 + 3  # one decode step per chunk (13 chunks), and a few around them
+
+
+def test_the_prefill_budget_keeps_a_step_within_the_slowdown_of_a_decode_step():
+    """Chunks beside decoding streams are sized from measured step times: decode steps of 3 ms and 0.1 ms per prompt
+    token allow 30 tokens at slowdown 2 (a 6 ms step), 60 at 3; within [floor, cap]; no streams: the cap."""
+    b = PrefillBudget(cap=512, slowdown=2.0, smoothing=1.0)
+    assert b.tokens(decoding=False) == 512 and b.tokens(decoding=True) == 16  # unmeasured: start small
+    b.observe(4, 0, 0.003)
+    b.observe(0, 300, 0.5)  # a prefill-only step says nothing about the streams' pace
+    assert b.token_seconds is None and b.tokens(True) == 16
+    b.observe(4, 16, 0.003 + 16 * 0.0001)
+    assert b.tokens(True) == 30 and b.tokens(False) == 512
+    b.slowdown = 3.0
+    assert b.tokens(True) == 60
+    b.observe(4, 60, 0.003 + 60 * 0.01)  # prompt tokens got costly (a long context): back to the floor
+    assert b.tokens(True) == 16
+    b.observe(4, 16, 0.003)  # free: up to the cap
+    assert b.tokens(True) == 512
+    assert PrefillBudget(cap=512, slowdown=0).tokens(True) == 512  # 0: no limit
+    assert PrefillBudget(cap=8).tokens(True) == 8  # the floor never exceeds the cap
+    smooth = PrefillBudget(cap=512, smoothing=0.25)
+    smooth.observe(1, 0, 0.004)
+    smooth.observe(1, 0, 0.008)
+    assert smooth.decode_seconds == pytest.approx(0.005)  # a moving average: one slow step moves it a quarter
