@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from nanochat import storage
 from nanochat.chat_train import rendered_conversations
-from nanochat.checkpoint_manager import SOURCE_DIRS, find_largest_model, load_model
+from nanochat.checkpoint_manager import SOURCE_DIRS, load_model, pin_source, source_tag
 from nanochat.common import get_base_dir, init_wandb, is_distributed, print0
 from nanochat.flags import ArgsMixin, flag, task_data_dir
 from nanochat.train import Eval, StepResult, WorkerContext, restore, run_loop
@@ -33,8 +33,10 @@ EVAL_TEMPERATURE, EVAL_TOP_K = 1.0, 50  # pass@k samples like the rollouts
 
 @dataclass
 class RLConfig(ArgsMixin):
-    source: str = flag("sft", "checkpoint to start from: sft|mid")
-    model_tag: str = flag("", "the source checkpoint's tag (default: its largest d<N>)")
+    source: str = flag("sft", "model to start from: sft|mid under the storage root, a model directory (Hugging Face "
+                              "export or nanochat layout) or a Hugging Face Hub repo id owner/name[@revision]")
+    model_tag: str = flag("", "the source checkpoint's tag (default: its largest d<N>), also the output's; for a "
+                              "directory or Hub source only the output's (default: the directory's or repo's name)")
     model_step: int = flag(-1, "the source checkpoint's step (default: its last)")
     num_epochs: int = flag(1, "passes over GSM8K train")
     num_iterations: int = flag(-1, "optimizer steps (-1: len(GSM8K train) // examples_per_step * num_epochs)")
@@ -61,14 +63,15 @@ class RLConfig(ArgsMixin):
     seed: int = flag(42, "random seed")
 
     def resolved(self):
-        return RLConfig(**{**asdict(self), "task_data": task_data_dir(self.task_data)})
+        return RLConfig(**{**asdict(self), "source": pin_source(self.source),
+                           "task_data": task_data_dir(self.task_data)})
 
 
 def output_dir(cfg, base_dir=None):
-    """<storage>/chatrl_checkpoints/<tag>; tag = the source model's tag."""
+    """<storage>/chatrl_checkpoints/<tag>; tag = --model-tag, else the source model's tag (a directory's or Hub
+    repo's name for those sources)."""
     base_dir = base_dir or get_base_dir()
-    tag = cfg.model_tag or find_largest_model(storage.join(base_dir, SOURCE_DIRS[cfg.source]))
-    return storage.join(base_dir, SOURCE_DIRS["rl"], tag)
+    return storage.join(base_dir, SOURCE_DIRS["rl"], cfg.model_tag or source_tag(cfg.source, base_dir))
 
 
 def gsm8k(cfg, split):

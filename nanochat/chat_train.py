@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat import storage
-from nanochat.checkpoint_manager import SOURCE_DIRS, find_largest_model, load_model
+from nanochat.checkpoint_manager import SOURCE_DIRS, load_model, pin_source, source_tag
 from nanochat.common import get_base_dir, init_wandb, is_distributed, print0
 from nanochat.dataloader import BestFitPacker
 from nanochat.flags import ArgsMixin, flag, task_data_dir
@@ -25,8 +25,11 @@ from nanochat.train import Eval, WorkerContext, local_context, restore, train_lo
 @dataclass
 class ChatTrainConfig(ArgsMixin):
     stage: str = flag("mid", "mid | sft (set by the entry point)")
-    source: str = flag("", "checkpoint to start from: base|mid (default: base for mid, mid for sft)")
-    model_tag: str = flag("", "the source checkpoint's tag (default: its largest d<N>)")
+    source: str = flag("", "model to start from: base|mid under the storage root (default: base for mid, mid for "
+                           "sft), a model directory (Hugging Face export or nanochat layout) or a Hugging Face Hub "
+                           "repo id owner/name[@revision]")
+    model_tag: str = flag("", "the source checkpoint's tag (default: its largest d<N>), also the output's; for a "
+                              "directory or Hub source only the output's (default: the directory's or repo's name)")
     model_step: int = flag(-1, "the source checkpoint's step (default: its last)")
     max_seq_len: int = flag(2048, "tokens per training row (the model's sequence_len)")
     device_batch_size: int = flag(-1, "mid: rows per micro-batch (32); sft: conversations per micro-batch (4)")
@@ -60,7 +63,7 @@ class ChatTrainConfig(ArgsMixin):
     def resolved(self):
         """Fill the stage-dependent defaults."""
         defaults = STAGE_DEFAULTS[self.stage]
-        out = dict(source=self.source or defaults["source"],
+        out = dict(source=pin_source(self.source or defaults["source"]),
                    device_batch_size=self.device_batch_size if self.device_batch_size > 0 else
                    defaults["device_batch_size"],
                    init_lr_frac=self.init_lr_frac if self.init_lr_frac >= 0 else defaults["init_lr_frac"],
@@ -76,10 +79,10 @@ STAGE_DEFAULTS = {"mid": dict(source="base", device_batch_size=32, init_lr_frac=
 
 
 def output_dir(cfg, base_dir=None):
-    """<storage>/mid_checkpoints/<tag> or <storage>/chatsft_checkpoints/<tag>; tag = the source model's tag."""
+    """<storage>/mid_checkpoints/<tag> or <storage>/chatsft_checkpoints/<tag>; tag = --model-tag, else the source
+    model's tag (a directory's or Hub repo's name for those sources)."""
     base_dir = base_dir or get_base_dir()
-    tag = cfg.model_tag or find_largest_model(storage.join(base_dir, SOURCE_DIRS[cfg.source]))
-    return storage.join(base_dir, SOURCE_DIRS[cfg.stage], tag)
+    return storage.join(base_dir, SOURCE_DIRS[cfg.stage], cfg.model_tag or source_tag(cfg.source, base_dir))
 
 
 def build_mixture(cfg, split):
@@ -217,7 +220,6 @@ def mid_stage(cfg, model, tokenizer, train_set, val_set, B, T, ctx, render):
     """Packed rows of conversations (every token trained), a token budget per step, nanochat's midtraining
     schedule (constant, then linear decay over the last 20%; Muon momentum warmup), validation bits per byte."""
     from nanochat.loss_eval import evaluate_bpb
-    from nanochat.tokenizer import get_token_bytes
     rank, W, device = ctx.rank, ctx.world_size, ctx.device
     total_batch = cfg.total_batch_size
     if total_batch % (B * T * W):
@@ -233,7 +235,7 @@ def mid_stage(cfg, model, tokenizer, train_set, val_set, B, T, ctx, render):
         progress = step / num_iterations
         lrm = 1.0 if progress < 0.8 else 1 - (progress - 0.8) / 0.2
         return lrm, 0.85 + 0.10 * min(step / 300, 1.0), None
-    token_bytes = get_token_bytes(device=device)
+    token_bytes = tokenizer.compute_token_bytes().to(device)  # the model's tokenizer (a Hub model brings its own)
     eval_steps = max(1, cfg.eval_tokens // (B * T * W))
 
     def evaluate(step):

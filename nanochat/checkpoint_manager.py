@@ -27,6 +27,13 @@ optimizer states only load at their original world size.
 Checkpoints written by nanochat load too (build_model): `_orig_mod.` prefixes (torch.compile) are stripped, bf16
 tensors are upcast on cpu/mps, a config without window_pattern means "L", and the newer architecture pieces
 (smear, backout, value embeddings, resid/x0 lambdas) are switched off when the state dict has no weights for them.
+
+Models from elsewhere (load_model with a source other than base|mid|sft|rl; nanochat.hub finds the directory, on
+disk or downloaded from the Hugging Face Hub): a directory in the layout above (plus tokenizer.pkl at its root or in
+tokenizer/, as nanochat publishes models), or a Hugging Face export: config.json (GPTConfig's fields, model_type
+"nanochat"), model.safetensors or shards with model.safetensors.index.json (our state-dict keys, every one
+required), tokenizer.json (or tokenizer.pkl). A truncated or corrupt safetensors file raises CheckpointError naming
+it.
 """
 import hashlib
 import io
@@ -34,11 +41,12 @@ import json
 import logging
 import os
 import re
+from dataclasses import asdict, fields
 
 import torch
 import torch.distributed as dist
 
-from nanochat import storage
+from nanochat import hub, storage
 from nanochat.common import get_base_dir, is_distributed
 
 logger = logging.getLogger("nanochat")
@@ -309,23 +317,39 @@ def _era_constants(cfg, state_dict):
     return {}
 
 
-def _get_tokenizer_if_any(base_dir):
-    from nanochat.tokenizer import TOKENIZER_PKL, get_tokenizer
-    if not storage.exists(storage.join(base_dir, "tokenizer", TOKENIZER_PKL)):
-        return None
-    return get_tokenizer(base_dir)
+def _find_tokenizer(tokenizer_dir):
+    """The tokenizer in tokenizer_dir: nanochat's tokenizer.pkl, else a Hugging Face tokenizer.json; None if neither."""
+    from nanochat.tokenizer import TOKENIZER_PKL, RustBPETokenizer
+    if storage.exists(storage.join(tokenizer_dir, TOKENIZER_PKL)):
+        return RustBPETokenizer.from_directory(tokenizer_dir)
+    if storage.exists(storage.join(tokenizer_dir, "tokenizer.json")):
+        from nanochat.hf_tokenizer import from_hf_tokenizer_json
+        return from_hf_tokenizer_json(storage.join(tokenizer_dir, "tokenizer.json"))
+    return None
 
 
-def build_model(checkpoint_dir, step, device, phase, base_dir=None):
-    """-> (model, tokenizer or None, meta). The tokenizer comes from <base_dir>/tokenizer when there is one."""
-    from nanochat.gpt import GPTConfig, build_model as build_gpt
-    assert phase in ("train", "eval"), f"phase must be 'train' or 'eval', got {phase!r}"
-    device = torch.device(device)
-    model_data, _, meta = load_checkpoint(checkpoint_dir, step, device)
-    if device.type in ("cpu", "mps"):  # bf16 checkpoints from GPU runs: compute in fp32 here
+def _has_tokenizer(directory):
+    from nanochat.tokenizer import TOKENIZER_PKL
+    return any(os.path.isfile(os.path.join(directory, name)) for name in (TOKENIZER_PKL, "tokenizer.json"))
+
+
+def _check_vocab(tokenizer, config, where):
+    if tokenizer is not None and tokenizer.get_vocab_size() != config.vocab_size:
+        raise ValueError(f"tokenizer vocab size {tokenizer.get_vocab_size()} does not match the checkpoint's "
+                         f"vocab_size {config.vocab_size} ({where}): wrong base dir or tokenizer?")
+
+
+def _on_device(model_data, device):
+    """bf16 checkpoints from GPU runs compute in fp32 on cpu/mps; torch.compile's `_orig_mod.` prefixes dropped."""
+    if device.type in ("cpu", "mps"):
         model_data = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in model_data.items()}
-    model_data = {k.removeprefix("_orig_mod."): v for k, v in model_data.items()}
-    config = GPTConfig.from_dict(_patch_for_nanochat(meta["model_config"], model_data))
+    return {k.removeprefix("_orig_mod."): v for k, v in model_data.items()}
+
+
+def _assemble(config, model_data, device, phase):
+    """A GPT of `config` holding exactly model_data's weights, in train or eval mode."""
+    from nanochat.gpt import build_model as build_gpt
+    assert phase in ("train", "eval"), f"phase must be 'train' or 'eval', got {phase!r}"
     model = build_gpt(config, device)  # meta device -> to_empty -> init_weights (rotary buffers, dtypes)
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
     model.load_state_dict(model_data, strict=True, assign=True)
@@ -333,35 +357,160 @@ def build_model(checkpoint_dir, step, device, phase, base_dir=None):
     for n, p in model.named_parameters():
         if p.dtype != dtypes[n]:
             p.data = p.data.to(dtypes[n])
-    if phase == "train":
-        model.train()
-    else:
-        model.eval()
-    tokenizer = _get_tokenizer_if_any(base_dir if base_dir is not None else get_base_dir())
-    if tokenizer is not None and tokenizer.get_vocab_size() != config.vocab_size:
-        raise ValueError(f"tokenizer vocab size {tokenizer.get_vocab_size()} does not match the checkpoint's "
-                         f"vocab_size {config.vocab_size} ({checkpoint_dir} step {step}): wrong base dir or tokenizer?")
+    return model.train() if phase == "train" else model.eval()
+
+
+def build_model(checkpoint_dir, step, device, phase, base_dir=None, tokenizer_dir=None):
+    """-> (model, tokenizer or None, meta). The tokenizer comes from tokenizer_dir (default <base_dir>/tokenizer)
+    when there is one."""
+    from nanochat.gpt import GPTConfig
+    device = torch.device(device)
+    model_data, _, meta = load_checkpoint(checkpoint_dir, step, device)
+    model_data = _on_device(model_data, device)
+    config = GPTConfig.from_dict(_patch_for_nanochat(meta["model_config"], model_data))
+    model = _assemble(config, model_data, device, phase)
+    if tokenizer_dir is None:
+        tokenizer_dir = storage.join(base_dir if base_dir is not None else get_base_dir(), "tokenizer")
+    tokenizer = _find_tokenizer(tokenizer_dir)
+    _check_vocab(tokenizer, config, f"{checkpoint_dir} step {step}")
     return model, tokenizer, meta
 
 
-def load_model(source, device, phase, model_tag=None, step=None, base_dir=None):
-    """-> (model, tokenizer, meta) from <base_dir>/<source's checkpoints>/<model_tag>/. Defaults: the largest d<N>
-    tag and the newest step; with step=None a broken newest step falls back to the previous intact one."""
-    if source not in SOURCE_DIRS:
-        raise ValueError(f"source must be one of {sorted(SOURCE_DIRS)}, got {source!r}")
-    base_dir = base_dir if base_dir is not None else get_base_dir()
-    checkpoints_dir = storage.join(base_dir, SOURCE_DIRS[source])
-    model_tag = model_tag if model_tag is not None else find_largest_model(checkpoints_dir)
-    checkpoint_dir = storage.join(checkpoints_dir, model_tag)
+def _build_newest(checkpoint_dir, step, device, phase, **where):
+    """build_model of `step`, or with step=None of the newest step, falling back to earlier ones while broken."""
     if step is not None:
-        return build_model(checkpoint_dir, step, device, phase, base_dir)
+        return build_model(checkpoint_dir, step, device, phase, **where)
     steps = list_steps(checkpoint_dir)
     if not steps:
         raise FileNotFoundError(f"no complete checkpoint (meta_*.json) in {checkpoint_dir}")
     for i, s in enumerate(reversed(steps)):
         try:
-            return build_model(checkpoint_dir, s, device, phase, base_dir)
+            return build_model(checkpoint_dir, s, device, phase, **where)
         except CheckpointError as e:
             if i == len(steps) - 1:
                 raise
             logger.warning(f"skipping checkpoint step {s}: {e}; falling back to an earlier step")
+
+
+def load_model(source, device, phase, model_tag=None, step=None, base_dir=None):
+    """-> (model, tokenizer, meta). source base|mid|sft|rl: from <base_dir>/<its checkpoints>/<model_tag>/, by
+    default the largest d<N> tag; any other source is a directory or Hugging Face Hub repo (nanochat.hub;
+    model_tag does not apply, and the tokenizer is the model's own). step: default the newest; with step=None a
+    broken newest step of nanochat's layout falls back to the previous intact one."""
+    if source not in SOURCE_DIRS:
+        return load_directory(hub.locate(source, step), device, phase, step, source)
+    base_dir = base_dir if base_dir is not None else get_base_dir()
+    checkpoints_dir = storage.join(base_dir, SOURCE_DIRS[source])
+    model_tag = model_tag if model_tag is not None else find_largest_model(checkpoints_dir)
+    return _build_newest(storage.join(checkpoints_dir, model_tag), step, device, phase, base_dir=base_dir)
+
+
+# -----------------------------------------------------------------------------
+# Models from elsewhere: a local directory, a Hugging Face export or in nanochat's layout
+
+def load_directory(directory, device, phase, step=None, source=None):
+    """-> (model, tokenizer, meta) from a local directory: a Hugging Face export (config.json) or nanochat's layout
+    (meta_*.json, tokenizer.pkl at the root or in tokenizer/). source: what to record as the meta's "source"."""
+    if os.path.isfile(os.path.join(directory, "config.json")):
+        return _build_hf_export(directory, device, phase, step, source or directory)
+    if not list_steps(directory):
+        raise FileNotFoundError(f"{directory} is neither a Hugging Face export (config.json) nor a nanochat "
+                                f"checkpoint directory (meta_*.json)")
+    tokenizer_dir = next((d for d in (directory, os.path.join(directory, "tokenizer")) if _has_tokenizer(d)), None)
+    if tokenizer_dir is None:
+        raise FileNotFoundError(f"no tokenizer.pkl or tokenizer.json in {directory} or its tokenizer/ directory")
+    return _build_newest(directory, step, device, phase, tokenizer_dir=tokenizer_dir)
+
+
+def source_tag(source, base_dir=None):
+    """The tag of what a stage trains from `source`: a stage's largest d<N> (as load_model picks it), else the
+    directory's or Hub repo's name."""
+    if source in SOURCE_DIRS:
+        return find_largest_model(storage.join(base_dir or get_base_dir(), SOURCE_DIRS[source]))
+    return hub.source_name(source)
+
+
+def pin_source(source):
+    """`source` such that every worker loads the same model: a stage's name as it is, a directory made absolute, a
+    Hub repo pinned to its current commit (nanochat.hub.pin)."""
+    return source if source in SOURCE_DIRS else hub.pin(source)
+
+
+def directory_step(directory, step=None):
+    """The step load_directory(directory, step=step) loads: an export's recorded step, else `step` or the newest."""
+    config = os.path.join(directory, "config.json")
+    if os.path.isfile(config):
+        return (_read_json(config).get("nanochat") or {}).get("step")
+    return step if step is not None else find_last_step(directory)
+
+
+def _read_json(path):
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except ValueError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}", path) from e
+
+
+def _build_hf_export(directory, device, phase, step, source):
+    """A Hugging Face export (see the module docstring) -> (model, tokenizer, meta)."""
+    from nanochat.gpt import GPT, GPTConfig
+    device = torch.device(device)
+    path = os.path.join(directory, "config.json")
+    cfg = _read_json(path)
+    if cfg.get("model_type") != "nanochat":
+        raise CheckpointError(f"{path} is a {cfg.get('model_type')!r} model, not a nanochat export", path)
+    # every field required: one left out would silently take today's default, maybe not what the weights learned
+    names = [f.name for f in fields(GPTConfig)]
+    missing = [n for n in names if n not in cfg]
+    if missing:
+        raise CheckpointError(f"{path} lacks the model config fields {missing}", path)
+    config = GPTConfig.from_dict({n: cfg[n] for n in names})
+    provenance = cfg.get("nanochat") or {}
+    if step is not None and provenance.get("step") not in (None, step):
+        raise ValueError(f"{directory} is an export of step {provenance['step']}, not of step {step}")
+    model_data = _on_device(_read_safetensors(directory, device), device)
+    with torch.device("meta"):
+        expected = set(GPT(config).state_dict())
+    if set(model_data) != expected:
+        raise CheckpointError(f"the weights in {directory} do not fit its config.json: missing "
+                              f"{sorted(expected - set(model_data))[:8]}, unexpected "
+                              f"{sorted(set(model_data) - expected)[:8]}", directory)
+    model = _assemble(config, model_data, device, phase)
+    tokenizer = _find_tokenizer(directory)
+    if tokenizer is None:
+        raise FileNotFoundError(f"no tokenizer.json or tokenizer.pkl in {directory}")
+    _check_vocab(tokenizer, config, directory)
+    meta = {"model_config": asdict(config), "step": provenance.get("step"), "model_tag": provenance.get("model_tag"),
+            "source": source, "directory": directory}
+    return model, tokenizer, meta
+
+
+def _read_safetensors(directory, device):
+    """The state dict of model.safetensors, or of the shards model.safetensors.index.json names (each tensor in the
+    file the index says, none missing)."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise ImportError('a Hugging Face export needs safetensors: pip install -e ".[hf]"') from None
+    index = os.path.join(directory, "model.safetensors.index.json")
+    weight_map = _read_json(index).get("weight_map") if os.path.isfile(index) else None
+    if weight_map is not None and not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index} has no weight_map", index)
+    state = {}
+    for name in sorted(set(weight_map.values())) if weight_map is not None else ["model.safetensors"]:
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"checkpoint file {path} is missing", path)
+        try:
+            tensors = load_file(path, device=str(device))
+        except Exception as e:  # safetensors' errors for a short file or a broken header
+            raise CheckpointError(f"checkpoint file {path} is truncated or corrupt: {e}", path) from e
+        stray = sorted(k for k in tensors if weight_map is not None and weight_map.get(k) != name)
+        if stray:
+            raise CheckpointError(f"checkpoint file {path} holds tensors its index puts elsewhere: {stray[:8]}", path)
+        state.update(tensors)
+    absent = sorted(set(weight_map or ()) - set(state))
+    if absent:
+        raise CheckpointError(f"tensors listed in {index} are in none of its files: {absent[:8]}", index)
+    return state

@@ -8,11 +8,19 @@ and special tokens) and a chat template that renders a conversation to exactly t
 tiktoken keeps BPE as ranks (token bytes -> rank); Hugging Face keeps a vocabulary and an ordered merge list. A
 token of rank r is some pair of lower-ranked tokens merged; every such pair is listed at r (in the pieces' rank
 order), which makes HF's merge-by-priority produce tiktoken's tokens. Needs `pip install -e ".[hf]"`.
+
+    from_hf_tokenizer_json(path)            # and back: tokenizer.json -> our tokenizer (a model's export, the Hub)
+
+The way back reads the JSON itself (no tokenizers package needed) and takes only a tokenizer.json of the shape
+to_hf_tokenizer writes: anything else would be encoded differently by tiktoken than by Hugging Face.
 """
 import json
 import os
 
-from nanochat.tokenizer import SPECIAL_TOKENS
+import tiktoken
+
+from nanochat import storage
+from nanochat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer
 
 # The chat template: nanochat's format (render_conversation), in Jinja for transformers' apply_chat_template. A
 # system message is folded into the first user message; assistant content is text, or a list of parts: text,
@@ -104,3 +112,63 @@ def save_hf_tokenizer(tokenizer, out_dir):
     with open(paths[2], "w") as f:
         json.dump(special, f, indent=2)
     return paths
+
+
+def from_hf_tokenizer_json(path):
+    """Our tokenizer from a tokenizer.json of the kind save_hf_tokenizer writes: byte-level BPE whose vocabulary ids
+    are the ranks and whose merges are the ones the ranks imply, one Split regex (the split pattern) before
+    ByteLevel, and nanochat's special tokens right after the vocabulary. Anything else raises ValueError saying
+    what does not fit."""
+    data = json.loads(storage.read_bytes(path))
+
+    def unfit(why):
+        return ValueError(f"{path} is not a byte-level BPE tokenizer.json of the kind nanochat exports: {why}")
+    model = data.get("model") or {}
+    options = {k: v for k, v in model.items() if k not in ("vocab", "merges")}
+    if model.get("type") != "BPE" or any(options.get(k) for k in ("byte_fallback", "continuing_subword_prefix",
+                                                                   "end_of_word_suffix")):
+        raise unfit(f"its model is not plain BPE ({options})")
+    if data.get("normalizer") is not None:
+        raise unfit(f"it has a normalizer ({data['normalizer'].get('type')})")
+    pattern = _split_pattern(data.get("pre_tokenizer"), unfit)
+    inverse = {c: b for b, c in byte_alphabet().items()}
+    ranks = {}
+    for text, rank in model.get("vocab", {}).items():
+        if any(c not in inverse for c in text):
+            raise unfit(f"vocabulary entry {text!r} is not written in the byte-level alphabet")
+        ranks[bytes(inverse[c] for c in text)] = rank
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise unfit("its vocabulary ids are not 0..n-1 without gaps")
+    if any(bytes([b]) not in ranks for b in range(256)):
+        raise unfit("not every byte has a token")
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+    if merges != vocab_and_merges(ranks)[1]:
+        raise unfit("its merges are not the ones its vocabulary's ranks imply (tiktoken would encode differently)")
+    added = data.get("added_tokens", [])
+    plain = [t["content"] for t in added if not t.get("special")]
+    if plain:
+        raise unfit(f"it has added tokens that are not special: {plain}")
+    specials = {t["content"]: t["id"] for t in added}
+    missing = [t for t in SPECIAL_TOKENS if t not in specials]
+    if missing:
+        raise unfit(f"it lacks nanochat's special tokens {missing}")
+    if sorted(specials.values()) != list(range(len(ranks), len(ranks) + len(specials))):
+        raise unfit("its special token ids do not follow the vocabulary's")
+    enc = tiktoken.Encoding(name="nanochat", pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
+    return RustBPETokenizer(enc, "<|bos|>")
+
+
+def _split_pattern(pre_tokenizer, unfit):
+    """The regex of to_hf_tokenizer's pre-tokenizer: Sequence[Split(Regex, Isolated), ByteLevel without a regex]."""
+    steps = (pre_tokenizer or {}).get("pretokenizers") or []
+    kinds = [s.get("type") for s in steps]
+    if (pre_tokenizer or {}).get("type") != "Sequence" or kinds != ["Split", "ByteLevel"]:
+        raise unfit(f"its pre-tokenizer is not Split then ByteLevel ({pre_tokenizer and pre_tokenizer.get('type')} "
+                    f"{kinds})")
+    split, byte_level = steps
+    pattern = (split.get("pattern") or {}).get("Regex")
+    if pattern is None or split.get("behavior") != "Isolated" or split.get("invert"):
+        raise unfit(f"its Split is not an isolating regex ({split})")
+    if byte_level.get("add_prefix_space") or byte_level.get("use_regex"):
+        raise unfit(f"its ByteLevel adds a prefix space or splits by its own regex ({byte_level})")
+    return pattern

@@ -35,8 +35,11 @@ EVALS = ("core", "bpb", "sample")
 @dataclass
 class BaseEvalConfig(ArgsMixin):
     storage: str | None = storage_flag()
-    source: str = flag("base", "which checkpoints", choices=["base", "mid", "sft", "rl"])
-    model_tag: str | None = flag(None, "model tag (default: the largest d<N>)")
+    source: str = flag("base", "model to evaluate: base|mid|sft|rl under the storage root, a model directory "
+                               "(Hugging Face export or nanochat layout) or a Hugging Face Hub repo id "
+                               "owner/name[@revision]")
+    model_tag: str | None = flag(None, "model tag (default: the largest d<N>; for a directory or Hub source: its "
+                                       "name)")
     step: int | None = flag(None, "checkpoint step (default: the last)")
     eval: str = flag("core,bpb,sample", "comma-separated subset of core,bpb,sample")
     core_bundle: str | None = flag(None, "CORE bundle dir (core.yaml, eval_meta_data.csv, eval_data/); default "
@@ -103,13 +106,13 @@ def main(argv=None, pool=None):
     evals = parse_evals(args.eval)
     base_dir = storage_root(args.storage)
     init_ray()
-    tag, step = resolve_checkpoint(args.source, args.model_tag, args.step, base_dir)
+    source, tag, step = resolve_checkpoint(args.source, args.model_tag, args.step, base_dir)
     bundle_dir = None
     if "core" in evals:  # before starting replicas: a missing bundle should fail (or download) first
         bundle_dir = args.core_bundle or download_eval_bundle(base_dir, args.bundle_url)
     out = {"tag": tag, "step": step}
     t0 = time.time()
-    with open_pool(pool, args.source, tag, step, args.num_actors, base_dir) as pool:
+    with open_pool(pool, source, tag, step, args.num_actors, base_dir) as pool:
         if "bpb" in evals:
             for split in ("train", "val"):
                 out[f"{split}_bpb"] = bpb_on_pool(pool, split, args.data, args.device_batch_size, args.split_tokens)

@@ -1,7 +1,9 @@
 """
-Chat evaluation of a mid/sft/rl checkpoint, fanned out over a pool of model replicas.
+Chat evaluation of a mid/sft/rl checkpoint (or a model directory, or a Hugging Face Hub repo), fanned out over a
+pool of model replicas.
 
     python -m ray_jobs.chat_eval -i sft [-a 'ARC-Easy|GSM8K'] [-x 100] [--num-actors 8] [--task-data DIR]
+    python -m ray_jobs.chat_eval -i karpathy/nanochat-d32 -a GSM8K
 
 Every task's problems are cut into shards (whole categorical batches; single problems for generative tasks), all
 shards of all tasks go to the pool at once, and the per-problem results come back in order, so the numbers are
@@ -19,7 +21,9 @@ from ray_jobs.eval_pool import chat_work, open_pool, resolve_checkpoint, shards_
 
 @dataclass
 class ChatEvalConfig(ArgsMixin):
-    source: str = flag(None, "which checkpoints", aliases=["-i"], required=True, choices=["base", "mid", "sft", "rl"])
+    source: str = flag(None, "model to evaluate: base|mid|sft|rl under the storage root, a model directory "
+                             "(Hugging Face export or nanochat layout) or a Hugging Face Hub repo id "
+                             "owner/name[@revision]", aliases=["-i"], required=True)
     task_name: str | None = flag(None, f"tasks, '|'-separated (default: all of {'|'.join(TASK_NAMES)})",
                                  aliases=["-a", "--task"])
     temperature: float = flag(0.0, "sampling temperature (0: greedy)", aliases=["-t"])
@@ -27,7 +31,8 @@ class ChatEvalConfig(ArgsMixin):
     num_samples: int = flag(1, "samples per generative problem (pass@n)", aliases=["-n"])
     top_k: int = flag(50, "top-k sampling (0: off)", aliases=["-k"])
     batch_size: int = flag(8, "problems per forward pass (categorical)", aliases=["-b"])
-    model_tag: str | None = flag(None, "model tag (default: the largest d<N>)", aliases=["-g"])
+    model_tag: str | None = flag(None, "model tag (default: the largest d<N>; for a directory or Hub source: its "
+                                       "name)", aliases=["-g"])
     step: int | None = flag(None, "checkpoint step (default: the last)", aliases=["-s"])
     max_problems: int | None = flag(None, "first N problems of each task (default: all)", aliases=["-x"])
     num_actors: int | None = flag(None, "model replicas (default: one per GPU in the cluster, else a few CPU ones)")
@@ -68,11 +73,11 @@ def main(argv=None, pool=None):
         os.environ[TASK_DATA_ENV] = task_data
     names = parse_task_names(args.task_name)
     init_ray()
-    tag, step = resolve_checkpoint(args.source, args.model_tag, args.step, base_dir)
+    source, tag, step = resolve_checkpoint(args.source, args.model_tag, args.step, base_dir)
     opts = dict(batch_size=args.batch_size, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
                 temperature=args.temperature, top_k=args.top_k)
     t0 = time.time()
-    with open_pool(pool, args.source, tag, step, args.num_actors, base_dir) as pool:
+    with open_pool(pool, source, tag, step, args.num_actors, base_dir) as pool:
         records = evaluate_on_pool(pool, names, task_data, args.max_problems, opts)
     accuracies = {n: accuracy(records[n]) for n in names}
 

@@ -1,13 +1,15 @@
 """
 RL on GSM8K on Ray Train: on-policy REINFORCE from the SFT model, rollouts and updates on the same workers.
 
-    python -m ray_jobs.chat_rl [--storage ROOT] [--num-workers N] [--use-gpu] [--source sft|mid]
+    python -m ray_jobs.chat_rl [--storage ROOT] [--num-workers N] [--use-gpu] [--source sft|mid|DIR|owner/name]
         [--model-tag TAG] [--model-step S] [--task-data DIR] [--num-iterations K] [--examples-per-step E]
         [--num-samples S] [--max-new-tokens T] [--temperature X] [--top-k K] [--init-lr-frac F]
         [--eval-every N] [--eval-examples N] [--save-every N] [--resume] ...
 
 Reads ROOT/chatsft_checkpoints/<tag> (or mid with --source mid), writes ROOT/chatrl_checkpoints/<tag>/ (nanochat
-layout) with metrics.jsonl, and the report card's "Chat RL" section (final pass@k; GSM8K = pass@1).
+layout) with metrics.jsonl, and the report card's "Chat RL" section (final pass@k; GSM8K = pass@1). --source may
+also be a model directory or a Hugging Face Hub repo (nanochat.hub); the output's tag is then --model-tag, else the
+directory's or repo's name.
 Every flag of nanochat.chat_rl.RLConfig is accepted.
 """
 from nanochat.chat_rl import RLConfig, chat_rl_worker, log_report, output_dir

@@ -1,10 +1,12 @@
 """
 Chat SFT on Ray Train: supervised finetuning on conversations, loss on the assistant's tokens only.
 
-    python -m ray_jobs.chat_sft [--storage ROOT] [--num-workers N] [--use-gpu] [--source mid|base]
+    python -m ray_jobs.chat_sft [--storage ROOT] [--num-workers N] [--use-gpu] [--source mid|base|DIR|owner/name]
         [--model-tag TAG] [--model-step S] [--task-data DIR] [--num-iterations K] [--resume] ...
 
-Reads ROOT/mid_checkpoints/<tag> (or base with --source base), writes ROOT/chatsft_checkpoints/<tag>/.
+Reads ROOT/mid_checkpoints/<tag> (or base with --source base), writes ROOT/chatsft_checkpoints/<tag>/. --source may
+also be a model directory or a Hugging Face Hub repo (nanochat.hub); the output's tag is then --model-tag, else the
+directory's or repo's name.
 Every flag of nanochat.chat_train.ChatTrainConfig is accepted (as for mid_train).
 """
 from nanochat.chat_train import ChatTrainConfig, chat_train_worker, output_dir

@@ -192,14 +192,22 @@ def open_pool(pool, source, model_tag, step, num_actors=None, base_dir=None):
 
 
 def resolve_checkpoint(source, model_tag=None, step=None, base_dir=None):
-    """(tag, step) that load_model would pick, resolved once in the driver."""
-    from nanochat.checkpoint_manager import SOURCE_DIRS, find_largest_model, find_last_step
+    """(source, tag, step) that load_model would pick, resolved once in the driver so every replica loads the same
+    model: a stage's largest d<N> tag and newest step; for a directory or Hub repo its name and step, the repo pinned
+    to its current commit and downloaded here (a bad repo fails before any replica starts; on this node the replicas
+    then find it in the cache)."""
+    from nanochat import hub
+    from nanochat.checkpoint_manager import (SOURCE_DIRS, directory_step, find_largest_model, find_last_step,
+                                             pin_source, source_tag)
     from nanochat.common import get_base_dir
     from nanochat.storage import join
+    if source not in SOURCE_DIRS:
+        source = pin_source(source)
+        return source, source_tag(source), directory_step(hub.locate(source, step), step)
     checkpoints_dir = join(base_dir or get_base_dir(), SOURCE_DIRS[source])
     model_tag = model_tag or find_largest_model(checkpoints_dir)
     step = step if step is not None else find_last_step(join(checkpoints_dir, model_tag))
-    return model_tag, step
+    return source, model_tag, step
 
 
 def shards_for(n, num_actors, align=1, per_actor=4):
@@ -233,10 +241,9 @@ def bpb_work(ctx, split, source, batch_size, split_tokens, rank, world_size):
     import itertools
     from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
     from nanochat.loss_eval import evaluate_bpb
-    from nanochat.tokenizer import get_token_bytes
     T = ctx.model.config.sequence_len
     steps = split_tokens // (batch_size * T * world_size)
-    token_bytes = get_token_bytes(ctx.device, ctx.base_dir)
+    token_bytes = ctx.tokenizer.compute_token_bytes().to(ctx.device)  # the model's own (not the storage root's)
     loader = tokenizing_distributed_data_loader_bos_bestfit(ctx.tokenizer, batch_size, T, split, ctx.device,
                                                             source=source, rank=rank, world_size=world_size)
     nats, nbytes = 0.0, 0

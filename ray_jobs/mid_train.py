@@ -2,9 +2,12 @@
 Midtraining on Ray Train: the base model learns the chat format, tool use and multiple choice.
 
     python -m ray_jobs.mid_train [--storage ROOT] [--num-workers N] [--use-gpu] [--model-tag TAG]
-        [--model-step S] [--task-data DIR] [--num-iterations K] [--device-batch-size B] [--resume] ...
+        [--source base|DIR|owner/name] [--model-step S] [--task-data DIR] [--num-iterations K]
+        [--device-batch-size B] [--resume] ...
 
 Reads ROOT/base_checkpoints/<tag>, writes ROOT/mid_checkpoints/<tag>/ (nanochat layout) with metrics.jsonl.
+--source may also be a model directory or a Hugging Face Hub repo (nanochat.hub); the output's tag is then
+--model-tag, else the directory's or repo's name.
 Every flag of nanochat.chat_train.ChatTrainConfig is accepted.
 """
 from nanochat.chat_train import ChatTrainConfig, chat_train_worker, output_dir

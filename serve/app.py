@@ -40,6 +40,7 @@ import ray
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
+from nanochat.checkpoint_manager import pin_source
 from nanochat.flags import ArgsMixin, flag, value_type
 from nanochat.storage import is_uri
 from serve.api import make_api
@@ -55,7 +56,9 @@ logger = logging.getLogger("nanochat.serve")
 @dataclass
 class ServeConfig(ArgsMixin):
     storage: str | None = flag(None, "storage root (default $NANOCHAT_BASE_DIR or ~/.cache/nanochat)")
-    source: str = flag("sft", "which checkpoints to serve", aliases=["-i"], choices=["sft", "rl", "mid", "base"])
+    source: str = flag("sft", "model to serve: sft|rl|mid|base under the storage root, a model directory (Hugging "
+                              "Face export or nanochat layout) or a Hugging Face Hub repo id owner/name[@revision]",
+                       aliases=["-i"])
     model_tag: str | None = flag(None, "model tag, e.g. d20 (default: the largest)", aliases=["-g"])
     step: int | None = flag(None, "checkpoint step (default: the last)", aliases=["-s"])
     checkpoint: str | None = flag(None, "a checkpoint directory, instead of --source / --model-tag")
@@ -249,6 +252,8 @@ class ChatServer:
 def build_app(args=None):
     """Serve application builder: `serve run serve.app:build_app key=value ...` and config.yaml's import_path."""
     cfg = ServeConfig.from_options(args)
+    # every replica loads the same model: a directory made absolute, a Hub repo pinned to its current commit
+    cfg.source = pin_source(cfg.source)
     options = dict(
         # routed requests must reach the scheduler, which sheds load itself (Serve's default of 5 ongoing requests
         # would queue them in the proxy instead);

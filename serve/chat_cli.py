@@ -4,6 +4,7 @@ Chat with a model in the terminal: a local checkpoint (default) or a running ser
     python -m serve.chat_cli                              # interactive, newest sft checkpoint
     python -m serve.chat_cli -i sft -g d20 -s 700 -t 0.6 -k 50
     python -m serve.chat_cli -p "Why is the sky blue?"     # one-shot: print the reply and exit
+    python -m serve.chat_cli -i karpathy/nanochat-d32      # a model on the Hugging Face Hub (or a directory)
     python -m serve.chat_cli --url http://127.0.0.1:8000 [--api-key KEY]
 
 Interactive commands: clear (or /clear) starts a new conversation; quit, exit (or /exit, /quit) leave.
@@ -116,9 +117,11 @@ class RemoteChat:
 
 @dataclass
 class ChatCliConfig(ArgsMixin):
-    source: str = flag("sft", "which checkpoints to chat with (local model)", aliases=["-i"],
-                       choices=["sft", "rl", "mid", "base"])
-    model_tag: str | None = flag(None, "model tag, e.g. d20 (default: the largest)", aliases=["-g"])
+    source: str = flag("sft", "model to chat with: sft|rl|mid|base under the storage root, a model directory "
+                              "(Hugging Face export or nanochat layout) or a Hugging Face Hub repo id "
+                              "owner/name[@revision]", aliases=["-i"])
+    model_tag: str | None = flag(None, "model tag, e.g. d20 (default: the largest; not for a directory or Hub "
+                                       "source)", aliases=["-g"])
     step: int | None = flag(None, "checkpoint step (default: the last)", aliases=["-s"])
     prompt: str = flag("", "one-shot: answer this prompt and exit", aliases=["-p"])
     temperature: float = flag(0.6, "sampling temperature (0: greedy)", aliases=["-t"])

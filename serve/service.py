@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from nanochat.checkpoint_manager import SOURCE_DIRS, build_model, find_last_step, load_model
 from serve.metrics import ServeMetrics
 from serve.protocol import ApiError
 from serve.scheduler import AsyncRequests, Overloaded, Scheduler
@@ -28,6 +29,8 @@ class ChatService:
         self.model, self.tokenizer = model, tokenizer
         if cfg.checkpoint:
             self.model_id = f"nanochat-{os.path.basename(cfg.checkpoint.rstrip('/'))}"
+        elif cfg.source not in SOURCE_DIRS:  # a directory or Hub repo: its own name, as other servers show it
+            self.model_id = cfg.source
         else:
             self.model_id = f"nanochat-{cfg.source}" + (f"-{cfg.model_tag}" if cfg.model_tag else "")
         self.seq_len = model.config.sequence_len
@@ -67,7 +70,6 @@ class ChatService:
 
     @staticmethod
     def _load(cfg, device):
-        from nanochat.checkpoint_manager import build_model, find_last_step, load_model
         if cfg.checkpoint:
             step = cfg.step if cfg.step is not None else find_last_step(cfg.checkpoint)
             model, tokenizer, meta = build_model(cfg.checkpoint, step, device, "eval", base_dir=cfg.storage)

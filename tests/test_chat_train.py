@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from conftest import SHARED_DATA
+from fake_hub import write_hf_export
 from nanochat.chat_train import ChatTrainConfig, chat_train_worker, output_dir, packed_conversations, \
     padded_conversations
 from nanochat.checkpoint_manager import list_steps, read_meta, save_checkpoint
+from nanochat.dataset import PACKAGE_TASK_DATA
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.train import WorkerContext
 
@@ -102,6 +104,27 @@ def test_mid_then_sft_plain_process(stage_storage, tiny_tokenizer, monkeypatch):
     assert 0 <= summary["mmlu_acc"] <= 1 and 0 <= summary["arc_easy_acc"] <= 1
     losses = [json.loads(line) for line in open(os.path.join(sft_dir, "metrics.jsonl"))]
     assert [r["step"] for r in losses if "raw_loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_mid_from_a_hugging_face_export_directory(tmp_path, tiny_tokenizer, monkeypatch):
+    """--source a local export: a storage root without any checkpoint or tokenizer of its own (the model brings its
+    tokenizer, also for bits per byte); the output is named after the directory."""
+    config = GPTConfig(sequence_len=64, vocab_size=tiny_tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2,
+                       n_embd=64)
+    torch.manual_seed(0)
+    export = write_hf_export(build_model(config), tiny_tokenizer, str(tmp_path / "exports" / "tiny-chat"), step=9)
+    root = tmp_path / "root"
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(root))
+    cfg = ChatTrainConfig(stage="mid", source=export, max_seq_len=64, device_batch_size=2, total_batch_size=256,
+                          num_iterations=2, eval_every=2, eval_tokens=256, save_every=2, mixture_scale=0.0005,
+                          task_data=str(SHARED_DATA if SHARED_DATA.exists() else PACKAGE_TASK_DATA)).resolved()
+    ckpt = output_dir(cfg, str(root))
+    assert ckpt == str(root / "mid_checkpoints" / "tiny-chat")
+    os.makedirs(ckpt)
+    summary = chat_train_worker(cfg, WorkerContext(checkpoint_dir=ckpt, metrics_path=ckpt + "/metrics.jsonl"))
+    meta = read_meta(ckpt, 2)
+    assert summary["step"] == 2 and 0 < summary["val_bpb"] < 20
+    assert meta["source"] == export and meta["source_step"] == 9
 
 
 def test_sft_on_ray_two_workers_fed_by_ray_data(stage_storage, tiny_tokenizer, ray_local):

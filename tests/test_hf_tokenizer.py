@@ -1,5 +1,6 @@
 """nanochat/hf_tokenizer.py against transformers: the exported fast tokenizer gives our ids (held text of the shared
-data, the shipped corpus, odd strings), decodes byte for byte, and its chat template renders our ids."""
+data, the shipped corpus, odd strings), decodes byte for byte, and its chat template renders our ids. And back:
+tokenizer.json -> our tokenizer encodes and renders as the original, and a tokenizer.json of another kind is refused."""
 import gzip
 import json
 
@@ -9,7 +10,7 @@ from transformers import AutoTokenizer
 
 from conftest import SHARED_DATA
 from nanochat.dataset import FALLBACK_VAL
-from nanochat.hf_tokenizer import save_hf_tokenizer
+from nanochat.hf_tokenizer import from_hf_tokenizer_json, save_hf_tokenizer
 from nanochat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer
 
 ODD = ["", " ", "  leading and trailing  ", "Hello world! 123 + 4567 = 4690.", "don't we'll they've I'M",
@@ -18,12 +19,19 @@ ODD = ["", " ", "  leading and trailing  ", "Hello world! 123 + 4567 = 4690.", "
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    """(ours, the exported one loaded by transformers): a 4096-token vocabulary trained on Python's docs."""
+def exported(tmp_path_factory):
+    """(ours, the directory it was exported to): a 4096-token vocabulary trained on Python's docs."""
     ours = RustBPETokenizer.train_from_iterator(iter(pydoc_data.topics.topics.values()), 4096)
     out = tmp_path_factory.mktemp("hf_tokenizer")
     save_hf_tokenizer(ours, str(out))
-    return ours, AutoTokenizer.from_pretrained(str(out))
+    return ours, str(out)
+
+
+@pytest.fixture(scope="module")
+def pair(exported):
+    """(ours, the exported one loaded by transformers)."""
+    ours, out = exported
+    return ours, AutoTokenizer.from_pretrained(out)
 
 
 def check_texts(pair, texts):
@@ -96,3 +104,56 @@ def test_the_chat_template_renders_our_ids(pair, messages):
     assert chat_ids(hf, messages) == ours.render_conversation(messages)[0]
     # the prompt for the next reply: everything before the last assistant turn, then an open assistant turn
     assert chat_ids(hf, messages[:-1], add_generation_prompt=True) == ours.render_for_completion(messages)
+
+
+# -----------------------------------------------------------------------------
+# And back: tokenizer.json -> ours
+
+def test_tokenizer_json_back_to_ours_encodes_and_renders_the_same(exported):
+    ours, out = exported
+    back = from_hf_tokenizer_json(f"{out}/tokenizer.json")
+    assert back.enc._mergeable_ranks == ours.enc._mergeable_ranks and back.enc._pat_str == ours.enc._pat_str
+    with gzip.open(FALLBACK_VAL, "rt", encoding="utf-8") as f:
+        texts = ODD + [json.loads(line)["text"] for line in f]
+    assert back.encode(texts) == ours.encode(texts)
+    assert back.encode("a literal <|bos|> stays text") == ours.encode("a literal <|bos|> stays text")
+    assert [back.encode_special(t) for t in SPECIAL_TOKENS] == [ours.encode_special(t) for t in SPECIAL_TOKENS]
+    assert back.get_vocab_size() == ours.get_vocab_size() and back.turn_end_ids() == ours.turn_end_ids()
+    for messages in CONVERSATIONS:
+        assert back.render_conversation(messages) == ours.render_conversation(messages)
+        assert back.render_for_completion(messages) == ours.render_for_completion(messages)
+    assert back.compute_token_bytes().equal(ours.compute_token_bytes())
+
+
+def _drop_a_rank(d):
+    vocab = d["model"]["vocab"]
+    del vocab[next(t for t, i in vocab.items() if i == 300)]
+
+
+def _swap_two_merges(d):
+    merges = d["model"]["merges"]
+    merges[0], merges[1] = merges[1], merges[0]
+
+
+def _gpt2_style_pre_tokenizer(d):
+    d["pre_tokenizer"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d["model"].update(type="WordPiece"), "its model is not plain BPE"),
+    (lambda d: d.update(normalizer={"type": "NFC"}), "it has a normalizer"),
+    (_gpt2_style_pre_tokenizer, "its pre-tokenizer is not Split then ByteLevel"),
+    (_drop_a_rank, "ids are not 0..n-1 without gaps"),
+    (_swap_two_merges, "its merges are not the ones its vocabulary's ranks imply"),
+    (lambda d: d["model"]["vocab"].update({"A\n": 4000}), "is not written in the byte-level alphabet"),
+    (lambda d: d.update(added_tokens=d["added_tokens"][:-1]), r"lacks nanochat's special tokens \['<\|output_end"),
+])
+def test_a_tokenizer_json_of_another_kind_is_refused(exported, tmp_path, change, message):
+    _, out = exported
+    with open(f"{out}/tokenizer.json") as f:
+        data = json.load(f)
+    change(data)
+    with open(tmp_path / "tokenizer.json", "w") as f:
+        json.dump(data, f)
+    with pytest.raises(ValueError, match=message):
+        from_hf_tokenizer_json(str(tmp_path / "tokenizer.json"))

@@ -431,6 +431,19 @@ def test_command_line_maps_onto_the_app_config():
         ServeConfig.from_options({"prot": "1"})
 
 
+def test_a_directory_or_hub_source_is_pinned_for_every_replica(tmp_path, monkeypatch):
+    """--source takes a model directory or Hub repo id; the app hands its replicas an absolute directory (they run
+    elsewhere) and a repo pinned to a commit (offline, a repo stays as it is: the cache cannot change)."""
+    from huggingface_hub import constants
+    from serve.app import ServeConfig, build_app
+    assert ServeConfig.parse(["--source", "me/tiny-chat@v2"]).source == "me/tiny-chat@v2"
+    (tmp_path / "exports").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert build_app({"source": "exports"})._bound_deployment.init_args[0]["source"] == str(tmp_path / "exports")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert build_app({"source": "me/tiny-chat"})._bound_deployment.init_args[0]["source"] == "hf://me/tiny-chat"
+
+
 def converse(purl, name, header=True, turns=4, system=None):
     """A conversation over the OpenAI route, with its name as X-Session-Id or without one: each turn's usage."""
     messages, usages = ([{"role": "system", "content": system}] if system else []), []
