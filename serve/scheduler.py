@@ -111,9 +111,9 @@ def default_kv_bytes(model, max_batch, seq_len, block_size):
 class PrefillBudget:
     """Prompt tokens per step beside running streams, sized from measured step times so that a step with a prompt
     chunk takes at most `slowdown` times a decode-only step: the streams' inter-token latency stays within that
-    factor of their pace while prompts arrive, on any device. (On a GPU a chunk costs the decoding forward little
-    and the cap is reached; on a CPU every token costs compute and chunks stay small.) With no stream decoding, or
-    slowdown 0, the budget is the cap."""
+    factor of their pace while prompts arrive, on any device. (Where a chunk adds little to the decoding forward,
+    chunks grow toward the cap; where every token costs compute, as on a CPU, they stay small.) With no stream
+    decoding, or slowdown 0, the budget is the cap."""
 
     def __init__(self, cap, slowdown=2.0, floor=16, smoothing=0.25):
         self.cap, self.slowdown, self.floor, self.smoothing = cap, slowdown, min(floor, cap), smoothing
