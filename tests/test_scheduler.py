@@ -485,7 +485,7 @@ def test_kv_memory_is_a_budget_of_blocks(model, tiny_tokenizer):
     assert stats["max_active"] == 6  # the six short ones together: 12 blocks; the long one never beside them all
 
 
-def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(model, tiny_tokenizer):
+def test_a_long_prompt_is_prefilled_in_chunks_beside_the_running_streams(model, tiny_tokenizer):
     """While a 200-token prompt arrives in chunks of 16, a stream already running gets a token per chunk, and
     the long request's reply is the same as with the prompt prefilled in one go."""
     tok = tiny_tokenizer
