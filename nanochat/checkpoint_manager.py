@@ -164,13 +164,16 @@ def _torch_load(d, name, meta, map_location):
             raise CheckpointError(f"checkpoint file {shown} could not be loaded: {e}", shown) from e
 
 
+def _parse_json(data, path, what=""):
+    try:
+        return json.loads(data)
+    except ValueError as e:
+        raise CheckpointError(f"{what}{path} is not valid JSON: {e}", path) from e
+
+
 def _read_meta(d, step):
     with d.read(meta_name(step)) as f:
-        try:
-            return json.loads(f.read())
-        except ValueError as e:
-            shown = d.path(meta_name(step))
-            raise CheckpointError(f"checkpoint meta {shown} is not valid JSON: {e}", shown) from e
+        return _parse_json(f.read(), d.path(meta_name(step)), "checkpoint meta ")
 
 
 def read_meta(checkpoint_dir, step):
@@ -317,20 +320,21 @@ def _era_constants(cfg, state_dict):
     return {}
 
 
-def _find_tokenizer(tokenizer_dir):
-    """The tokenizer in tokenizer_dir: nanochat's tokenizer.pkl, else a Hugging Face tokenizer.json; None if neither."""
-    from nanochat.tokenizer import TOKENIZER_PKL, RustBPETokenizer
-    if storage.exists(storage.join(tokenizer_dir, TOKENIZER_PKL)):
-        return RustBPETokenizer.from_directory(tokenizer_dir)
-    if storage.exists(storage.join(tokenizer_dir, "tokenizer.json")):
-        from nanochat.hf_tokenizer import from_hf_tokenizer_json
-        return from_hf_tokenizer_json(storage.join(tokenizer_dir, "tokenizer.json"))
-    return None
-
-
-def _has_tokenizer(directory):
+def _tokenizer_file(tokenizer_dir):
+    """nanochat's tokenizer.pkl in tokenizer_dir, else a Hugging Face tokenizer.json, else None."""
     from nanochat.tokenizer import TOKENIZER_PKL
-    return any(os.path.isfile(os.path.join(directory, name)) for name in (TOKENIZER_PKL, "tokenizer.json"))
+    return next((path for path in (storage.join(tokenizer_dir, name) for name in (TOKENIZER_PKL, "tokenizer.json"))
+                 if storage.exists(path)), None)
+
+
+def _find_tokenizer(tokenizer_dir):
+    """The tokenizer in tokenizer_dir (see _tokenizer_file), or None."""
+    from nanochat.hf_tokenizer import from_hf_tokenizer_json
+    from nanochat.tokenizer import RustBPETokenizer
+    path = _tokenizer_file(tokenizer_dir)
+    if path is None:
+        return None
+    return from_hf_tokenizer_json(path) if path.endswith(".json") else RustBPETokenizer.from_directory(tokenizer_dir)
 
 
 def _check_vocab(tokenizer, config, where):
@@ -416,7 +420,7 @@ def load_directory(directory, device, phase, step=None, source=None):
     if not list_steps(directory):
         raise FileNotFoundError(f"{directory} is neither a Hugging Face export (config.json) nor a nanochat "
                                 f"checkpoint directory (meta_*.json)")
-    tokenizer_dir = next((d for d in (directory, os.path.join(directory, "tokenizer")) if _has_tokenizer(d)), None)
+    tokenizer_dir = next((d for d in (directory, os.path.join(directory, "tokenizer")) if _tokenizer_file(d)), None)
     if tokenizer_dir is None:
         raise FileNotFoundError(f"no tokenizer.pkl or tokenizer.json in {directory} or its tokenizer/ directory")
     return _build_newest(directory, step, device, phase, tokenizer_dir=tokenizer_dir)
@@ -445,11 +449,8 @@ def directory_step(directory, step=None):
 
 
 def _read_json(path):
-    try:
-        with open(path, "rb") as f:
-            return json.loads(f.read())
-    except ValueError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}", path) from e
+    with open(path, "rb") as f:
+        return _parse_json(f.read(), path)
 
 
 def _build_hf_export(directory, device, phase, step, source):
