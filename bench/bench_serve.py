@@ -53,10 +53,11 @@ def build_local(args):
 
 
 def local_scheduler(args, model, tokenizer, max_batch, prefix_cache=True):
+    """The in-process server, not started."""
     from serve.scheduler import Scheduler
     return Scheduler(model, tokenizer, max_batch=max_batch, max_waiting=10**6, prefix_cache=prefix_cache,
                      kv_cache_bytes=int(args.kv_cache_mb * 2**20) or None, prefill_chunk=args.prefill_chunk,
-                     prefill_slowdown=args.prefill_slowdown).start()
+                     prefill_slowdown=args.prefill_slowdown)
 
 
 # -----------------------------------------------------------------------------
@@ -224,7 +225,7 @@ def run_workloads(args, model=None, tokenizer=None):
     else:
         def ours(prefix_cache):
             def make():
-                s = local_scheduler(args, model, tokenizer, args.max_batch, prefix_cache)
+                s = local_scheduler(args, model, tokenizer, args.max_batch, prefix_cache).start()
                 return InProcess(s, tokenizer), s
             return make
 
@@ -267,9 +268,7 @@ def run_workloads(args, model=None, tokenizer=None):
 def run_long_prompt(args, model, tokenizer):
     """The scheduler runs on this thread, the one that built the model, as the server runs it (two OpenMP thread
     teams on the same cores make decoding's pace erratic); the measuring client runs on another."""
-    from serve.scheduler import Scheduler
-    scheduler = Scheduler(model, tokenizer, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
-                          prefill_slowdown=args.prefill_slowdown, kv_cache_bytes=int(args.kv_cache_mb * 2**20) or None)
+    scheduler = local_scheduler(args, model, tokenizer, args.max_batch)
     out = {}
 
     def measure():
@@ -282,8 +281,8 @@ def run_long_prompt(args, model, tokenizer):
     scheduler.run(on_ready=client.start)
     client.join()
     print(f"{out['streams']} streams decoding while a {out['long_prompt_tokens']}-token prompt arrives "
-          f"(prefill chunk {args.prefill_chunk}, slowdown {args.prefill_slowdown}): ITL median {out['itl_ms_p50']} ms, p99 while prefilling "
-          f"{out['itl_ms_p99_while_prefilling']} ms ({out['p99_over_median']}x), long prompt TTFT "
+          f"(prefill chunk {args.prefill_chunk}, slowdown {args.prefill_slowdown}): ITL median {out['itl_ms_p50']} ms, "
+          f"p99 while prefilling {out['itl_ms_p99_while_prefilling']} ms ({out['p99_over_median']}x), long prompt TTFT "
           f"{out['long_ttft_ms']} ms")
     return out
 
@@ -361,7 +360,7 @@ def main():
         return
 
     # levels: c clients, each sending its requests one after another (at most c in flight)
-    scheduler = None if args.url else local_scheduler(args, model, tokenizer, max(args.concurrency))
+    scheduler = None if args.url else local_scheduler(args, model, tokenizer, max(args.concurrency)).start()
     target = Http(args.url, args.api_key, sessions=False) if args.url else InProcess(scheduler, tokenizer)
     options = dict(max_tokens=args.max_tokens, temperature=args.temperature)
     if not args.url:
