@@ -72,6 +72,24 @@ def model_config(cfg, vocab_size):
                                 sequence_len=cfg.max_seq_len, vocab_size=vocab_size, window_pattern=cfg.window_pattern)
 
 
+def batch_hyperparameters(cfg, vocab_size, batch_world_size=1):
+    """derive_hyperparameters for this config; the auto batch never goes below one forward/backward of
+    batch_world_size workers (an elastic run's smallest size), so it is the same at every size the run takes."""
+    return derive_hyperparameters(model_config(cfg, vocab_size), cfg.target_param_data_ratio, cfg.total_batch_size,
+                                  cfg.num_iterations, cfg.target_flops, cfg.weight_decay,
+                                  tokens_per_fwdbwd=cfg.device_batch_size * cfg.max_seq_len * batch_world_size)
+
+
+def world_size_error(cfg, world_size, batch_world_size, vocab_size):
+    """Why `world_size` workers cannot train this config's global batch exactly ("" if they can)."""
+    total = batch_hyperparameters(cfg, vocab_size, batch_world_size)["total_batch_size"]
+    try:
+        grad_accum_steps(total, cfg.device_batch_size, cfg.max_seq_len, world_size)
+    except ValueError as e:
+        return str(e)
+    return ""
+
+
 def checkpoint_dir(cfg, base_dir=None):
     base_dir = base_dir or get_base_dir()
     tag = cfg.model_tag or f"d{cfg.depth}"
@@ -99,22 +117,66 @@ class BatchSource:
                       source=self.source, rank=rank, world_size=world_size, buffer_size=self.cfg.buffer_size)
 
 
+def base_evals(cfg, model, tokenizer, batch_source, rank, world_size, device):
+    """Base training's periodic evaluations of `model`: validation bits per byte every eval_every steps and CORE
+    every core_metric_every, both offloadable (see evaluate_checkpoint)."""
+    from nanochat.tokenizer import get_token_bytes
+    token_bytes = get_token_bytes(device=device)
+    eval_steps = max(1, cfg.eval_tokens // (cfg.device_batch_size * cfg.max_seq_len * world_size))
+
+    def val_bpb(step):
+        from nanochat.loss_eval import evaluate_bpb
+        batches = ((x, y) for x, y in batch_source.val(rank, world_size, device))
+        return {"val_bpb": evaluate_bpb(model, batches, eval_steps, token_bytes)}
+
+    def core(step):
+        from nanochat.core_eval import download_eval_bundle, evaluate_model
+        try:
+            bundle = cfg.core_bundle or download_eval_bundle()
+        except Exception as e:  # offline: an eval must never cost the run its final checkpoint
+            print0(f"CORE skipped at step {step}: no eval bundle ({str(e).splitlines()[0][:200]})")
+            return {}
+        return {"core_metric": evaluate_model(model, tokenizer, device, bundle, cfg.core_metric_max_per_task)[
+            "core_metric"]}
+
+    evals = [Eval("val_bpb", cfg.eval_every, val_bpb, offload=True)]
+    if cfg.core_metric_every > 0:
+        evals.append(Eval("core", cfg.core_metric_every, core, at_start=False, offload=True))
+    return evals
+
+
+def evaluate_checkpoint(cfg, checkpoint_dir, step, names, device="cpu", batch_source=None, tokenizer=None):
+    """The named evals of base_evals on checkpoint `step`, in this process alone (evaluation off the training
+    workers, while they train on): {metric: value}."""
+    from nanochat.checkpoint_manager import load_checkpoint
+    from nanochat.tokenizer import get_tokenizer
+    model_data, _, meta = load_checkpoint(checkpoint_dir, step, device)
+    model = build_model(GPTConfig.from_dict(meta["model_config"]), device)
+    model.load_state_dict(model_data)
+    model.eval()
+    tokenizer = tokenizer or get_tokenizer()
+    batch_source = batch_source or BatchSource(cfg, tokenizer)
+    results = {}
+    for ev in base_evals(cfg, model, tokenizer, batch_source, 0, 1, device):
+        if ev.name in names:
+            results.update(ev.fn(step))
+    return results
+
+
 def base_train_worker(cfg, ctx=None, batch_source=None, tokenizer=None, run_id=None, resume_step=None):
     """Train a base model on this worker; returns a summary dict (rank 0's is the one launchers report).
     resume_step: continue from this checkpoint step (launchers pass it on --resume or after a restart)."""
-    from nanochat.tokenizer import get_token_bytes, get_tokenizer
+    from nanochat.tokenizer import get_tokenizer
     ctx = ctx or WorkerContext()
     ctx.wandb = init_wandb(cfg.run, "nanochat", asdict(cfg), ctx.rank)
     device = ctx.device
     torch.manual_seed(cfg.seed)
     tokenizer = tokenizer or get_tokenizer()
-    token_bytes = get_token_bytes(device=device)
     batch_source = batch_source or BatchSource(cfg, tokenizer)
 
     config = model_config(cfg, tokenizer.get_vocab_size())
     B, T, W = cfg.device_batch_size, cfg.max_seq_len, ctx.world_size
-    hp = derive_hyperparameters(config, cfg.target_param_data_ratio, cfg.total_batch_size, cfg.num_iterations,
-                                cfg.target_flops, cfg.weight_decay, tokens_per_fwdbwd=B * T * W)
+    hp = batch_hyperparameters(cfg, tokenizer.get_vocab_size(), ctx.batch_world_size)
     total_batch, num_iterations = hp["total_batch_size"], hp["num_iterations"]
     accum = grad_accum_steps(total_batch, B, T, W)
     lr_scale = hp["batch_lr_scale"]
@@ -136,12 +198,6 @@ def base_train_worker(cfg, ctx=None, batch_source=None, tokenizer=None, run_id=N
            f"weight decay {hp['weight_decay']:.4f}")
 
     train_batches = batch_source.train(ctx.rank, W, device, loader_state)
-    eval_steps = max(1, cfg.eval_tokens // (B * T * W))
-
-    def val_bpb(step):
-        from nanochat.loss_eval import evaluate_bpb
-        batches = ((x, y) for x, y in batch_source.val(ctx.rank, W, device))
-        return {"val_bpb": evaluate_bpb(model, batches, eval_steps, token_bytes)}
 
     def sample(step):
         from nanochat.engine import Engine
@@ -158,19 +214,7 @@ def base_train_worker(cfg, ctx=None, batch_source=None, tokenizer=None, run_id=N
 
     meta = dict(model_config=asdict(config), user_config=asdict(cfg), device_batch_size=B, max_seq_len=T,
                 total_batch_size=total_batch, num_iterations=num_iterations, run_id=run_id)
-    def core(step):
-        from nanochat.core_eval import download_eval_bundle, evaluate_model
-        try:
-            bundle = cfg.core_bundle or download_eval_bundle()
-        except Exception as e:  # offline: an eval must never cost the run its final checkpoint
-            print0(f"CORE skipped at step {step}: no eval bundle ({str(e).splitlines()[0][:200]})")
-            return {}
-        return {"core_metric": evaluate_model(model, tokenizer, device, bundle, cfg.core_metric_max_per_task)[
-            "core_metric"]}
-
-    evals = [Eval("val_bpb", cfg.eval_every, val_bpb)]
-    if cfg.core_metric_every > 0:
-        evals.append(Eval("core", cfg.core_metric_every, core, at_start=False))
+    evals = base_evals(cfg, model, tokenizer, batch_source, ctx.rank, W, device)
     t0 = time.time()
     state = train_loop(model, optimizer, train_batches, num_iterations=num_iterations, grad_accum_steps=accum,
                        schedule=schedule, ctx=ctx, tokens_per_step=total_batch, flops_per_token=flops_per_token,
@@ -181,7 +225,8 @@ def base_train_worker(cfg, ctx=None, batch_source=None, tokenizer=None, run_id=N
                    smooth_train_loss=state.smooth_train_loss / (1 - 0.9 ** max(state.step, 1)),
                    total_training_time=state.total_training_time, wall_time=time.time() - t0,
                    data_wait_time=state.total_data_wait, total_batch_size=total_batch,
-                   num_params=n_params["total"], checkpoint_dir=ctx.checkpoint_dir)
+                   num_params=n_params["total"], checkpoint_dir=ctx.checkpoint_dir,
+                   resizes="; ".join(state.resizes) or None)
     print0(f"done: {summary}")
     from nanochat.report import get_report
     get_report().log("Base model training", {**asdict(cfg), **{k: v for k, v in summary.items() if v is not None},

@@ -126,6 +126,13 @@ def pass_at_k(outcomes, k):
     return float(any(outcomes[:k]))
 
 
+def world_size_error(cfg, world_size):
+    """Why `world_size` workers cannot split this config's problems per step evenly ("" if they can)."""
+    if cfg.examples_per_step % world_size:
+        return f"examples_per_step {cfg.examples_per_step} is not divisible by {world_size} workers"
+    return ""
+
+
 def start_cursor(resume_states, rank, examples_per_step, step):
     """The rank's next global position. Saved cursors make it world-size independent: all ranks consume the
     same number of problems per step, so min(next - rank) is where the global stream stopped."""
@@ -218,8 +225,8 @@ def chat_rl_worker(cfg, ctx=None, run_id=None, resume_step=None, tokenizer=None,
     device, rank, W = ctx.device, ctx.rank, ctx.world_size
     torch.manual_seed(cfg.seed)
     B = cfg.device_batch_size
-    if cfg.examples_per_step % W:
-        raise ValueError(f"examples_per_step {cfg.examples_per_step} is not divisible by {W} workers")
+    if world_size_error(cfg, W):
+        raise ValueError(world_size_error(cfg, W))
     if cfg.num_samples % B:
         raise ValueError(f"num_samples {cfg.num_samples} is not a multiple of device_batch_size {B}")
     examples_per_rank = cfg.examples_per_step // W
@@ -306,7 +313,8 @@ def chat_rl_worker(cfg, ctx=None, run_id=None, resume_step=None, tokenizer=None,
                      loader_state={"rank": rank, "world_size": W, "next": cursor})
     summary = dict(step=state.step, num_iterations=num_iterations, stage="rl", source=cfg.source,
                    total_training_time=state.total_training_time, checkpoint_dir=ctx.checkpoint_dir, **final_eval,
-                   **{f"best_{k}": v for k, v in state.best_eval.items()})
+                   **{f"best_{k}": v for k, v in state.best_eval.items()},
+                   **({"resizes": "; ".join(state.resizes)} if state.resizes else {}))
     print0(f"done: {summary}")
     return summary
 
@@ -314,7 +322,7 @@ def chat_rl_worker(cfg, ctx=None, run_id=None, resume_step=None, tokenizer=None,
 def log_report(cfg, summary, base_dir=None):
     """The report card's 'Chat RL' section: the config and the final pass@k ('GSM8K' = pass@1)."""
     from nanochat.report import get_report
-    results = {k: v for k, v in summary.items() if k == "GSM8K" or k.startswith("pass@") or k == "step"}
+    results = {k: v for k, v in summary.items() if k == "GSM8K" or k.startswith("pass@") or k in ("step", "resizes")}
     return get_report(base_dir).log("Chat RL", [asdict(cfg), results])
 
 

@@ -9,7 +9,7 @@ checkpoint contract as base training (nanochat/train.py); what differs is the da
 import math
 import random
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -216,14 +216,23 @@ class StagePlan:
     report_title: str
 
 
+def world_size_error(cfg, world_size):
+    """Why `world_size` workers cannot train this (resolved) config's global batch exactly ("" if they can)."""
+    B, T = cfg.device_batch_size, cfg.max_seq_len
+    if cfg.stage == "mid" and cfg.total_batch_size % (B * T * world_size):
+        return f"total batch {cfg.total_batch_size} is not a multiple of {B}*{T}*{world_size}"
+    if cfg.stage == "sft" and cfg.target_examples_per_step % (B * world_size):
+        return (f"target_examples_per_step {cfg.target_examples_per_step} is not a multiple of "
+                f"device_batch_size*workers = {B}*{world_size}")
+    return ""
+
+
 def mid_stage(cfg, model, tokenizer, train_set, val_set, B, T, ctx, render):
     """Packed rows of conversations (every token trained), a token budget per step, nanochat's midtraining
     schedule (constant, then linear decay over the last 20%; Muon momentum warmup), validation bits per byte."""
     from nanochat.loss_eval import evaluate_bpb
     rank, W, device = ctx.rank, ctx.world_size, ctx.device
     total_batch = cfg.total_batch_size
-    if total_batch % (B * T * W):
-        raise ValueError(f"total batch {total_batch} is not a multiple of {B}*{T}*{W}")
     epoch_steps = math.ceil(estimate_epoch_tokens(train_set, tokenizer, T) / total_batch)
     num_iterations = cfg.num_iterations if cfg.num_iterations > 0 else epoch_steps
 
@@ -249,9 +258,6 @@ def sft_stage(cfg, model, tokenizer, train_set, val_set, B, T, ctx, render):
     """One conversation per row, padded (only the assistant's tokens trained), a number of conversations per step,
     a linear decay to 0, validation loss, and MMLU / ARC-Easy accuracy every eval_metrics_every steps."""
     rank, W, device = ctx.rank, ctx.world_size, ctx.device
-    if cfg.target_examples_per_step % (B * W):
-        raise ValueError(f"target_examples_per_step {cfg.target_examples_per_step} is not a multiple of "
-                         f"device_batch_size*workers = {B}*{W}")
     num_iterations = cfg.num_iterations if cfg.num_iterations > 0 else \
         max(1, len(train_set) // cfg.target_examples_per_step * cfg.num_epochs)
 
@@ -301,6 +307,9 @@ def chat_train_worker(cfg, ctx=None, run_id=None, resume_step=None, tokenizer=No
     config = model.config
     T = min(cfg.max_seq_len, config.sequence_len)
     B = cfg.device_batch_size
+    problem = world_size_error(replace(cfg, max_seq_len=T), W)
+    if problem:
+        raise ValueError(problem)
     optimizer = model.setup_optimizer(unembedding_lr=cfg.unembedding_lr, embedding_lr=cfg.embedding_lr,
                                       matrix_lr=cfg.matrix_lr, weight_decay=cfg.weight_decay,
                                       scalar_lr=cfg.scalar_lr)
@@ -321,7 +330,7 @@ def chat_train_worker(cfg, ctx=None, run_id=None, resume_step=None, tokenizer=No
                        loader_state=loader_state)
     summary = dict(step=state.step, num_iterations=plan.num_iterations, stage=cfg.stage,
                    total_training_time=state.total_training_time, checkpoint_dir=ctx.checkpoint_dir,
-                   **state.best_eval)
+                   **state.best_eval, **({"resizes": "; ".join(state.resizes)} if state.resizes else {}))
     print0(f"done: {summary}")
     from nanochat.report import get_report
     get_report().log(plan.report_title, {**asdict(cfg), **summary, "world_size": W})

@@ -30,16 +30,22 @@ class LoopState:
     total_training_time: float = 0.0
     total_data_wait: float = 0.0
     best_eval: dict = field(default_factory=dict)
+    world_size: int = 0  # of the group that wrote the checkpoint (0: written before this was recorded)
+    resizes: list = field(default_factory=list)  # "step N: 2 -> 1 (node lost)", one per change of world size
+    offloaded: list = field(default_factory=list)  # steps whose offloaded evals have not reported back yet
 
 
 @dataclass
 class Eval:
     """A periodic evaluation run by all ranks: fn(step) -> dict of metrics (floats). every <= 0: last step only.
-    at_start: also at step 0 (cheap evals give the starting point; expensive ones skip it)."""
+    at_start: also at step 0 (cheap evals give the starting point; expensive ones skip it). offload: may run on a
+    checkpoint outside the training workers while training goes on (when ctx.offload_evals; the first and last
+    steps' stay inline)."""
     name: str
     every: int
     fn: object
     at_start: bool = True
+    offload: bool = False
 
 
 @dataclass
@@ -52,10 +58,33 @@ class WorkerContext:
     metrics_path: str = None  # JSONL written by rank 0
     peak_flops: float = float("inf")  # per worker, for MFU
     wandb: object = None  # rank 0's wandb run (or None): gets every logged line
+    # elastic groups: the smallest world size the run may have; hyperparameters that depend on the world size are
+    # derived from it, so every size trains the same global batch (0: this group's size)
+    batch_world_size: int = 0
+    restart_reason: str = ""  # why this group continues a checkpoint of its own run ("": a fresh start or --resume)
+    offload_evals: bool = False  # evals marked offload run elsewhere, on the checkpoint of their step
 
-    def on_checkpoint(self, step, metrics):
+    def __post_init__(self):
+        self.batch_world_size = self.batch_world_size or self.world_size
+
+    def on_checkpoint(self, step, metrics, evaluate=()):
         """Called on every rank right after a checkpoint of `step` is complete on storage. The only upstream
-        report: metrics go to the console, metrics.jsonl and wandb (see ray_jobs/ray_train.py for why)."""
+        report: metrics go to the console, metrics.jsonl and wandb (see ray_jobs/ray_train.py for why).
+        evaluate: names of the offloaded evals to run on this checkpoint."""
+
+    def offloaded_results(self, steps, wait=False):
+        """Rank 0: [(step, {metric: value})] for those of `steps` whose offloaded evals have finished (a failed one
+        with {}); wait: until all have."""
+        return []
+
+    def interruption(self):
+        """Collective, at every step boundary: why the group must checkpoint here and hand over to a group of
+        another size (e.g. "grown", "preempted"), the same on every rank; "" to go on. A plain process never is."""
+        return ""
+
+    def hand_over(self, step, reason):
+        """After the checkpoint of `step`: wait to be replaced by the next group (returning means training goes
+        on)."""
 
 
 def local_context(checkpoint_dir, device_type="", seed=42):
@@ -77,13 +106,13 @@ def gather_loader_states(state):
     return states
 
 
-def all_reduce_max_flag(flag, device):
-    """True on every rank if any rank says True (e.g. one rank's data ran out)."""
+def all_reduce_max(value, device):
+    """The largest of every rank's small non-negative int (e.g. 1 when one rank's data ran out)."""
     if not is_distributed():
-        return bool(flag)
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+        return int(value)
+    t = torch.tensor([float(value)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return int(t.item())
 
 
 def save_training_checkpoint(ctx, step, model, optimizer, loader_state, loop_state, meta):
@@ -96,6 +125,12 @@ def save_training_checkpoint(ctx, step, model, optimizer, loader_state, loop_sta
 
 def _is_due(step, every, last_step):
     return last_step or (every > 0 and step % every == 0)
+
+
+def _record_eval(state, result):
+    for k, v in result.items():
+        state.best_eval[k] = min(v, state.best_eval.get(k, math.inf)) if "loss" in k or "bpb" in k \
+            else max(v, state.best_eval.get(k, -math.inf))
 
 
 @dataclass
@@ -133,37 +168,73 @@ def run_loop(model, optimizer, step_fn, *, num_iterations, ctx, evals=(), sample
     metrics_file = storage.AppendLog(ctx.metrics_path) if (ctx.rank == 0 and ctx.metrics_path) else None
     if metrics_file is not None and start_step > 0:  # which checkpoint this run (or restarted group) continued from
         metrics_file.write(json.dumps({"step": start_step, "resumed_from": start_step, "wall": time.time()}))
+    if start_step > 0 and state.world_size and state.world_size != ctx.world_size:
+        resized = {"from": state.world_size, "to": ctx.world_size, "reason": ctx.restart_reason or "resume"}
+        state.resizes.append(f"step {start_step}: {resized['from']} -> {resized['to']} ({resized['reason']})")
+        print0(f"step {start_step:05d} | world size {state.resizes[-1].split(': ', 1)[1]}")
+        if metrics_file is not None:
+            metrics_file.write(json.dumps({"step": start_step, "resized": resized, "wall": time.time()}))
+    state.world_size = ctx.world_size
+
+    def log_offloaded(wait=False):
+        if ctx.rank != 0:
+            return
+        for eval_step, result in ctx.offloaded_results(list(state.offloaded), wait):
+            state.offloaded.remove(eval_step)
+            if not result:
+                continue
+            _record_eval(state, result)
+            print0(f"step {eval_step:05d} | " + " | ".join(f"{k}: {v:.4f}" for k, v in result.items()) +
+                   " (evaluated off the training workers)")
+            if metrics_file is not None:
+                metrics_file.write(json.dumps({"step": eval_step, **result, "offloaded": True}))
+            if ctx.wandb is not None:
+                ctx.wandb.log({"step": eval_step, **result})
     try:
         while True:
             last_step = step == num_iterations
-            metrics = {}
+            metrics, offloaded = {}, []
             for ev in evals:
                 if _is_due(step, ev.every, last_step) and (step > 0 or ev.at_start or last_step):
+                    if ev.offload and ctx.offload_evals and start_step < step and not last_step:
+                        offloaded.append(ev.name)
+                        continue
                     model.eval()
                     result = ev.fn(step)
                     model.train()
                     metrics.update(result)
-                    for k, v in result.items():
-                        state.best_eval[k] = min(v, state.best_eval.get(k, math.inf)) if "loss" in k or "bpb" in k \
-                            else max(v, state.best_eval.get(k, -math.inf))
+                    _record_eval(state, result)
             if metrics:
                 print0(f"step {step:05d} | " + " | ".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
+            log_offloaded(wait=last_step)
             if sample_fn is not None and ctx.rank == 0 and sample_every > 0 and (step % sample_every == 0 or last_step):
                 model.eval()
                 sample_fn(step)
                 model.train()
-            if step > start_step and (last_step or (save_every > 0 and step % save_every == 0)):
+            if step > start_step and (last_step or offloaded or (save_every > 0 and step % save_every == 0)):
                 state.step = step
                 save_training_checkpoint(ctx, step, model, optimizer, loader_state, state, meta)
                 if metrics_file is not None:  # what led up to the checkpoint is stored with it
                     metrics_file.flush()
-                ctx.on_checkpoint(step, {"step": step, **metrics})
+                ctx.on_checkpoint(step, {"step": step, **metrics}, evaluate=offloaded)
+                if offloaded and ctx.rank == 0:  # after the save: a group restored from it runs these evals itself
+                    state.offloaded.append(step)
             if metrics_file is not None and metrics:
                 metrics_file.write(json.dumps({"step": step, **metrics}))
             if ctx.wandb is not None and metrics:
                 ctx.wandb.log({"step": step, **metrics})
             if last_step:
                 break
+            reason = ctx.interruption() if step > start_step else ""
+            if reason:  # a step boundary: checkpoint (unless just saved) and hand over, so no step is trained twice
+                if state.step != step:
+                    state.step = step
+                    save_training_checkpoint(ctx, step, model, optimizer, loader_state, state, meta)
+                if metrics_file is not None:
+                    metrics_file.write(json.dumps({"step": step, "handover": reason, "wall": time.time()}))
+                    metrics_file.flush()
+                print0(f"step {step:05d} | {reason}: checkpoint written, handing over to the next worker group")
+                ctx.hand_over(step, reason)
 
             result = step_fn(step, state)
             if result.exhausted:
@@ -172,10 +243,10 @@ def run_loop(model, optimizer, step_fn, *, num_iterations, ctx, evals=(), sample
                 continue
             loader_state = result.loader_state
             step += 1
-            line = {"step": step, **result.line, "wall": time.time()}
+            line = {"step": step, **result.line, "world_size": ctx.world_size, "wall": time.time()}
             eta = (num_iterations - step) * result.line.get("dt_ms", 0.0) / 60e3
             print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | {result.text} | "
-                   f"eta: {eta:.1f}m")
+                   f"workers: {ctx.world_size} | eta: {eta:.1f}m")
             if ctx.wandb is not None:
                 ctx.wandb.log({f"train/{k}": v for k, v in line.items()})
             if metrics_file is not None:
@@ -212,7 +283,7 @@ def supervised_step(model, optimizer, batches, *, grad_accum_steps, schedule, ct
             (loss / grad_accum_steps).backward()
             loss_sum += loss.detach()
             step_tokens += x.numel() * ctx.world_size
-        if all_reduce_max_flag(exhausted, ctx.device):
+        if all_reduce_max(exhausted, ctx.device):
             optimizer.zero_grad(set_to_none=True)
             return StepResult(exhausted=True)
         lrm, momentum, wd = schedule(step)

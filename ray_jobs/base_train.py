@@ -8,7 +8,9 @@ Base-model pretraining on Ray Train.
 Writes ROOT/base_checkpoints/d{D}/ in nanochat's layout with metrics.jsonl beside it. Every flag of
 nanochat.base_train.BaseTrainConfig is accepted (nanochat's names and defaults).
 """
-from nanochat.base_train import BaseTrainConfig, BatchSource, base_train_worker, checkpoint_dir
+from nanochat.base_train import BaseTrainConfig, BatchSource, base_train_worker, checkpoint_dir, evaluate_checkpoint, \
+    world_size_error
+from nanochat.tokenizer import get_tokenizer
 from ray_jobs.common import pick_loader
 from ray_jobs.ray_train import launch
 
@@ -32,13 +34,17 @@ class RayDataBatches(BatchSource):
 def data_source(run, cfg, root, num_workers):
     if pick_loader(run.loader, num_workers, run.cpus_per_worker) != "ray":
         return {}
-    from nanochat.tokenizer import get_tokenizer
     return {"batch_source": RayDataBatches(cfg, get_tokenizer(root), run.data_actors)}
+
+
+def base_world_size_error(cfg, root, world_size, batch_world_size):
+    return world_size_error(cfg, world_size, batch_world_size, get_tokenizer(root).get_vocab_size())
 
 
 def main(argv=None):
     return launch(argv, description=__doc__, stage="base", config_cls=BaseTrainConfig, worker_fn=base_train_worker,
-                  output_dir=checkpoint_dir, worker_kwargs=data_source)
+                  output_dir=checkpoint_dir, worker_kwargs=data_source, world_size_error=base_world_size_error,
+                  evaluate_fn=evaluate_checkpoint)
 
 
 if __name__ == "__main__":

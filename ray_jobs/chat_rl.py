@@ -12,14 +12,15 @@ also be a model directory or a Hugging Face Hub repo (nanochat.hub); the output'
 directory's or repo's name.
 Every flag of nanochat.chat_rl.RLConfig is accepted.
 """
-from nanochat.chat_rl import RLConfig, chat_rl_worker, log_report, output_dir
+from nanochat.chat_rl import RLConfig, chat_rl_worker, log_report, output_dir, world_size_error
 from ray_jobs.chat_stream import render_kwargs
 from ray_jobs.ray_train import launch
 
 
 def main(argv=None):
     return launch(argv, description=__doc__, stage="rl", config_cls=RLConfig, worker_fn=chat_rl_worker,
-                  output_dir=output_dir, worker_kwargs=render_kwargs, after=log_report)
+                  output_dir=output_dir, worker_kwargs=render_kwargs, after=log_report,
+                  world_size_error=lambda cfg, root, size, max_size: world_size_error(cfg, size))
 
 
 if __name__ == "__main__":

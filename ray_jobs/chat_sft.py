@@ -9,14 +9,15 @@ also be a model directory or a Hugging Face Hub repo (nanochat.hub); the output'
 directory's or repo's name.
 Every flag of nanochat.chat_train.ChatTrainConfig is accepted (as for mid_train).
 """
-from nanochat.chat_train import ChatTrainConfig, chat_train_worker, output_dir
+from nanochat.chat_train import ChatTrainConfig, chat_train_worker, output_dir, world_size_error
 from ray_jobs.chat_stream import render_kwargs
 from ray_jobs.ray_train import launch
 
 
 def main(argv=None):
     return launch(argv, description=__doc__, stage="sft", config_cls=ChatTrainConfig, worker_fn=chat_train_worker,
-                  output_dir=output_dir, worker_kwargs=render_kwargs, defaults={"stage": "sft"})
+                  output_dir=output_dir, worker_kwargs=render_kwargs, defaults={"stage": "sft"},
+                  world_size_error=lambda cfg, root, size, max_size: world_size_error(cfg, size))
 
 
 if __name__ == "__main__":

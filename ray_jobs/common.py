@@ -39,14 +39,21 @@ RAY_DATA_CPUS_PER_WORKER = 1.5
 class LaunchConfig(ArgsMixin):
     """Flags every Ray Train stage launcher shares (the stage's own config adds the rest)."""
     storage: str | None = storage_flag()
-    num_workers: int | None = flag(None, "Ray Train workers (default: all GPUs, or 1 on CPU)")
+    num_workers: str | None = flag(None, "Ray Train workers: N, or MIN-MAX for an elastic group that goes on at a "
+                                         "smaller size after losing a node and grows when room appears (default: "
+                                         "all GPUs, or 1 on CPU)", metavar="N|MIN-MAX")
+    resize_check_s: float = flag(60.0, "seconds between an elastic group's checks for room to grow")
     use_gpu: bool = flag(False, "one GPU per worker (nccl, bf16)")
     cpus_per_worker: int = flag(1, "CPUs reserved per training worker")
-    max_failures: int = flag(3, "worker-group restarts before giving up")
+    max_failures: int = flag(3, "worker-group restarts after failures before giving up (preemptions do not count)")
     loader: str = flag("auto", "ray: tokenize (render) the training data in a Ray Data actor pool per worker; plain: "
                                "in the training process; auto: ray when the cluster has CPUs to spare for it",
                        choices=["auto", "plain", "ray"])
     data_actors: int = flag(2, "Ray Data actors per worker with --loader ray")
+    eval_mode: str = flag("auto", "base training's periodic evals (val bpb, CORE): async runs them on their step's "
+                                  "checkpoint in a Ray task beside training; inline on the training workers; auto: "
+                                  "async when the cluster has a worker's resources to spare",
+                          choices=["auto", "async", "inline"])
 
 
 def pick_loader(loader, num_workers, cpus_per_worker):
@@ -87,8 +94,6 @@ def cluster_gpus():
     return int(ray.cluster_resources().get("GPU", 0))
 
 
-def default_num_workers(num_workers, use_gpu):
-    """Explicit flag, else one worker per GPU in the cluster, else 1."""
-    if num_workers:
-        return num_workers
+def default_num_workers(use_gpu):
+    """Without --num-workers: one worker per GPU in the cluster, else 1."""
     return max(cluster_gpus(), 1) if use_gpu else 1

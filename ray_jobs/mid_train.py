@@ -10,14 +10,15 @@ Reads ROOT/base_checkpoints/<tag>, writes ROOT/mid_checkpoints/<tag>/ (nanochat 
 --model-tag, else the directory's or repo's name.
 Every flag of nanochat.chat_train.ChatTrainConfig is accepted.
 """
-from nanochat.chat_train import ChatTrainConfig, chat_train_worker, output_dir
+from nanochat.chat_train import ChatTrainConfig, chat_train_worker, output_dir, world_size_error
 from ray_jobs.chat_stream import render_kwargs
 from ray_jobs.ray_train import launch
 
 
 def main(argv=None):
     return launch(argv, description=__doc__, stage="mid", config_cls=ChatTrainConfig, worker_fn=chat_train_worker,
-                  output_dir=output_dir, worker_kwargs=render_kwargs, defaults={"stage": "mid"})
+                  output_dir=output_dir, worker_kwargs=render_kwargs, defaults={"stage": "mid"},
+                  world_size_error=lambda cfg, root, size, max_size: world_size_error(cfg, size))
 
 
 if __name__ == "__main__":

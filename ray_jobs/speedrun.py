@@ -159,7 +159,8 @@ class SpeedrunConfig(ArgsMixin):
     preset: str = flag("demo", "demo: a few minutes on a laptop, tiny model; d20 / d24: nanochat's speedrun sizes",
                        choices=sorted(PRESETS))
     storage: str | None = storage_flag()
-    num_workers: int | None = flag(None, "Ray Train workers of the training stages (default: all GPUs, or 1 on CPU)")
+    num_workers: str | None = flag(None, "Ray Train workers of the training stages: N, or MIN-MAX for elastic groups "
+                                         "(default: all GPUs, or 1 on CPU)", metavar="N|MIN-MAX")
     use_gpu: bool = flag(False, "one GPU per training worker (nccl, bf16)")
     num_actors: int | None = flag(None, "evaluation actors (default: all GPUs / 2)")
     serve: bool = flag(False, "serve the final model at the end: blocks under a Ray started here, deploys and "

@@ -308,3 +308,26 @@ def test_offline_core_eval_does_not_cost_the_final_checkpoint(storage, tiny_toke
     cfg = replace(TINY, num_iterations=2, save_every=-1, eval_every=-1, core_metric_every=2000)
     summary, ckpt = plain_run(cfg, storage, tiny_tokenizer, monkeypatch, "offline-core", ListBatches(rows))
     assert summary["step"] == 2 and list_steps(ckpt) == [2]
+
+
+def test_evals_offloaded_to_a_ray_task_land_under_their_step(storage, tiny_tokenizer, monkeypatch, rows, ray_local):
+    """--eval-mode async: the evals of steps 4 and 8 run on those steps' checkpoints in Ray Train validation tasks
+    while training goes on; their results are in metrics.jsonl under the step they evaluated, equal to what the
+    training worker itself computes inline (the plain run); the first and last steps' evals stay inline."""
+    from nanochat.base_train import evaluate_checkpoint
+    from ray_jobs.ray_train import run_trainer
+    cfg = replace(TINY, num_iterations=12, save_every=-1, eval_every=4, model_tag="offloaded")
+    _, inline = plain_run(replace(cfg, model_tag="offloaded-ref"), storage, tiny_tokenizer, monkeypatch,
+                          "offloaded-ref", ListBatches(rows))
+    ckpt = checkpoint_dir(cfg, storage)
+    makedirs(ckpt)
+    final = run_trainer(base_train_worker, cfg, name="offloaded", checkpoint_dir=ckpt, storage=storage,
+                        num_workers=1, use_gpu=False, max_failures=0, evaluate_fn=evaluate_checkpoint,
+                        worker_kwargs=dict(batch_source=ListBatches(rows), tokenizer=tiny_tokenizer))
+    assert final["step"] == 12 and list_steps(ckpt) == [4, 8, 12]  # a checkpoint for each offloaded eval
+    evals = [r for r in metrics_rows(ckpt) if "val_bpb" in r]
+    assert [(r["step"], r.get("offloaded", False)) for r in evals] == [(0, False), (4, True), (8, True), (12, False)]
+    expected = {r["step"]: r["val_bpb"] for r in metrics_rows(inline) if "val_bpb" in r}
+    for r in evals:
+        assert r["val_bpb"] == pytest.approx(expected[r["step"]], rel=1e-6), r
+    assert read_meta(ckpt, 12)["loop_state"]["best_eval"]["val_bpb"] == pytest.approx(min(expected.values()))

@@ -29,6 +29,12 @@ def speedrun_argv(text):
 README_COMMAND = speedrun_argv(README)
 
 
+def worker_range(argv):
+    """The command's --num-workers MIN-MAX."""
+    lo, hi = argv[argv.index("--num-workers") + 1].split("-")
+    return int(lo), int(hi)
+
+
 @pytest.fixture(scope="module")
 def config():
     return yaml.safe_load((REPO / "cluster.yaml").read_text())
@@ -53,6 +59,8 @@ def test_cluster_shape_image_and_dashboard(config):
     gpu = nodes["gpu_8xh100"]
     assert gpu["resources"] == {"CPU": 192, "GPU": 8} and gpu["node_config"]["InstanceType"] == "p5.48xlarge"
     assert 0 <= gpu["min_workers"] <= gpu["max_workers"] <= config["max_workers"]
+    # the GPU nodes the autoscaler may run are the elastic range of the speedrun's training workers
+    assert (8 * gpu["min_workers"], 8 * gpu["max_workers"]) == worker_range(README_COMMAND)
     # a real image: Ray's launcher resolves latest_dlami to its Deep Learning AMI for the region, and the
     # container is Ray's own GPU image at the version we run
     assert all(n["node_config"]["ImageId"] == "latest_dlami" for n in nodes.values())
@@ -79,6 +87,7 @@ def test_kuberay_rayjob_manifest():
     assert spec["submissionMode"] == "SidecarMode" and spec["shutdownAfterJobFinishes"] is True
     cluster = spec["rayClusterSpec"]
     assert cluster["rayVersion"] == ray.__version__
+    assert cluster["authOptions"] == {"mode": "token"} and cluster["enableInTreeAutoscaling"] is True
     head = cluster["headGroupSpec"]
     assert head["rayStartParams"]["dashboard-host"] == "127.0.0.1"
     assert head["template"]["spec"]["restartPolicy"] == "Never"  # what SidecarMode requires
@@ -89,6 +98,7 @@ def test_kuberay_rayjob_manifest():
         gpus = int(group["rayStartParams"]["num-gpus"])
         assert int(container["resources"]["limits"]["nvidia.com/gpu"]) == gpus == 8
         assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        assert (gpus * group["minReplicas"], gpus * group["maxReplicas"]) == worker_range(README_COMMAND)
     assert len(images) == 1  # head and workers run the same build of the project
 
 

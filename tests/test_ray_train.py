@@ -28,6 +28,7 @@ def test_loop_reports_to_ray_only_with_checkpoints(tmp_path, tiny_tokenizer, mon
         reports.append((metrics, pointer))
 
     monkeypatch.setattr(ray.train, "report", record)
+    monkeypatch.setattr(ray.train, "get_preemption_info", lambda: None)  # no node of this group is being drained
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     tiny_tokenizer.save(str(tmp_path / "tokenizer"))
     cfg = replace(TINY, model_tag="ray_ctx")
@@ -44,3 +45,19 @@ def test_loop_reports_to_ray_only_with_checkpoints(tmp_path, tiny_tokenizer, mon
     lines = [json.loads(line) for line in open(ckpt + "/metrics.jsonl")]
     assert [r["step"] for r in lines if "loss" in r] == list(range(1, 26))
     assert [r["step"] for r in lines if "val_bpb" in r] == [0, 5, 10, 15, 20, 25]
+
+
+def test_eval_mode_needs_resources_to_spare(ray_local, capsys):
+    """auto and async offload the evals only when a worker's resources are free beyond the training workers (8 CPUs
+    here); otherwise they run inline, and the log says which and why."""
+    from ray_jobs.common import LaunchConfig
+    from ray_jobs.ray_train import pick_eval_mode
+    cpu = LaunchConfig(cpus_per_worker=2)
+    assert pick_eval_mode(replace(cpu, eval_mode="auto"), 3, ray_data=False) == "async"  # 8 - 6 = 2 spare
+    assert "--eval-mode auto: async" in capsys.readouterr().out
+    assert pick_eval_mode(replace(cpu, eval_mode="auto"), 3, ray_data=True) == "inline"  # 8 - 3 x 3.5 < 2
+    capsys.readouterr()
+    assert pick_eval_mode(replace(cpu, eval_mode="async", use_gpu=True), 1, ray_data=False) == "inline"  # no GPUs
+    out = capsys.readouterr().out
+    assert "--eval-mode async: inline" in out and "0 GPUs spare, 1 needed" in out
+    assert pick_eval_mode(replace(cpu, eval_mode="inline"), 1, ray_data=False) == "inline"

@@ -117,6 +117,9 @@ def ray_head():
     """A head we own: `ray start --head --block` on loopback with private ports, temp dir and auth token, ended by
     its process id (never `ray stop`, which would end every Ray of this user on the machine)."""
     temp_dir = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")  # short: Ray's unix sockets live under it
+    # the second node has a temp dir of its own, as a real node has its own disk: sharing the head's, its runtime-env
+    # agent would delete the unpacked working dir (the job driver's cwd) once its own last reference went away
+    worker_temp = tempfile.mkdtemp(prefix="raywork", dir="/tmp")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NANOCHAT_", "RAY_ADDRESS"))}
     home = tempfile.mkdtemp(prefix="rayhome")  # so a stray default root (~/.cache/nanochat) would show
     env.update(PATH=os.path.dirname(sys.executable) + os.pathsep + env["PATH"],  # the job's `python`
@@ -151,7 +154,7 @@ def ray_head():
                                                  "runtime-env-agent-port")}
         worker = subprocess.Popen(
             [RAY_BIN, "start", "--address", f"127.0.0.1:{ports['port']}", "--block", "--num-cpus", "2",
-             "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
+             "--node-ip-address", "127.0.0.1", "--disable-usage-stats", "--temp-dir", worker_temp]
             + [a for k, v in worker_ports.items() for a in (f"--{k}", str(v))],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         nodes.append(worker)
@@ -170,8 +173,8 @@ def ray_head():
                 os.killpg(node.pid, signal.SIGKILL)
                 node.wait()
         log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        shutil.rmtree(home, ignore_errors=True)
+        for path in (temp_dir, worker_temp, home):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def alive_nodes(address, env):
