@@ -225,8 +225,9 @@ def chat_rl_worker(cfg, ctx=None, run_id=None, resume_step=None, tokenizer=None,
     device, rank, W = ctx.device, ctx.rank, ctx.world_size
     torch.manual_seed(cfg.seed)
     B = cfg.device_batch_size
-    if world_size_error(cfg, W):
-        raise ValueError(world_size_error(cfg, W))
+    problem = world_size_error(cfg, W)
+    if problem:
+        raise ValueError(problem)
     if cfg.num_samples % B:
         raise ValueError(f"num_samples {cfg.num_samples} is not a multiple of device_batch_size {B}")
     examples_per_rank = cfg.examples_per_step // W

@@ -258,13 +258,15 @@ def launch(argv, *, description, stage, config_cls, worker_fn, output_dir, world
     run = common.LaunchConfig.from_args(args)
     root = common.storage_root(run.storage)
     cfg = config_cls.from_args(args).resolved()
-    if run.num_workers:  # a bad size fails here, before Ray starts; the default (all GPUs) is checked below
+    def usable_sizes(lo, hi):
+        return check_world_sizes(lo, hi, lambda w: world_size_error(cfg, root, w, lo))
+    if run.num_workers:  # a bad size fails here, before Ray starts; the default (all GPUs) needs the cluster
         lo, hi = parse_num_workers(run.num_workers)
-        sizes = check_world_sizes(lo, hi, lambda w: world_size_error(cfg, root, w, lo))
+        sizes = usable_sizes(lo, hi)
     common.init_ray()
     if not run.num_workers:
         lo = hi = common.default_num_workers(run.use_gpu)
-        sizes = check_world_sizes(lo, hi, lambda w: world_size_error(cfg, root, w, lo))
+        sizes = usable_sizes(lo, hi)
     ckpt_dir = output_dir(cfg, root)
     storage.makedirs(ckpt_dir)
     resume_step = find_resume_step(ckpt_dir) if cfg.resume else None
