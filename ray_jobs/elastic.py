@@ -16,9 +16,14 @@ appears (checked every --resize-check-s). Two things are added on top of Ray Tra
 import time
 
 import ray
+from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy, NoopDecision, ResizeDecision
 from ray.train.torch import TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from ray.util.state import list_nodes
+from ray.util.state.exception import RayStateApiException
+
+from ray_jobs.elastic_actors import ping
 
 
 def parse_num_workers(text):
@@ -51,51 +56,13 @@ def world_sizes(lo, hi, error):
     return ok, skipped
 
 
-@ray.remote(num_cpus=0)
-class Handover:
-    """Where the scaling policy (in Ray Train's controller) and the workers meet. The policy requests a
-    checkpoint; rank 0 reports the step it handed over at (also after a preemption notice); the next group's rank 0
-    takes the reason it was started for."""
-
-    def __init__(self):
-        self.requested, self.handed_over = "", None
-
-    def request(self, reason):
-        self.requested = reason
-
-    def get_request(self):
-        return self.requested
-
-    def hand_over(self, step, reason):
-        self.handed_over = (step, reason)
-
-    def get_handed_over(self):
-        return self.handed_over
-
-    def take(self):
-        """The last handover's reason, once (None if the group was restarted without one: a node or worker lost)."""
-        out, self.handed_over, self.requested = self.handed_over, None, ""
-        return out and out[1]
-
-
-def start_handover():
-    """A Handover on the driver's node (a worker node may be the one that goes away)."""
-    node = ray.get_runtime_context().get_node_id()
-    return Handover.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
-
-
 LOST_NODE_PROBE_S = 5.0  # a node that runs no task in this time after its workers died counts as lost
 LOST_NODE_MEMORY_S = 120.0  # ... until Ray itself has noticed (its health checks take tens of seconds)
 
 
-@ray.remote(num_cpus=0)
-def _ping():
-    return True
-
-
 def _unresponsive(node_ids):
     """The nodes among node_ids that cannot run a task right now."""
-    pings = {node: _ping.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
+    pings = {node: ping.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
              for node in node_ids}
     ready, _ = ray.wait(list(pings.values()), num_returns=len(pings), timeout=LOST_NODE_PROBE_S)
     return {node for node, ref in pings.items() if ref not in ready}
@@ -152,7 +119,10 @@ class ElasticPolicy(ElasticScalingPolicy):
 
 
 class ElasticTorchTrainer(TorchTrainer):
-    """TorchTrainer whose controller uses `scaling_policy` (None: the one Ray Train builds from the ScalingConfig)."""
+    """TorchTrainer whose controller uses `scaling_policy` (None: the one Ray Train builds from the ScalingConfig).
+    Without Ray's state API (a cluster started without the dashboard) it also leaves out Ray Train's placement-group
+    cleaner: that actor can only ask the state API whether the controller lives, so there it does nothing but log a
+    warning every second, and costs a process per run."""
 
     def __init__(self, *args, scaling_policy, **kwargs):
         super().__init__(*args, **kwargs)
@@ -161,4 +131,15 @@ class ElasticTorchTrainer(TorchTrainer):
     def _initialize_and_run_controller(self, **controller_kwargs):
         if self.scaling_policy is not None:
             controller_kwargs["scaling_policy"] = self.scaling_policy
+        if not state_api_available():
+            controller_kwargs["callbacks"] = [cb for cb in controller_kwargs["callbacks"]
+                                              if not isinstance(cb, PlacementGroupCleanerCallback)]
         return super()._initialize_and_run_controller(**controller_kwargs)
+
+
+def state_api_available():
+    try:
+        list_nodes(limit=1, timeout=5)
+        return True
+    except RayStateApiException:
+        return False

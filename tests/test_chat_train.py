@@ -1,5 +1,4 @@
 """Midtraining and SFT: batch construction (packing, masks, padding, striding, resume) and end-to-end stages."""
-import functools
 import json
 import os
 from dataclasses import asdict
@@ -125,26 +124,3 @@ def test_mid_from_a_hugging_face_export_directory(tmp_path, tiny_tokenizer, monk
     meta = read_meta(ckpt, 2)
     assert summary["step"] == 2 and 0 < summary["val_bpb"] < 20
     assert meta["source"] == export and meta["source_step"] == 9
-
-
-def test_sft_on_ray_two_workers_fed_by_ray_data(stage_storage, tiny_tokenizer, ray_local):
-    from ray_jobs.chat_stream import ray_rendered_conversations
-    from ray_jobs.ray_train import run_trainer
-    cfg = ChatTrainConfig(stage="sft", source="base", max_seq_len=64, device_batch_size=2,
-                          target_examples_per_step=4, num_iterations=4, eval_every=2, eval_steps=2, save_every=2,
-                          eval_metrics_every=4, eval_metrics_max_problems=16,
-                          task_data=os.path.join(stage_storage, "task_data"), mixture_scale=0.0005)
-    ckpt = os.path.join(stage_storage, "chatsft_checkpoints", "ray")
-    os.makedirs(ckpt, exist_ok=True)
-    # the output tag decides the source tag: use a copy of the base checkpoint under the same name
-    base = os.path.join(stage_storage, "base_checkpoints")
-    if not os.path.exists(os.path.join(base, "ray")):
-        os.symlink(os.path.join(base, "d2"), os.path.join(base, "ray"))
-    final = run_trainer(chat_train_worker, cfg, name="sft-ray", checkpoint_dir=ckpt, storage=stage_storage,
-                        num_workers=2, use_gpu=False, max_failures=0,
-                        # the training conversations rendered in Ray Data (the real task mixture, shipped to actors)
-                        worker_kwargs=dict(tokenizer=tiny_tokenizer,
-                                           render=functools.partial(ray_rendered_conversations, num_actors=1)))
-    assert final["step"] == 4 and list_steps(ckpt) == [2, 4]
-    meta = read_meta(ckpt, 4)
-    assert meta["world_size"] == 2 and [s["rank"] for s in meta["loader_states"]] == [0, 1]

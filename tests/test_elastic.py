@@ -13,7 +13,8 @@ import torch
 from nanochat.base_train import base_train_worker, checkpoint_dir, world_size_error
 from nanochat.checkpoint_manager import list_steps, load_checkpoint, read_meta
 from nanochat.schedules import lr_multiplier
-from nanochat.storage import makedirs
+from nanochat import storage
+from nanochat.storage import join, makedirs
 from ray_jobs.elastic import parse_num_workers, world_sizes
 from test_base_train import TINY, ListBatches, lr_scale, noise_floor_params, once, plain_run, rows  # noqa: F401
 from test_chat_train import stage_storage  # noqa: F401 (fixture)
@@ -37,10 +38,10 @@ class SlowBatches(ListBatches):
 
 
 def read_lines(path):
-    if not os.path.exists(path):
+    """metrics.jsonl's lines, on local disk or in a bucket (none yet: [])."""
+    if not storage.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
 
 
 def wait_for(path, what, predicate, timeout=120):
@@ -217,33 +218,38 @@ class SlowRender:
             yield item
 
 
-def test_sft_fed_by_ray_data_goes_on_after_losing_a_node(stage_storage, tiny_tokenizer, ray_cluster, tmp_path,
-                                                        monkeypatch):
-    """A chat stage with the Ray Data loader, --num-workers 1-2 on two nodes (one training worker and its render
-    actor each): a node removed mid-run, the stage ends at its exact last step on one worker."""
+def test_sft_fed_by_ray_data_goes_on_after_losing_a_node(stage_storage, tiny_tokenizer, ray_cluster, s3_root,
+                                                        tmp_path, monkeypatch):
+    """A chat stage with the Ray Data loader, --num-workers 1-2 on two nodes that share only a bucket (tokenizer,
+    source checkpoint, checkpoints, metrics and Ray Train's records all in it), one training worker and its render
+    actor on each, evaluating on both: a node removed mid-run, the restarted group resumes from the bucket and the
+    stage ends at its exact last step on one worker."""
     from nanochat.chat_train import ChatTrainConfig, chat_train_worker
+    from nanochat.checkpoint_manager import save_checkpoint
     from ray_jobs.ray_train import run_trainer
     for key, value in ELASTIC_ENV.items():
         monkeypatch.setenv(key, value)
     nodes = [ray_cluster.add_node(num_cpus=3) for _ in range(2)]  # 2 for the worker, 1 for its Ray Data stream
     ray_cluster.wait_for_nodes()
+    tiny_tokenizer.save(join(s3_root, "tokenizer"))
+    base = os.path.join(stage_storage, "base_checkpoints", "d2")  # the output tag names the source checkpoint too
+    model_state = load_checkpoint(base, 5, "cpu")[0]
+    save_checkpoint(join(s3_root, "base_checkpoints", "elastic"), 5, model_state, None, read_meta(base, 5))
     n_steps = 40
+    # the evals of step 0 run on both workers (val loss, MMLU / ARC accuracy strided over the ranks)
     cfg = ChatTrainConfig(stage="sft", source="base", max_seq_len=64, device_batch_size=2,
-                          target_examples_per_step=4, num_iterations=n_steps, eval_every=-1, save_every=4,
-                          eval_metrics_every=-1, task_data=os.path.join(stage_storage, "task_data"),
-                          mixture_scale=0.0005)
-    base = os.path.join(stage_storage, "base_checkpoints")
-    if not os.path.exists(os.path.join(base, "elastic")):  # the output tag names the source checkpoint too
-        os.symlink(os.path.join(base, "d2"), os.path.join(base, "elastic"))
-    ckpt = os.path.join(stage_storage, "chatsft_checkpoints", "elastic")
+                          target_examples_per_step=4, num_iterations=n_steps, eval_every=20, eval_steps=2,
+                          save_every=4, eval_metrics_every=20, eval_metrics_max_problems=8,
+                          task_data=os.path.join(stage_storage, "task_data"), mixture_scale=0.0005)
+    ckpt = join(s3_root, "chatsft_checkpoints", "elastic")
     makedirs(ckpt)
-    metrics = os.path.join(ckpt, "metrics.jsonl")
+    metrics = join(ckpt, "metrics.jsonl")
     result = {}
 
     def train():
         try:
             result["final"] = run_trainer(
-                chat_train_worker, cfg, name="sft-elastic", checkpoint_dir=ckpt, storage=stage_storage,
+                chat_train_worker, cfg, name="sft-elastic", checkpoint_dir=ckpt, storage=s3_root,
                 num_workers=(1, 2), use_gpu=False, max_failures=2, cpus_per_worker=2, resize_check_s=600,
                 worker_kwargs=dict(tokenizer=tiny_tokenizer, render=SlowRender(0.1, str(tmp_path / "fast"))))
         except BaseException as e:
@@ -271,3 +277,7 @@ def test_sft_fed_by_ray_data_goes_on_after_losing_a_node(stage_storage, tiny_tok
     assert Counter(r["step"] for r in steps) == once(1, n_steps) + Counter(range(resumed + 1, before_loss + 1))
     meta = read_meta(ckpt, n_steps)
     assert meta["world_size"] == 1 and [s["world_size"] for s in meta["loader_states"]] == [1]
+    assert storage.listdir(join(s3_root, "ray_runs"))  # Ray Train's records went to the bucket too
+    evals = {r["step"]: r for r in lines if "val_loss" in r}
+    assert {0, n_steps} <= set(evals) and all(0 < r["val_loss"] < 20 for r in evals.values())
+    assert 0 <= result["final"]["mmlu_acc"] <= 1 and 0 <= result["final"]["arc_easy_acc"] <= 1
