@@ -64,10 +64,15 @@ class ArgsMixin:
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
     @classmethod
+    def parser(cls, description=None):
+        """An argparse parser of this config's flags; description is the --help text."""
+        parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+        return cls.add_args(parser)
+
+    @classmethod
     def parse(cls, argv=None, description=None):
         """The config from a command line (sys.argv when argv is None); description is the --help text."""
-        parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-        return cls.from_args(cls.add_args(parser).parse_args(argv))
+        return cls.from_args(cls.parser(description).parse_args(argv))
 
     def resolved(self):
         """The config with its defaults that depend on other fields or the environment filled in."""

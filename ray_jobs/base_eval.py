@@ -100,9 +100,13 @@ def bpb_on_pool(pool, split, data, batch_size, split_tokens):
     return nats / (math.log(2) * nbytes) if nbytes else float("inf")
 
 
+def parser():
+    return BaseEvalConfig.parser(__doc__)
+
+
 def main(argv=None, pool=None):
     """Run the job; `pool` (optional) is a warm EvalPool to reuse: it is pointed at this checkpoint and left open."""
-    args = BaseEvalConfig.parse(argv, __doc__)
+    args = BaseEvalConfig.from_args(parser().parse_args(argv))
     evals = parse_evals(args.eval)
     base_dir = storage_root(args.storage)
     init_ray()

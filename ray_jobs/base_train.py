@@ -12,7 +12,7 @@ from nanochat.base_train import BaseTrainConfig, BatchSource, base_train_worker,
     world_size_error
 from nanochat.tokenizer import get_tokenizer
 from ray_jobs.common import pick_loader
-from ray_jobs.ray_train import launch
+from ray_jobs.ray_train import launch, stage_parser
 
 
 class RayDataBatches(BatchSource):
@@ -41,8 +41,12 @@ def base_world_size_error(cfg, root, world_size, batch_world_size):
     return world_size_error(cfg, world_size, batch_world_size, get_tokenizer(root).get_vocab_size())
 
 
+def parser():
+    return stage_parser(BaseTrainConfig, __doc__)
+
+
 def main(argv=None):
-    return launch(argv, description=__doc__, stage="base", config_cls=BaseTrainConfig, worker_fn=base_train_worker,
+    return launch(argv, parser=parser(), stage="base", config_cls=BaseTrainConfig, worker_fn=base_train_worker,
                   output_dir=checkpoint_dir, worker_kwargs=data_source, world_size_error=base_world_size_error,
                   evaluate_fn=evaluate_checkpoint)
 

@@ -63,9 +63,13 @@ def evaluate_on_pool(pool, names, task_data=None, max_problems=None, opts=None, 
     return records
 
 
+def parser():
+    return ChatEvalConfig.parser(__doc__)
+
+
 def main(argv=None, pool=None):
     """Run the job; `pool` (optional) is a warm EvalPool to reuse: it is pointed at this checkpoint and left open."""
-    args = ChatEvalConfig.parse(argv, __doc__)
+    args = ChatEvalConfig.from_args(parser().parse_args(argv))
     base_dir = storage_root(args.storage)
     task_data = task_data_dir(args.task_data or "")
     if task_data:  # exported so init_ray hands it to the workers too

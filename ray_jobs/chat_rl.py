@@ -14,11 +14,15 @@ Every flag of nanochat.chat_rl.RLConfig is accepted.
 """
 from nanochat.chat_rl import RLConfig, chat_rl_worker, log_report, output_dir, world_size_error
 from ray_jobs.chat_stream import render_kwargs
-from ray_jobs.ray_train import launch
+from ray_jobs.ray_train import launch, stage_parser
+
+
+def parser():
+    return stage_parser(RLConfig, __doc__)
 
 
 def main(argv=None):
-    return launch(argv, description=__doc__, stage="rl", config_cls=RLConfig, worker_fn=chat_rl_worker,
+    return launch(argv, parser=parser(), stage="rl", config_cls=RLConfig, worker_fn=chat_rl_worker,
                   output_dir=output_dir, worker_kwargs=render_kwargs, after=log_report,
                   world_size_error=lambda cfg, root, size, max_size: world_size_error(cfg, size))
 

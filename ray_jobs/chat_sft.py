@@ -11,12 +11,16 @@ Every flag of nanochat.chat_train.ChatTrainConfig is accepted (as for mid_train)
 """
 from nanochat.chat_train import ChatTrainConfig, chat_train_worker, output_dir, world_size_error
 from ray_jobs.chat_stream import render_kwargs
-from ray_jobs.ray_train import launch
+from ray_jobs.ray_train import launch, stage_parser
+
+
+def parser():
+    return stage_parser(ChatTrainConfig, __doc__, defaults={"stage": "sft"})
 
 
 def main(argv=None):
-    return launch(argv, description=__doc__, stage="sft", config_cls=ChatTrainConfig, worker_fn=chat_train_worker,
-                  output_dir=output_dir, worker_kwargs=render_kwargs, defaults={"stage": "sft"},
+    return launch(argv, parser=parser(), stage="sft", config_cls=ChatTrainConfig, worker_fn=chat_train_worker,
+                  output_dir=output_dir, worker_kwargs=render_kwargs,
                   world_size_error=lambda cfg, root, size, max_size: world_size_error(cfg, size))
 
 

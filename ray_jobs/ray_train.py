@@ -9,7 +9,6 @@ resume from the newest *complete* step of their run (its run id is in every meta
 Ray registered it: the controller takes reports from a one-slot queue it drains every couple of seconds, so a
 worker killed right after a checkpoint is often restarted before Ray knows that checkpoint exists.
 """
-import argparse
 import functools
 import json
 import os
@@ -238,18 +237,21 @@ def pick_eval_mode(run, num_workers, ray_data):
     return mode
 
 
-def launch(argv, *, description, stage, config_cls, worker_fn, output_dir, world_size_error, worker_kwargs=None,
-           after=None, defaults=None, evaluate_fn=None):
-    """One training stage from the command line: the launcher's flags (LaunchConfig) and the stage config's, the
-    storage root, the world sizes that keep the global batch, Ray, the resume lookup, the worker group.
+def stage_parser(config_cls, description, defaults=None):
+    """A training stage's command line: the launcher's flags (LaunchConfig) and the stage config's."""
+    parser = common.LaunchConfig.parser(description)
+    config_cls.add_args(parser)
+    parser.set_defaults(**(defaults or {}))
+    return parser
+
+
+def launch(argv, *, parser, stage, config_cls, worker_fn, output_dir, world_size_error, worker_kwargs=None,
+           after=None, evaluate_fn=None):
+    """One training stage from the command line (parser: stage_parser's), the the world sizes that keep the global batch, Ray, the resume lookup, the worker group.
     world_size_error(cfg, root, world_size, batch_world_size) -> "" or why that size cannot train cfg's global batch;
     worker_kwargs(launch_cfg, cfg, root, num_workers) -> extra worker arguments (e.g. a Ray Data source);
     after(cfg, final, root) runs once training is done; evaluate_fn (see run_trainer): the stage's evals can run off
     the training workers (--eval-mode). Returns the final metrics."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.LaunchConfig.add_args(parser)
-    config_cls.add_args(parser)
-    parser.set_defaults(**(defaults or {}))
     args = parser.parse_args(argv)
     run = common.LaunchConfig.from_args(args)
     root = common.storage_root(run.storage)

@@ -12,6 +12,9 @@ interrupted training stage continues from its last checkpoint. `--set base_train
 any stage flag (stage names below; `--set serve.port=8001` passes flags to serve/app.py). The last line printed is
 the path of the report.
 """
+import argparse
+import difflib
+import importlib
 import os
 import time
 from dataclasses import dataclass
@@ -115,9 +118,60 @@ class StageLog:
         storage.write_json(self.path, self.stages, indent=2, default=str)
 
 
+DATA_FLAGS = {"num-shards", "allow-fallback"}  # the data stage runs here, not through a module of its own
+
+
+def stage_module(stage):
+    """The module whose main() runs `stage` (the chat evals share one)."""
+    name = "serve.app" if stage == "serve" else "ray_jobs." + (
+        "chat_eval" if stage.startswith("chat_eval") else stage)
+    return importlib.import_module(name)
+
+
+def stage_argv(stage, flags, args, task_data):
+    """The command line the speedrun gives `stage`: its preset and --set flags and the run's shared ones."""
+    common_flags = {"storage": args.storage}
+    if stage in TRAINING:
+        common_flags.update({"num-workers": args.num_workers, "use-gpu": args.use_gpu})
+        if stage != "base_train":
+            common_flags["task-data"] = task_data
+    if stage.startswith("chat_eval") or stage == "base_eval":
+        common_flags["num-actors"] = args.num_actors
+    if stage.startswith("chat_eval"):
+        common_flags.update({"source": stage.rsplit("_", 1)[1], "task-data": task_data})
+    if stage == "serve":
+        common_flags["source"] = "rl" if "chat_rl" not in args.skip else "sft"
+    flags = {k: v.format(task_data=task_data) if isinstance(v, str) else v for k, v in flags.items()}
+    return to_argv({**common_flags, **flags})
+
+
+def check_stage_flags(stages, stage_flags, args, task_data):
+    """Parse every stage's command line before any stage runs, so a misspelt flag or a bad value fails now, not
+    hours into the run: SystemExit naming the stage, the flag and the closest valid one."""
+    for stage in stages:
+        flags = stage_flags(stage)
+        if stage in ("data", "report"):
+            unknown = set(flags) - (DATA_FLAGS if stage == "data" else set())
+            if unknown:
+                raise SystemExit(f"speedrun: stage {stage} has no flag {sorted(unknown)[0]!r}"
+                                 + (f" (its flags: {', '.join(sorted(DATA_FLAGS))})" if stage == "data" else ""))
+            continue
+        parser = stage_module(stage).parser()
+        parser.exit_on_error = False
+        try:
+            _, extra = parser.parse_known_args(stage_argv(stage, flags, args, task_data))
+        except argparse.ArgumentError as e:
+            raise SystemExit(f"speedrun: stage {stage}: {e}") from None
+        unknown = [a for a in extra if a.startswith("-")]
+        if unknown:
+            options = [s for action in parser._actions for s in action.option_strings]
+            close = difflib.get_close_matches(unknown[0], options, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise SystemExit(f"speedrun: stage {stage} has no flag {unknown[0]}{hint}")
+
+
 def run_stage(stage, flags, args, task_data):
     """Run one stage in this driver (sharing its Ray connection) and return its result."""
-    common_flags = {"storage": args.storage}
     if stage == "data":
         from nanochat.dataset import DEFAULT_HUB, download_or_fallback, resolve_source
         from ray_jobs.download import download
@@ -128,18 +182,7 @@ def run_stage(stage, flags, args, task_data):
             return {"source": download_or_fallback(n, download=download).description}
         download(n)  # real runs: a failed or partial download fails the stage, naming every missing shard
         return {"source": resolve_source(DEFAULT_HUB).description}
-    if stage in TRAINING:
-        common_flags.update({"num-workers": args.num_workers, "use-gpu": args.use_gpu})
-        if stage != "base_train":
-            common_flags["task-data"] = task_data
-    if stage.startswith("chat_eval") or stage == "base_eval":
-        common_flags["num-actors"] = args.num_actors
-    if stage.startswith("chat_eval"):
-        common_flags.update({"source": stage.rsplit("_", 1)[1], "task-data": task_data})
-    module = {"chat_eval_mid": "chat_eval", "chat_eval_sft": "chat_eval", "chat_eval_rl": "chat_eval"}.get(stage, stage)
-    main = __import__(f"ray_jobs.{module}", fromlist=["main"]).main
-    flags = {k: v.format(task_data=task_data) if isinstance(v, str) else v for k, v in flags.items()}
-    return main(to_argv({**common_flags, **flags}))
+    return stage_module(stage).main(stage_argv(stage, flags, args, task_data))
 
 
 def parse_overrides(items):
@@ -178,8 +221,13 @@ def main(argv=None):
     task_data = task_data_dir(args.task_data or "") or default_task_data(args.preset)
     if task_data:
         os.environ[TASK_DATA_ENV] = task_data
-    common.init_ray()
     overrides = parse_overrides(args.set)
+
+    def stage_flags(stage):
+        return {**PRESETS[args.preset].get(stage, {}), **overrides.get(stage, {})}
+    stages = [s for s in STAGES if s not in args.skip] + (["serve"] if args.serve else [])
+    check_stage_flags(stages, stage_flags, args, task_data)  # before Ray starts or any stage runs
+    common.init_ray()
     log = StageLog(root)
     t0 = time.time()
     if not log.stages:
@@ -191,7 +239,7 @@ def main(argv=None):
         if log.done(stage):
             print(f"== {stage}: done already, skipping")
             continue
-        flags = {**PRESETS[args.preset].get(stage, {}), **overrides.get(stage, {})}
+        flags = stage_flags(stage)
         if stage in TRAINING and log.started(stage):
             flags["resume"] = True  # interrupted last time: continue from its newest checkpoint
         print(f"== {stage} ({time.time() - t0:.0f}s into the run)", flush=True)
@@ -205,9 +253,7 @@ def main(argv=None):
     timings = ", ".join(f"{s} {log.stages[s]['seconds']:.0f}s" for s in STAGES if log.stages.get(s, {}).get("seconds"))
     print(f"speedrun finished in {(time.time() - t0) / 60:.1f} min ({timings})")
     if args.serve:
-        from serve.app import main as serve_main
-        source = "rl" if "chat_rl" not in args.skip else "sft"
-        serve_main(["--storage", root, "--source", source] + to_argv(overrides.get("serve", {})))
+        stage_module("serve").main(stage_argv("serve", overrides.get("serve", {}), args, task_data))
     print(report_path)
     return report_path
 

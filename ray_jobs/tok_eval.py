@@ -93,8 +93,12 @@ class TokEvalConfig(ArgsMixin):
     storage: str | None = storage_flag()
 
 
+def parser():
+    return TokEvalConfig.parser(__doc__)
+
+
 def main(argv=None):
-    args = TokEvalConfig.parse(argv, __doc__)
+    args = TokEvalConfig.from_args(parser().parse_args(argv))
     root = storage_root(args.storage)
 
     from nanochat.tokenizer import get_tokenizer

@@ -56,8 +56,12 @@ class TokTrainConfig(ArgsMixin):
     storage: str | None = storage_flag()
 
 
+def parser():
+    return TokTrainConfig.parser(__doc__)
+
+
 def main(argv=None):
-    args = TokTrainConfig.parse(argv, __doc__)
+    args = TokTrainConfig.from_args(parser().parse_args(argv))
     max_chars = int(args.max_chars)
 
     root = storage_root(args.storage)  # exported first: 'hub' resolves its shard directory under the root

@@ -275,9 +275,13 @@ def build_app(args=None):
 app = build_app({})  # for `serve run serve.app:app`: defaults, storage from $NANOCHAT_BASE_DIR
 
 
+def parser():
+    return ServeConfig.parser("Serve a nanochat checkpoint with Ray Serve. Blocks when it starts Ray itself; with "
+                              "RAY_ADDRESS set it deploys to that cluster and returns.")
+
+
 def main(argv=None):
-    args = ServeConfig.parse(argv, "Serve a nanochat checkpoint with Ray Serve. Blocks when it starts Ray itself; "
-                                   "with RAY_ADDRESS set it deploys to that cluster and returns.")
+    args = ServeConfig.from_args(parser().parse_args(argv))
 
     from ray_jobs.common import init_ray, storage_root
     args.storage = storage_root(args.storage)  # resolved and exported before Ray starts, so replicas see it

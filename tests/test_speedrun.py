@@ -1,5 +1,6 @@
 """The whole pipeline as a Ray job: the demo preset with tiny step counts, its artifacts, resume, and serving the\nresult from a `ray start --head` cluster the test owns."""
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -50,6 +51,30 @@ def test_stage_flags_become_a_command_line_a_stage_parses():
     assert to_argv({"resume": False}) == ["--no-resume"]
     assert ChatTrainConfig.parse(to_argv({"resume": False, "num-iterations": 5})).resume is False
     assert ChatTrainConfig.parse(to_argv({"resume": True})).resume is True
+
+
+def test_every_stage_flag_is_checked_before_anything_runs(tmp_path, capsys):
+    """A misspelt --set, a bad value or a flag a stage does not have fails at start-up, naming the stage and the
+    flag (and the closest valid one), before Ray starts or any stage runs. Every preset's own flags parse."""
+    from argparse import Namespace
+
+    from ray_jobs.speedrun import check_stage_flags, main
+    args = Namespace(storage=str(tmp_path), num_workers=None, use_gpu=False, num_actors=None, skip=[])
+    for preset in PRESETS:
+        check_stage_flags(STAGES + ["serve"], lambda stage: PRESETS[preset].get(stage, {}), args, "/tasks")
+    argv = ["--preset", "demo", "--storage", str(tmp_path)]
+    for bad, message in [("chat_eval_rl.max-problemz=3", "stage chat_eval_rl has no flag --max-problemz (did you mean "
+                                                          "--max-problems?)"),
+                         ("base_train.depth=four", "stage base_train: argument --depth: invalid int value: 'four'"),
+                         ("chat_sft.loader=fast", "stage chat_sft: argument --loader: invalid choice: 'fast'"),
+                         ("serve.prot=8001", "stage serve has no flag --prot (did you mean --port?)"),
+                         ("data.num-shard=3", "stage data has no flag 'num-shard'"),
+                         ("report.x=1", "stage report has no flag 'x'")]:
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            main(argv + ["--set", bad, "--serve"])
+    assert not os.listdir(tmp_path)  # nothing ran: the report's reset and the stage log would be there
+    # a flag of a skipped stage is not checked (the stage does not run)
+    check_stage_flags(["tok_train"], lambda stage: {"bogus": 1} if stage == "base_train" else {}, args, None)
 
 
 def test_data_stage_falls_back_only_for_the_demo(tmp_path, monkeypatch, ray_local):
