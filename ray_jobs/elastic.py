@@ -138,6 +138,7 @@ class ElasticTorchTrainer(TorchTrainer):
 
 
 def state_api_available():
+    """Whether Ray's state API (served by the dashboard) answers on this cluster."""
     try:
         list_nodes(limit=1, timeout=5)
         return True
