@@ -190,6 +190,22 @@ def download_shard(url, path, *, max_attempts=5, backoff=2.0, timeout=30, chunk_
     raise DownloadError(f"failed to download {url} after {max_attempts} attempts: {last_error}")
 
 
+def check_reachable(url, *, attempts=3, timeout=10, backoff=2.0):
+    """DownloadError naming `url` if its server cannot be reached at all (refused, unknown host, no route, no answer)
+    in `attempts` quick tries (at most ~40 s), so a dead mirror fails the stage at once instead of after every
+    shard's retries. Any HTTP answer, even an error status, means the server is there: each shard's own retries and
+    4xx rules take it from there."""
+    for attempt in range(attempts):
+        try:
+            requests.head(url, timeout=timeout, allow_redirects=True)
+            return
+        except requests.RequestException as e:
+            error = e
+            if attempt + 1 < attempts:
+                time.sleep(backoff * 2 ** attempt)
+    raise DownloadError(f"cannot reach the shard server for {url} ({attempts} tries): {error}")
+
+
 def shard_plan(num_train_shards=-1, *, source=DEFAULT_HUB, data_dir=None, base_url=None):
     """[(url, path)] of train shards 0..N-1 (N=-1: all) plus the source's fixed val shard (last). Base URL:
     `base_url`, else $NANOCHAT_DATA_URL, else the Hub; data_dir: default <base dir>/<source's dir>."""
@@ -215,6 +231,7 @@ def download_shards(num_train_shards=-1, *, source=DEFAULT_HUB, data_dir=None, b
 
     from tqdm import tqdm
     plan = shard_plan(num_train_shards, source=source, data_dir=data_dir, base_url=base_url)
+    check_plan_reachable(plan, timeout)
     failures = {}
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         futures = {pool.submit(download_shard, url, path, max_attempts=max_attempts, backoff=backoff,
@@ -227,6 +244,14 @@ def download_shards(num_train_shards=-1, *, source=DEFAULT_HUB, data_dir=None, b
                 failures[futures[fut]] = str(e)
     raise_for_failures(failures, len(plan))
     return [path for _, path in plan]
+
+
+def check_plan_reachable(plan, timeout=10):
+    """check_reachable on the first shard still to fetch (none missing: no network needed)."""
+    missing = set(missing_shards(plan))
+    urls = [url for url, path in plan if path in missing]
+    if urls:
+        check_reachable(urls[0], timeout=min(timeout, 10))
 
 
 def raise_for_failures(failures, total):

@@ -4,7 +4,9 @@ import json
 import logging
 import os
 import pickle
+import socket
 import threading
+import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -30,7 +32,8 @@ def shard_texts(i, n=10):
 
 
 # -----------------------------------------------------------------------------
-# a tiny shard server: counts hits per file, can truncate a file's first response or return 404
+# a tiny shard server: counts downloads (GETs) per file, can truncate a file's first response or return 404; a HEAD
+# (the reachability probe) only says whether the file is there
 
 class ShardServer:
     def __init__(self, root):
@@ -40,8 +43,12 @@ class ShardServer:
         class Handler(BaseHTTPRequestHandler):
             def _serve(self, body):
                 name = self.path.lstrip("/")
-                server.hits[name] += 1
                 path = os.path.join(server.root, name)
+                if not body:
+                    self.send_response(200 if os.path.isfile(path) else 404)
+                    self.end_headers()
+                    return
+                server.hits[name] += 1
                 if not os.path.isfile(path):
                     self.send_error(404, "File not found")
                     return
@@ -150,6 +157,26 @@ def test_missing_shard_fails_fast_and_transient_errors_are_retried(server, tmp_p
     assert server.hits[shard_name(1)] == 3  # the 5xx were retried
     assert not os.path.exists(tmp_path / "d" / shard_name(2))
     assert is_valid_parquet(tmp_path / "d" / shard_name(1))  # the others still completed
+
+
+def refusing_url():
+    """http://127.0.0.1:PORT where nothing listens (the port was free a moment ago): connections are refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def test_an_unreachable_server_fails_at_once_naming_it(tmp_path):
+    """A mirror that refuses connections fails the download in seconds (3 quick probes), naming the URL and the
+    error, instead of sitting through 5 attempts with backoff for every shard."""
+    url = refusing_url()
+    start = time.monotonic()
+    with pytest.raises(DownloadError, match=rf"cannot reach the shard server for {url}/{shard_name(0)} "
+                                            rf"\(3 tries\): .*(Connection refused|Max retries)"):
+        download_shards(370, data_dir=str(tmp_path / "d"), base_url=url, progress=False)  # default retries
+    assert time.monotonic() - start < 60
+    assert not os.path.exists(tmp_path / "d")  # nothing was attempted
 
 
 # -----------------------------------------------------------------------------

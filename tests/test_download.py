@@ -4,7 +4,7 @@ import pytest
 from nanochat import storage
 from nanochat.dataset import DownloadError, is_valid_parquet, resolve_source, shard_name
 from ray_jobs.download import download, main
-from test_dataset import ShardServer, shard_texts, write_parquet
+from test_dataset import ShardServer, refusing_url, shard_texts, write_parquet
 
 FAST = dict(backoff=0.001, timeout=5, progress=False)
 
@@ -40,3 +40,11 @@ def test_download_to_bucket_retries_fails_naming_the_404_and_rerun_fetches_only_
     assert fetched == {shard_name(2)}  # the re-run fetched only what was missing
     src = resolve_source("climbmix")  # the bucket's shards are the hub source now
     assert len(src.units("train")) == 3 * 3 and src.read_unit(src.units("val")[0]) == shard_texts(6542)[:4]
+
+
+def test_an_unreachable_server_fails_the_stage_before_any_task(ray_local, tmp_path):
+    """The Ray fan-out probes the server before it submits a task (the data stage of d20 / d24 goes this way)."""
+    url = refusing_url()
+    with pytest.raises(DownloadError, match=rf"cannot reach the shard server for {url}/"):
+        download(370, base_url=url, data_dir=str(tmp_path), progress=False)
+    assert not list(tmp_path.rglob("*.parquet*"))
