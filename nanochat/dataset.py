@@ -231,11 +231,10 @@ def download_shards(num_train_shards=-1, *, source=DEFAULT_HUB, data_dir=None, b
 
     from tqdm import tqdm
     plan = shard_plan(num_train_shards, source=source, data_dir=data_dir, base_url=base_url)
-    check_plan_reachable(plan, timeout)
     failures = {}
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         futures = {pool.submit(download_shard, url, path, max_attempts=max_attempts, backoff=backoff,
-                               timeout=timeout): path for url, path in plan}
+                               timeout=timeout): path for url, path in shards_to_fetch(plan, timeout)}
         for fut in tqdm(as_completed(futures), total=len(futures), unit="shard", disable=not progress,
                         desc=f"{source} shards"):
             try:
@@ -246,12 +245,14 @@ def download_shards(num_train_shards=-1, *, source=DEFAULT_HUB, data_dir=None, b
     return [path for _, path in plan]
 
 
-def check_plan_reachable(plan, timeout=10):
-    """check_reachable on the first shard still to fetch (none missing: no network needed)."""
+def shards_to_fetch(plan, timeout=10):
+    """The (url, path) pairs of a plan that do not hold a valid shard yet, once their server answers
+    (check_reachable; nothing missing: no network needed). Each storage path is checked once, here."""
     missing = set(missing_shards(plan))
-    urls = [url for url, path in plan if path in missing]
-    if urls:
-        check_reachable(urls[0], timeout=min(timeout, 10))
+    todo = [(url, path) for url, path in plan if path in missing]
+    if todo:
+        check_reachable(todo[0][0], timeout=min(timeout, 10))
+    return todo
 
 
 def raise_for_failures(failures, total):

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 
 from nanochat.dataset import (DATA_URL_ENV, DEFAULT_HUB, HUB_ALIASES, HUB_SOURCES, DownloadError,
-                              check_plan_reachable, download_shard, raise_for_failures, shard_plan)
+                              download_shard, raise_for_failures, shard_plan, shards_to_fetch)
 from nanochat.flags import ArgsMixin, flag, storage_flag
 from ray_jobs.common import init_ray, storage_root
 
@@ -28,9 +28,8 @@ def download(num_train_shards=-1, *, source=DEFAULT_HUB, data_dir=None, base_url
     ray = init_ray()
     fetch = ray.remote(num_cpus=0.25, max_retries=0)(download_shard)  # retries happen inside, with backoff
     plan = shard_plan(num_train_shards, source=source, data_dir=data_dir, base_url=base_url)
-    check_plan_reachable(plan, timeout)  # a dead server fails here, in seconds, naming its URL
-    queue, running, failures = list(plan), {}, {}
-    with tqdm(total=len(plan), unit="shard", desc=f"{source} shards", disable=not progress) as bar:
+    queue, running, failures = shards_to_fetch(plan, timeout), {}, {}  # a dead server fails here, naming its URL
+    with tqdm(total=len(queue), unit="shard", desc=f"{source} shards", disable=not progress) as bar:
         while queue or running:
             while queue and len(running) < max(1, workers):
                 url, path = queue.pop(0)
