@@ -5,7 +5,7 @@ a plain process (`python -m nanochat.base_train ...`, tests, GPU benchmarks) or 
 """
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -15,8 +15,9 @@ from nanochat.common import get_base_dir, init_wandb, print0
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.schedules import derive_hyperparameters, grad_accum_steps, lr_multiplier, muon_momentum, \
     weight_decay_factor
-from nanochat.flags import ArgsMixin, flag
-from nanochat.train import Eval, WorkerContext, local_context, restore, train_loop
+from nanochat.flags import ArgsMixin, flag, int_or_auto
+from nanochat.memory_plan import resolve_device_batch
+from nanochat.train import Eval, WorkerContext, all_reduce_max, local_context, restore, train_loop
 
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
                   "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
@@ -38,7 +39,10 @@ class BaseTrainConfig(ArgsMixin):
     target_param_data_ratio: float = flag(12.0, "training tokens per scaling parameter "
                                                 "(used when no iterations or FLOPs are given)")
     # batch: total_batch_size -1 = auto (power-lines rule); grad accumulation makes it world-size independent
-    device_batch_size: int = flag(32, "rows per forward/backward pass on each worker")
+    device_batch_size: int = flag(32, "rows per forward/backward pass on each worker; auto: on a GPU the largest "
+                                      "whose planned memory peak fits (python -m nanochat.dryrun), elsewhere the "
+                                      "largest up to 32; either way one that divides the global batch",
+                                  type=int_or_auto)
     total_batch_size: int = flag(-1, "tokens per optimizer step over all workers (-1: derived from the depth)")
     # optimization (lrs are multiplied by the batch lr scale)
     embedding_lr: float = flag(0.3, "AdamW learning rate of the token embedding")
@@ -77,14 +81,14 @@ def batch_hyperparameters(cfg, vocab_size, batch_world_size=1):
     batch_world_size workers (an elastic run's smallest size), so it is the same at every size the run takes."""
     return derive_hyperparameters(model_config(cfg, vocab_size), cfg.target_param_data_ratio, cfg.total_batch_size,
                                   cfg.num_iterations, cfg.target_flops, cfg.weight_decay,
-                                  tokens_per_fwdbwd=cfg.device_batch_size * cfg.max_seq_len * batch_world_size)
+                                  tokens_per_fwdbwd=(cfg.device_batch_size or 1) * cfg.max_seq_len * batch_world_size)
 
 
 def world_size_error(cfg, world_size, batch_world_size, vocab_size):
     """Why `world_size` workers cannot train this config's global batch exactly ("" if they can)."""
     total = batch_hyperparameters(cfg, vocab_size, batch_world_size)["total_batch_size"]
     try:
-        grad_accum_steps(total, cfg.device_batch_size, cfg.max_seq_len, world_size)
+        grad_accum_steps(total, cfg.device_batch_size or 1, cfg.max_seq_len, world_size)
     except ValueError as e:
         return str(e)
     return ""
@@ -151,6 +155,7 @@ def evaluate_checkpoint(cfg, checkpoint_dir, step, names, device="cpu", batch_so
     from nanochat.checkpoint_manager import load_checkpoint
     from nanochat.tokenizer import get_tokenizer
     model_data, _, meta = load_checkpoint(checkpoint_dir, step, device)
+    cfg = replace(cfg, device_batch_size=meta.get("device_batch_size") or cfg.device_batch_size)  # auto, resolved
     model = build_model(GPTConfig.from_dict(meta["model_config"]), device)
     model.load_state_dict(model_data)
     model.eval()
@@ -175,18 +180,23 @@ def base_train_worker(cfg, ctx=None, batch_source=None, tokenizer=None, run_id=N
     batch_source = batch_source or BatchSource(cfg, tokenizer)
 
     config = model_config(cfg, tokenizer.get_vocab_size())
-    B, T, W = cfg.device_batch_size, cfg.max_seq_len, ctx.world_size
+    T, W = cfg.max_seq_len, ctx.world_size
     hp = batch_hyperparameters(cfg, tokenizer.get_vocab_size(), ctx.batch_world_size)
     total_batch, num_iterations = hp["total_batch_size"], hp["num_iterations"]
-    accum = grad_accum_steps(total_batch, B, T, W)
     lr_scale = hp["batch_lr_scale"]
+
+    compile_model = cfg.compile if cfg.compile >= 0 else int(device.type == "cuda")
+    B = resolve_device_batch(cfg.device_batch_size, config, T, total_batch, W, device, compile_model)
+    B = -all_reduce_max(-B, device)  # every worker trains the same micro-batch (the smallest, should GPUs differ)
+    cfg = replace(cfg, device_batch_size=B)
+    batch_source.cfg = cfg  # (this worker's copy: its loaders read the resolved size)
+    accum = grad_accum_steps(total_batch, B, T, W)
 
     model = build_model(config, device)
     optimizer = model.setup_optimizer(unembedding_lr=cfg.unembedding_lr * lr_scale,
                                       embedding_lr=cfg.embedding_lr * lr_scale, matrix_lr=cfg.matrix_lr * lr_scale,
                                       weight_decay=hp["weight_decay"], scalar_lr=cfg.scalar_lr * lr_scale)
     loop_state, loader_state = restore(ctx, resume_step, model, optimizer)
-    compile_model = cfg.compile if cfg.compile >= 0 else int(device.type == "cuda")
     compiled = torch.compile(model, dynamic=False) if compile_model else None
 
     n_params = model.num_scaling_params()

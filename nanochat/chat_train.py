@@ -18,8 +18,9 @@ from nanochat import storage
 from nanochat.checkpoint_manager import SOURCE_DIRS, load_model, pin_source, source_tag
 from nanochat.common import get_base_dir, init_wandb, is_distributed, print0
 from nanochat.dataloader import BestFitPacker
-from nanochat.flags import ArgsMixin, flag, task_data_dir
-from nanochat.train import Eval, WorkerContext, local_context, restore, train_loop
+from nanochat.flags import AUTO, ArgsMixin, flag, int_or_auto, task_data_dir
+from nanochat.memory_plan import resolve_device_batch
+from nanochat.train import Eval, WorkerContext, all_reduce_max, local_context, restore, train_loop
 
 
 @dataclass
@@ -32,7 +33,9 @@ class ChatTrainConfig(ArgsMixin):
                               "directory or Hub source only the output's (default: the directory's or repo's name)")
     model_step: int = flag(-1, "the source checkpoint's step (default: its last)")
     max_seq_len: int = flag(2048, "tokens per training row (the model's sequence_len)")
-    device_batch_size: int = flag(-1, "mid: rows per micro-batch (32); sft: conversations per micro-batch (4)")
+    device_batch_size: int = flag(-1, "rows (mid) or conversations (sft) per micro-batch; auto: on a GPU the largest "
+                                      "whose planned memory peak fits, elsewhere the largest up to 32 (-1: the "
+                                      "stage's default, mid auto, sft 4)", type=int_or_auto)
     total_batch_size: int = flag(524288, "mid: tokens per optimizer step over all workers")
     target_examples_per_step: int = flag(32, "sft: conversations per optimizer step over all workers")
     num_epochs: int = flag(1, "passes over the training data (sft)")
@@ -64,17 +67,21 @@ class ChatTrainConfig(ArgsMixin):
         """Fill the stage-dependent defaults."""
         defaults = STAGE_DEFAULTS[self.stage]
         out = dict(source=pin_source(self.source or defaults["source"]),
-                   device_batch_size=self.device_batch_size if self.device_batch_size > 0 else
-                   defaults["device_batch_size"],
+                   device_batch_size=self.resolved_batch().device_batch_size,
                    init_lr_frac=self.init_lr_frac if self.init_lr_frac >= 0 else defaults["init_lr_frac"],
                    eval_every=self.eval_every if self.eval_every >= 0 else defaults["eval_every"],
                    task_data=task_data_dir(self.task_data),
                    identity=self.identity or storage.join(get_base_dir(), "identity_conversations.jsonl"))
         return ChatTrainConfig(**{**asdict(self), **out})
 
+    def resolved_batch(self):
+        """The config with the stage's default device batch filled in (AUTO stays: the worker resolves it)."""
+        B = self.device_batch_size
+        return replace(self, device_batch_size=B if B >= 0 else STAGE_DEFAULTS[self.stage]["device_batch_size"])
+
 
 # what the stages start from and at: nanochat's values
-STAGE_DEFAULTS = {"mid": dict(source="base", device_batch_size=32, init_lr_frac=1.0, eval_every=150),
+STAGE_DEFAULTS = {"mid": dict(source="base", device_batch_size=AUTO, init_lr_frac=1.0, eval_every=150),
                   "sft": dict(source="mid", device_batch_size=4, init_lr_frac=0.02, eval_every=100)}
 
 
@@ -151,15 +158,23 @@ def packed_conversations(dataset, tokenizer, B, T, rank, world_size, device, res
 def padded_conversations(dataset, tokenizer, B, T, rank, world_size, device, resume_state=None, num_epochs=None,
                          render=rendered_conversations):
     """SFT batches: B conversations per micro-batch, right-padded with <|assistant_end|> to the longest; targets are
-    -1 where the mask is 0 (prompt, tool output) and at padding. Rank-strided, repeats for num_epochs (None =
-    forever). Yields (inputs, targets, state)."""
+    -1 where the mask is 0 (prompt, tool output) and at padding. A conversation with no trained token in its first
+    T + 1 (a long prompt cut before the reply) is skipped: a micro-batch of only such rows has no loss at all
+    (NaN). Rank-strided, repeats for num_epochs (None = forever). Yields (inputs, targets, state)."""
     pad = tokenizer.encode_special("<|assistant_end|>")
     index = _start_index(resume_state, rank, world_size)
     stream = render(dataset, tokenizer, T + 1, index, world_size,
                     None if num_epochs is None else num_epochs * len(dataset))
+    skipped = 0  # in a row: a whole pass over the data with nothing to train is an error, not an endless loop
     while True:
         batch = []
         for index, ids, mask in stream:
+            if not any(mask[1:]):
+                skipped += 1
+                if skipped > len(dataset):
+                    raise ValueError(f"no conversation has a trained token within max_seq_len {T} tokens")
+                continue
+            skipped = 0
             batch.append((ids, mask))
             if len(batch) == B:
                 break
@@ -218,7 +233,7 @@ class StagePlan:
 
 def world_size_error(cfg, world_size):
     """Why `world_size` workers cannot train this (resolved) config's global batch exactly ("" if they can)."""
-    B, T = cfg.device_batch_size, cfg.max_seq_len
+    B, T = cfg.device_batch_size or 1, cfg.max_seq_len  # (auto: any size the worker picks divides as 1 does)
     if cfg.stage == "mid" and cfg.total_batch_size % (B * T * world_size):
         return f"total batch {cfg.total_batch_size} is not a multiple of {B}*{T}*{world_size}"
     if cfg.stage == "sft" and cfg.target_examples_per_step % (B * world_size):
@@ -306,10 +321,13 @@ def chat_train_worker(cfg, ctx=None, run_id=None, resume_step=None, tokenizer=No
     tokenizer = tokenizer or loaded_tokenizer
     config = model.config
     T = min(cfg.max_seq_len, config.sequence_len)
-    B = cfg.device_batch_size
     problem = world_size_error(replace(cfg, max_seq_len=T), W)
     if problem:
         raise ValueError(problem)
+    step_tokens = cfg.total_batch_size if cfg.stage == "mid" else cfg.target_examples_per_step * T
+    B = resolve_device_batch(cfg.device_batch_size, config, T, step_tokens, W, device, compiled=False)
+    B = -all_reduce_max(-B, device)  # every worker trains the same micro-batch (the smallest, should GPUs differ)
+    cfg = replace(cfg, device_batch_size=B)
     optimizer = model.setup_optimizer(unembedding_lr=cfg.unembedding_lr, embedding_lr=cfg.embedding_lr,
                                       matrix_lr=cfg.matrix_lr, weight_decay=cfg.weight_decay,
                                       scalar_lr=cfg.scalar_lr)

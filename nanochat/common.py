@@ -6,7 +6,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from nanochat import storage
+from nanochat import cuda_runtime, storage
 
 logger = logging.getLogger("nanochat")
 
@@ -41,7 +41,7 @@ def print0(*args, **kwargs):
 # Device and dtype
 
 def autodetect_device_type():
-    if torch.cuda.is_available():
+    if cuda_runtime.cuda_available():
         return "cuda"
     if torch.backends.mps.is_available():
         return "mps"
@@ -59,7 +59,7 @@ def get_compute_dtype(device_type=None):
             raise ValueError(f"NANOCHAT_DTYPE={override!r} is not one of {sorted(_DTYPES)}")
         return _DTYPES[override]
     device_type = device_type or autodetect_device_type()
-    if device_type == "cuda" and torch.cuda.get_device_capability()[0] >= 8:
+    if device_type == "cuda" and cuda_runtime.capability()[0] >= 8:
         return torch.bfloat16
     return torch.float32
 
@@ -68,18 +68,15 @@ def compute_init(device_type=None, seed=42):
     """Seed, enable TF32, and pick the device for this rank. The process group (if any) is created by the launcher
     (Ray Train, torchrun, or a test) -- here we only init it ourselves for torchrun on CUDA."""
     device_type = device_type or autodetect_device_type()
-    torch.manual_seed(seed)
     ddp, rank, local_rank, world = get_dist_info()
+    device = torch.device("cuda", local_rank) if device_type == "cuda" else torch.device(device_type)
+    cuda_runtime.manual_seed(seed, device)
     if device_type == "cuda":
-        torch.cuda.manual_seed(seed)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
+        cuda_runtime.set_device(device)
         if ddp and not dist.is_initialized():
             dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device(device_type)
     return ddp, rank, local_rank, world, device
 
 
@@ -122,12 +119,11 @@ def measure_matmul_peak_flops(device="cpu", dtype=torch.float32, n=1024, iters=1
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):
         a @ b
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    sync()
+    cuda_runtime.synchronize(device)
     t0 = time.perf_counter()
     for _ in range(iters):
         a @ b
-    sync()
+    cuda_runtime.synchronize(device)
     return 2 * n**3 * iters / (time.perf_counter() - t0)
 
 
@@ -135,7 +131,7 @@ def device_peak_flops(device):
     """Peak FLOP/s for MFU: the spec table on CUDA, a measured matmul peak on CPU."""
     device = torch.device(device)
     if device.type == "cuda":
-        return get_peak_flops(torch.cuda.get_device_name(device))
+        return get_peak_flops(cuda_runtime.device_name(device))
     return measure_matmul_peak_flops(device)
 
 

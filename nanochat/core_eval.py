@@ -164,9 +164,10 @@ def evaluate_example(model, tokenizer, data, idx, task_meta, device):
     losses, predictions = forward_model(model, input_ids)
     if task_meta["task_type"] == "language_modeling":
         si, ei = starts[0], ends[0]
-        return bool(torch.all(predictions[0, si - 1:ei - 1] == input_ids[0, si:ei]).item())
+        return bool(torch.all(predictions[0, si - 1:ei - 1] == input_ids[0, si:ei]).item())  # host sync: the answer
     # lowest mean loss over the answer span (Python min/index, like nanochat, so even nan ties break the same way)
-    mean_losses = [losses[i, si - 1:ei - 1].mean().item() for i, (si, ei) in enumerate(zip(starts, ends))]
+    spans = [losses[i, si - 1:ei - 1].mean() for i, (si, ei) in enumerate(zip(starts, ends))]
+    mean_losses = torch.stack(spans).tolist()  # host sync: one per example
     return mean_losses.index(min(mean_losses)) == data[idx]["gold"]
 
 
@@ -191,7 +192,7 @@ def evaluate_task(model, tokenizer, data, device, task_meta):
         correct[idx] = float(evaluate_example(model, tokenizer, data, idx, task_meta, device))
     if world > 1:
         dist.all_reduce(correct, op=dist.ReduceOp.SUM)
-    return correct.mean().item()
+    return correct.mean().item()  # host sync: the result
 
 
 # -----------------------------------------------------------------------------

@@ -33,6 +33,7 @@ import bisect
 
 import torch
 
+from nanochat import cuda_runtime
 from nanochat.common import get_dist_info
 from nanochat.dataset import resolve_source
 
@@ -337,22 +338,27 @@ def packed_batches(packer, refill, cursor, units, device):
     """(inputs, targets, state) batches from a packer fed by refill(), with the cursor's state after each batch;
     shared by the plain loader and the Ray Data stream."""
     positions = _file_positions(units)
-    device = torch.device(device)
-    use_cuda = device.type == "cuda"
-    B, T = packer.B, packer.T
     while True:
         rows = packer.pack_batch(refill)
         if rows is None:
             return
         state = cursor.state_dict(buffered_docs=len(packer))
         state["pq_idx"], state["rg_idx"] = positions[cursor.current()[0]]
-        full = torch.tensor(rows, dtype=torch.long)
-        # one (2, B, T) host buffer -> one copy; pinned so the copy to the GPU can be asynchronous
-        host = torch.empty((2, B, T), dtype=torch.long, pin_memory=use_cuda)
-        host[0].copy_(full[:, :-1])
-        host[1].copy_(full[:, 1:])
-        out = host.to(device, non_blocking=use_cuda)
-        yield out[0], out[1], state
+        inputs, targets = rows_to_device(rows, device)
+        yield inputs, targets, state
+
+
+def rows_to_device(rows, device):
+    """B rows of T + 1 tokens -> (inputs, targets), each (B, T) on `device`: one (2, B, T) host buffer and one copy,
+    pinned when headed for a GPU so the copy is asynchronous."""
+    full = torch.tensor(rows, dtype=torch.long)
+    B, T = full.size(0), full.size(1) - 1
+    pin = cuda_runtime.pin_memory(device)
+    host = torch.empty((2, B, T), dtype=torch.long, pin_memory=pin)
+    host[0].copy_(full[:, :-1])
+    host[1].copy_(full[:, 1:])
+    out = host.to(device, non_blocking=pin)
+    return out[0], out[1]
 
 
 def tokenizing_distributed_data_loader_bos_bestfit(*args, **kwargs):

@@ -24,6 +24,7 @@ class KVCache:
         self.k_cache = torch.zeros(shape, device=device, dtype=dtype)
         self.v_cache = torch.zeros(shape, device=device, dtype=dtype)
         self.cache_seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        self.positions = (0, 0)  # host copy of (min, max) of cache_seqlens; None: unknown (read it from the device)
         self.prev_embedding = None  # (B, 1, C): last token's normed embedding, needed by smear during decode
         self.n_layers, self.batch_size, self.max_seq_len = num_layers, batch_size, seq_len
         self.write = None  # where this forward's new keys go, set by begin()
@@ -34,14 +35,30 @@ class KVCache:
         return cls(batch_size, cfg.n_kv_head, seq_len, cfg.n_embd // cfg.n_head, cfg.n_layer,
                    device=model.get_device(), dtype=model.cos.dtype)
 
+    @property
+    def cache_seqlens(self):
+        return self._cache_seqlens
+
+    @cache_seqlens.setter
+    def cache_seqlens(self, value):  # set from outside: the host copy of the positions no longer holds
+        self._cache_seqlens, self.positions = value, None
+
+    def position_range(self):
+        """(lo, hi) of the rows' positions: kept on the host while every change goes through this class (the Engine
+        never waits on the device for it), else read from the device."""
+        if self.positions is None:  # host sync (once, after positions were set from outside)
+            self.positions = tuple(int(p) for p in torch.aminmax(self.cache_seqlens))
+        return self.positions
+
     def get_pos(self):
-        return int(self.cache_seqlens[0])
+        lo, hi = self.position_range()
+        return lo if lo == hi else int(self.cache_seqlens[0])  # host sync: rows at different positions
 
     def begin(self, T):
-        """Before a forward of T new tokens per row: the rows' position range (lo, hi), in one host sync, a check
-        that they fit, and where insert() will write them (a slice when every row is at the same position, as in
-        the Engine; else one flat index per new token)."""
-        lo, hi = (int(p) for p in torch.aminmax(self.cache_seqlens))
+        """Before a forward of T new tokens per row: the rows' position range (lo, hi), a check that they fit, and
+        where insert() will write them (a slice when every row is at the same position, as in the Engine; else one
+        flat index per new token)."""
+        lo, hi = self.position_range()
         if hi + T > self.max_seq_len:
             raise ValueError(f"KV cache overflow: position {hi + T - 1} >= cache length {self.max_seq_len}")
         flat = None
@@ -73,12 +90,13 @@ class KVCache:
         return x[:, -1:]
 
     def advance(self, n):
-        self.cache_seqlens += n
-        self.write = None
+        self._cache_seqlens += n
+        lo, hi = self.position_range()
+        self.positions, self.write = (lo + n, hi + n), None
 
     def reset(self):
-        self.cache_seqlens.zero_()
-        self.prev_embedding, self.write = None, None
+        self._cache_seqlens.zero_()
+        self.positions, self.prev_embedding, self.write = (0, 0), None, None
 
     def prefill(self, other):
         """Copy a (batch-1) cache into every row of this one."""
@@ -87,7 +105,8 @@ class KVCache:
         assert pos <= self.max_seq_len, f"prompt of {pos} tokens does not fit a cache of {self.max_seq_len}"
         self.k_cache[:, :, :pos] = other.k_cache[:, :1, :pos]
         self.v_cache[:, :, :pos] = other.v_cache[:, :1, :pos]
-        self.cache_seqlens.fill_(pos)
+        self._cache_seqlens.fill_(pos)
+        self.positions = (pos, pos)
         if other.prev_embedding is not None:
             self.prev_embedding = other.prev_embedding[:1].expand(self.batch_size, -1, -1).clone()
 
@@ -245,7 +264,7 @@ class Engine:
                 break
             if kv_cache.get_pos() >= kv_cache.max_seq_len:
                 break
-            sampled = sample_next_token(logits, rng, temperature, top_k, top_p)[:, 0].tolist()
+            sampled = sample_next_token(logits, rng, temperature, top_k, top_p)[:, 0].tolist()  # the host sync
             column, masks = [], []
             for row, sampled_token in zip(rows, sampled):
                 forced = row.tool.next_forced()

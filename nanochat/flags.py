@@ -17,6 +17,7 @@ import os
 from dataclasses import MISSING, field, fields
 
 TASK_DATA_ENV = "NANOCHAT_TASK_DATA"
+AUTO = 0  # what "auto" parses to in a flag declared with type=int_or_auto
 
 
 def flag(default, help, **argparse_kwargs):
@@ -56,7 +57,8 @@ class ArgsMixin:
                 parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
                                     help=help_)
             else:
-                parser.add_argument(*names, dest=f.name, type=value_type(f), default=default, help=shown, **meta)
+                kind = meta.pop("type", None) or value_type(f)
+                parser.add_argument(*names, dest=f.name, type=kind, default=default, help=shown, **meta)
         return parser
 
     @classmethod
@@ -84,6 +86,11 @@ def value_type(f):
     annotations such as "int | None" or "list[str]"."""
     text = str(f.type)
     return float if "float" in text else int if "int" in text else str
+
+
+def int_or_auto(text):
+    """A flag value that is a number or "auto" (AUTO)."""
+    return AUTO if str(text).strip().lower() == "auto" else int(text)
 
 
 def task_data_dir(explicit=""):

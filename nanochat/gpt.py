@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanochat import cuda_runtime
 from nanochat.common import get_compute_dtype
 
 
@@ -112,8 +113,9 @@ class AttentionPlan:
 
 def flex_wanted(idx, training):
     """FlexAttention for sliding windows only when training on CUDA: training shapes are fixed, while evals vary in
-    length and would compile again for each."""
-    return idx.is_cuda and training
+    length and would compile again for each. A dry run's fake device cannot run compiled kernels: it takes the masked
+    path, which has the same shapes and saves no more for the backward."""
+    return idx.is_cuda and training and cuda_runtime.faked() is None
 
 
 def plan_attention(positions, T, window, lo, hi, cached, flex_ok):
@@ -184,8 +186,7 @@ class CausalSelfAttention(nn.Module):
         if plan.flex:
             y = flex_sliding_window_attention(q, k, v, window)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, is_causal=plan.is_causal,
-                                               enable_gqa=gqa)
+            y = cuda_runtime.attention(q, k, v, mask=plan.mask, is_causal=plan.is_causal, enable_gqa=gqa)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)
 
@@ -292,10 +293,9 @@ class GPT(nn.Module):
         self.cos, self.sin = self._precompute_rotary(self.rotary_seq_len, device)
         # embeddings live in the compute dtype (bf16 on GPU saves memory); fp16 keeps fp32 for the grad scaler
         dtype = get_compute_dtype(device.type)
-        if dtype != torch.float16:
-            self.transformer.wte.to(dtype=dtype)
-            for ve in self.value_embeds.values():
-                ve.to(dtype=dtype)
+        if dtype != torch.float16:  # (.data, not Module.to: also works on the fake tensors of a dry run)
+            for p in [self.transformer.wte.weight, *self.value_embeds.parameters()]:
+                p.data = p.data.to(dtype)
 
     def get_device(self):
         return self.transformer.wte.weight.device

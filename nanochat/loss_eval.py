@@ -37,7 +37,7 @@ def evaluate_bpb(model, batches, steps, token_bytes):
     if is_distributed():  # global sums first, then one division: ranks with more bytes weigh more
         dist.all_reduce(total_nats, op=dist.ReduceOp.SUM)
         dist.all_reduce(total_bytes, op=dist.ReduceOp.SUM)
-    total_bytes = total_bytes.item()
+    total_bytes = total_bytes.item()  # host sync: the result, once per eval
     if total_bytes == 0:
         return float("inf")
-    return total_nats.item() / (math.log(2) * total_bytes)
+    return total_nats.item() / (math.log(2) * total_bytes)  # host sync: the result

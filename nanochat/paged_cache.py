@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nanochat import cuda_runtime
+
 
 class BlockPool:
     def __init__(self, num_layers, num_blocks, block_size, num_kv_heads, head_dim, device="cpu",
@@ -211,8 +213,9 @@ class PackedBatch:
             parts += [tokens, reads]
         packed = torch.from_numpy(np.concatenate(parts))
         device = pool.k.device
-        if device.type == "cuda":
-            packed = packed.pin_memory().to(device, non_blocking=True)
+        if cuda_runtime.pin_memory(device):
+            packed = packed.pin_memory()
+        packed = packed.to(device, non_blocking=True)
         split = packed.split([len(a) for a in parts])
         self.positions, self.write_slots, self._last, self._previous = split[0][None], split[1], split[2], split[3]
         for g, tokens, reads in zip(self.groups, split[4::2], split[5::2]):

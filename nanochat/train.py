@@ -107,7 +107,7 @@ def gather_loader_states(state):
 
 
 def all_reduce_max(value, device):
-    """The largest of every rank's small non-negative int (e.g. 1 when one rank's data ran out)."""
+    """The largest of every rank's small int (e.g. 1 when one rank's data ran out)."""
     if not is_distributed():
         return int(value)
     t = torch.tensor([float(value)], device=device)
@@ -265,7 +265,7 @@ def supervised_step(model, optimizer, batches, *, grad_accum_steps, schedule, ct
     muon momentum or None, muon weight decay or None). tokens_per_step None counts the tokens actually trained on
     (variable lengths)."""
     from nanochat.schedules import apply_schedule
-    fwd = compiled_model or model
+    fwd = model if compiled_model is None else compiled_model  # (a compiled module has no truth value)
     count_tokens = tokens_per_step is None
 
     def step_fn(step, state):

@@ -23,6 +23,8 @@ from contextlib import contextmanager
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
+from nanochat import cuda_runtime
+
 logger = logging.getLogger("nanochat")
 
 
@@ -48,7 +50,7 @@ class EvalActor:
         import torch
         self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")  # Ray sets CUDA_VISIBLE_DEVICES
         if use_gpu:
-            torch.cuda.set_device(self.device)
+            cuda_runtime.set_device(self.device)
         self.load(source, model_tag, step, base_dir)
 
     def load(self, source, model_tag, step, base_dir):

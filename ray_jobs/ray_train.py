@@ -23,7 +23,7 @@ import torch
 from ray.train import (CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, ValidationConfig,
                        ValidationTaskConfig)
 
-from nanochat import storage
+from nanochat import cuda_runtime, storage
 from nanochat.checkpoint_manager import find_resume_step, read_meta
 from nanochat.storage import join, pyarrow_filesystem
 from nanochat.train import WorkerContext, all_reduce_max
@@ -137,7 +137,7 @@ def worker_entry(train_config):
     rank, world = context.get_world_rank(), context.get_world_size()
     if tc["use_gpu"]:
         device = ray.train.torch.get_device()
-        torch.cuda.set_device(device)
+        cuda_runtime.set_device(device)
     else:
         device = torch.device("cpu")
     torch.set_num_threads(max(1, tc.get("threads_per_worker") or torch.get_num_threads()))

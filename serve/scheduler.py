@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from nanochat import cuda_runtime
 from nanochat.engine import ToolUse, sample_next_token
 from nanochat.paged_cache import BlockPool, PackedBatch, PagedRow, block_bytes
 
@@ -102,7 +103,7 @@ def default_kv_bytes(model, max_batch, seq_len, block_size):
     what max_batch requests of the full context take (and the scratch block)."""
     device = model.get_device()
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0] // 2
+        return cuda_runtime.free_memory(device) // 2
     cfg = model.config
     per_token = block_bytes(cfg.n_layer, 1, cfg.n_kv_head, cfg.n_embd // cfg.n_head, model.cos.dtype)
     return (max_batch * -(-seq_len // block_size) + 1) * block_size * per_token

@@ -1,6 +1,8 @@
 """Base training: the plain-process loop, checkpoints and resume, Ray Train parity, recovery, scale-out."""
+import functools
 import itertools
 import json
+import math
 import os
 from collections import Counter
 from dataclasses import replace
@@ -284,3 +286,20 @@ def test_offline_core_eval_does_not_cost_the_final_checkpoint(storage, tiny_toke
     cfg = replace(TINY, num_iterations=2, save_every=-1, eval_every=-1, core_metric_every=2000)
     summary, ckpt = plain_run(cfg, storage, tiny_tokenizer, monkeypatch, "offline-core", ListBatches(rows))
     assert summary["step"] == 2 and list_steps(ckpt) == [2]
+
+
+def test_bf16_compiled_training_follows_fp32_and_compiles_once(storage, tiny_tokenizer, monkeypatch, rows):
+    """The GPU configuration on CPU: bf16 compute and torch.compile (AOTAutograd's traced forward and backward; the
+    inductor code generation is left to the GPU smoke test, it takes minutes here). Same data as fp32 eager: close
+    losses, and one compiled graph for all steps (fixed shapes: no recompilation)."""
+    cfg = replace(TINY, num_iterations=4)
+    _, eager = plain_run(replace(cfg, compile=0), storage, tiny_tokenizer, monkeypatch, "fp32", ListBatches(rows))
+    monkeypatch.setenv("NANOCHAT_DTYPE", "bfloat16")
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    _, compiled = plain_run(replace(cfg, compile=1), storage, tiny_tokenizer, monkeypatch, "bf16", ListBatches(rows))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    fp32, bf16 = step_losses(eager), step_losses(compiled)
+    assert sorted(bf16) == [1, 2, 3, 4] and all(math.isfinite(v) for v in bf16.values())
+    assert all(abs(fp32[s] - bf16[s]) / fp32[s] < 0.02 for s in fp32), (fp32, bf16)

@@ -1,5 +1,6 @@
 """Midtraining and SFT: batch construction (packing, masks, padding, striding, resume) and end-to-end stages."""
 import json
+import math
 import os
 from dataclasses import asdict
 
@@ -45,6 +46,15 @@ def test_padded_conversations_mask_and_padding(tiny_tokenizer):
     assert state == {"rank": 0, "world_size": 1, "next": 3}
 
 
+def test_a_conversation_cut_before_its_reply_is_skipped(tiny_tokenizer):
+    """Regression: rows with no trained token made micro-batches with no loss (NaN) once a long prompt filled T."""
+    long_prompt = {"messages": [{"role": "user", "content": "words " * 100}, {"role": "assistant", "content": "ok"}]}
+    x, y, state = next(padded_conversations([long_prompt, CONVS[0], CONVS[1]], tiny_tokenizer, 2, 32, 0, 1, "cpu"))
+    assert (y >= 0).any(dim=1).all() and state["next"] == 3  # conversations 1 and 2; 0 was skipped
+    with pytest.raises(ValueError, match="no conversation has a trained token within max_seq_len 32"):
+        next(padded_conversations([long_prompt], tiny_tokenizer, 2, 32, 0, 1, "cpu"))
+
+
 def test_sft_striding_and_resume_on_another_world_size(tiny_tokenizer):
     def rows(rank, world, resume=None, n=2):
         gen = padded_conversations(CONVS, tiny_tokenizer, 2, 64, rank, world, "cpu", resume)
@@ -63,8 +73,11 @@ def test_sft_num_epochs_stops(tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def stage_storage(tmp_path_factory, tiny_tokenizer):
+    return make_stage_storage(tmp_path_factory.mktemp("chat_storage"), tiny_tokenizer)
+
+
+def make_stage_storage(root, tiny_tokenizer):
     """A storage root with the tiny tokenizer, a tiny base checkpoint and small offline task files."""
-    root = tmp_path_factory.mktemp("chat_storage")
     tiny_tokenizer.save(str(root / "tokenizer"))
     config = GPTConfig(sequence_len=64, vocab_size=tiny_tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2,
                        n_embd=64)
@@ -81,10 +94,11 @@ def stage_storage(tmp_path_factory, tiny_tokenizer):
 
 def run_stage(stage, storage, monkeypatch, tokenizer, **overrides):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", storage)
-    cfg = ChatTrainConfig(stage=stage, max_seq_len=64, device_batch_size=2, total_batch_size=256,
-                          target_examples_per_step=4, num_iterations=6, eval_every=3, eval_tokens=256, eval_steps=2,
-                          save_every=3, task_data=os.path.join(storage, "task_data"), mixture_scale=0.0005,
-                          eval_metrics_every=6, eval_metrics_max_problems=16, **overrides).resolved()
+    settings = dict(max_seq_len=64, device_batch_size=2, total_batch_size=256, target_examples_per_step=4,
+                    num_iterations=6, eval_every=3, eval_tokens=256, eval_steps=2, save_every=3,
+                    task_data=os.path.join(storage, "task_data"), mixture_scale=0.0005, eval_metrics_every=6,
+                    eval_metrics_max_problems=16)
+    cfg = ChatTrainConfig(stage=stage, **{**settings, **overrides}).resolved()
     ckpt = output_dir(cfg, storage)
     os.makedirs(ckpt, exist_ok=True)
     ctx = WorkerContext(checkpoint_dir=ckpt, metrics_path=ckpt + "/metrics.jsonl")
@@ -92,10 +106,12 @@ def run_stage(stage, storage, monkeypatch, tokenizer, **overrides):
 
 
 def test_mid_then_sft_plain_process(stage_storage, tiny_tokenizer, monkeypatch):
-    summary, mid_dir = run_stage("mid", stage_storage, monkeypatch, tiny_tokenizer)
+    # mid's default device batch is auto: on CPU the largest divisor up to 32 of the rows per step (256 / 64)
+    summary, mid_dir = run_stage("mid", stage_storage, monkeypatch, tiny_tokenizer, device_batch_size=-1)
     assert summary["step"] == 6 and list_steps(mid_dir) == [3, 6] and mid_dir.endswith("mid_checkpoints/d2")
     meta = read_meta(mid_dir, 6)
     assert meta["stage"] == "mid" and meta["source"] == "base" and meta["source_step"] == 5
+    assert meta["device_batch_size"] == 4
     assert 0 < summary["val_bpb"] < 20
     summary, sft_dir = run_stage("sft", stage_storage, monkeypatch, tiny_tokenizer)
     assert summary["step"] == 6 and sft_dir.endswith("chatsft_checkpoints/d2")
@@ -103,6 +119,7 @@ def test_mid_then_sft_plain_process(stage_storage, tiny_tokenizer, monkeypatch):
     assert 0 <= summary["mmlu_acc"] <= 1 and 0 <= summary["arc_easy_acc"] <= 1
     losses = [json.loads(line) for line in open(os.path.join(sft_dir, "metrics.jsonl"))]
     assert [r["step"] for r in losses if "raw_loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(r["raw_loss"]) for r in losses if "raw_loss" in r)
 
 
 def test_mid_from_a_hugging_face_export_directory(tmp_path, tiny_tokenizer, monkeypatch):
@@ -124,3 +141,20 @@ def test_mid_from_a_hugging_face_export_directory(tmp_path, tiny_tokenizer, monk
     meta = read_meta(ckpt, 2)
     assert summary["step"] == 2 and 0 < summary["val_bpb"] < 20
     assert meta["source"] == export and meta["source_step"] == 9
+
+
+def test_mid_and_sft_train_in_bf16_close_to_fp32(tmp_path, tiny_tokenizer, monkeypatch):
+    """bf16 compute (the GPU path: bf16 embeddings and activations, fp32 master weights) from the same base model:
+    finite losses that follow the fp32 run's."""
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        root = make_stage_storage(tmp_path / dtype, tiny_tokenizer)
+        monkeypatch.setenv("NANOCHAT_DTYPE", dtype)
+        for stage in ("mid", "sft"):
+            _, ckpt = run_stage(stage, root, monkeypatch, tiny_tokenizer, num_iterations=2, eval_metrics_every=-1)
+            rows = [json.loads(line) for line in open(os.path.join(ckpt, "metrics.jsonl"))]
+            losses[stage, dtype] = [r["raw_loss"] for r in rows if "raw_loss" in r]
+    for stage in ("mid", "sft"):
+        fp32, bf16 = losses[stage, "float32"], losses[stage, "bfloat16"]
+        assert len(fp32) == len(bf16) == 2 and all(math.isfinite(x) for x in bf16)
+        assert all(abs(a - b) / a < 0.02 for a, b in zip(fp32, bf16)), (stage, fp32, bf16)

@@ -199,3 +199,22 @@ def test_calculator_is_bounded_and_works_off_the_main_thread():
     thread.join(timeout=10)
     assert not thread.is_alive()
     assert results["values"][-1] == 42 and all(v is None for v in results["values"][:-1])
+
+
+def bf16_copy(model, monkeypatch):
+    """The same weights in a model built for bf16 compute (as on a GPU: bf16 embeddings and rotary tables, matrices
+    cast to bf16 at use)."""
+    monkeypatch.setenv("NANOCHAT_DTYPE", "bfloat16")
+    copy = build_model(model.config)
+    copy.load_state_dict(model.state_dict())
+    monkeypatch.delenv("NANOCHAT_DTYPE")
+    assert copy.transformer.wte.weight.dtype == copy.cos.dtype == torch.bfloat16
+    return copy.eval()
+
+
+def test_bf16_decode_takes_the_same_greedy_tokens_as_fp32(model, tiny_tokenizer, monkeypatch):
+    prompt = tiny_tokenizer.encode("The capital of France is", prepend="<|bos|>")
+    fp32, _ = Engine(model, tiny_tokenizer).generate_batch(prompt, 2, max_tokens=24, temperature=0.0)
+    bf16, _ = Engine(bf16_copy(model, monkeypatch), tiny_tokenizer).generate_batch(prompt, 2, max_tokens=24,
+                                                                                    temperature=0.0)
+    assert bf16 == fp32 and len(fp32[0]) > len(prompt) + 8

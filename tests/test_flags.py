@@ -15,7 +15,7 @@ ENTRY_POINTS = ["ray_jobs.base_train", "ray_jobs.mid_train", "ray_jobs.chat_sft"
                 "ray_jobs.base_eval", "ray_jobs.chat_eval", "ray_jobs.tok_train", "ray_jobs.tok_eval",
                 "ray_jobs.download", "ray_jobs.report", "ray_jobs.speedrun", "serve.app", "serve.chat_cli",
                 "nanochat.base_train", "nanochat.chat_train", "nanochat.chat_rl", "nanochat.data.build_fallback_corpus",
-                "nanochat.data.build_task_data"]
+                "nanochat.data.build_task_data", "nanochat.dryrun"]
 
 
 @dataclass

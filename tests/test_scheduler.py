@@ -546,3 +546,27 @@ def test_the_prefill_budget_keeps_a_step_within_the_slowdown_of_a_decode_step():
     smooth.observe(1, 0, 0.004)
     smooth.observe(1, 0, 0.008)
     assert smooth.decode_seconds == pytest.approx(0.005)  # a moving average: one slow step moves it a quarter
+
+
+def test_bf16_scheduler_decodes_the_greedy_tokens_of_fp32(tiny_tokenizer, monkeypatch):
+    from test_engine import bf16_copy
+    torch.manual_seed(0)  # weights perturbed further than the fixture's: peakier logits
+    model = perturbed(build_model(GPTConfig(**SMALL)), scale=0.5).eval()
+    bf16 = bf16_copy(model, monkeypatch)
+    prompts = [tiny_tokenizer.encode(p, prepend="<|bos|>") for p in PROMPTS[:3]]
+
+    def engine_greedy(m, p):
+        return Engine(m, tiny_tokenizer).generate_batch(p, 1, max_tokens=24, temperature=0.0)[0][0][len(p):]
+    s = Scheduler(bf16, tiny_tokenizer, max_batch=3, prefix_cache=False).start()
+    try:
+        got = run_concurrently(s, [(p, SamplingParams(max_tokens=24, temperature=0.0)) for p in prompts])
+    finally:
+        s.stop()
+    # batched bf16 serving = the bf16 Engine, every prompt
+    assert [text for text, _ in got] == [tiny_tokenizer.decode(engine_greedy(bf16, p)) for p in prompts]
+    # = fp32 where fp32's picks are not near-ties (a 3e-5 margin flips in bf16, rightly): the first prompt's are
+    fp32 = engine_greedy(model, prompts[0])
+    with torch.no_grad():
+        top = model(torch.tensor([prompts[0] + fp32]))[0, len(prompts[0]) - 1:-1].topk(2, dim=-1).values
+    assert (top[:, 0] - top[:, 1]).min() > 0.02
+    assert got[0][0] == tiny_tokenizer.decode(fp32)
