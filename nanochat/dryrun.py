@@ -33,7 +33,7 @@ from nanochat.dataloader import rows_to_device
 from nanochat.engine import Engine
 from nanochat.flags import int_or_auto
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.memory_plan import MARGIN, StageFailed, StagePlan, build_model, largest_fitting, measure, planned_peak, \
+from nanochat.memory_plan import MARGIN, StageFailed, StagePlan, cuda_model, largest_fitting, measure, planned_peak, \
     tensor_bytes, token_rows, training_step
 from nanochat.paged_cache import block_bytes
 from nanochat.presets import PRESETS, to_argv
@@ -65,7 +65,7 @@ def generation(stage, config, tokenizer, prompt_len, num_samples, max_new_tokens
     """Engine prefill + decode (DECODE_STEPS run, FLOPs scaled to max_new_tokens); with backprop_batch, the RL update
     on the rollout (policy-gradient backward in passes of backprop_batch rows, then the optimizer)."""
     def run(meter, flops):
-        model = build_model(config)
+        model = cuda_model(config)
         model.eval()
         prompt = [tokenizer.get_bos_token_id()] + [1] * (prompt_len - 1)
         counted = []
@@ -97,7 +97,7 @@ def serving(config, tokenizer, rows, prompt_len, gpu):
     thread (a fake device lives in this thread's dispatch modes). Its pool holds what the rows need; the plan's peak
     counts the pool a replica takes by default (half the GPU's free memory) instead."""
     def run(meter, flops):
-        model = build_model(config)
+        model = cuda_model(config)
         model.eval()
         block = 16
         need = rows * -(-(prompt_len + 1 + DECODE_STEPS) // block) + 1
@@ -131,7 +131,7 @@ def serving(config, tokenizer, rows, prompt_len, gpu):
 def bpb_evaluation(config, B, T, gpu):
     """One batch of the bits-per-byte evaluator."""
     def run(meter, flops):
-        model = build_model(config)
+        model = cuda_model(config)
         model.eval()
         x, y = rows_to_device(token_rows(B, T, config.vocab_size), "cuda")
         token_bytes = torch.ones(config.vocab_size, dtype=torch.int64, device="cuda")
@@ -147,7 +147,7 @@ def core_evaluation(config, tokenizer, choices, words, gpu):
     meta = {"task_type": "multiple_choice", "num_fewshot": 0, "continuation_delimiter": " "}
 
     def run(meter, flops):
-        model = build_model(config)
+        model = cuda_model(config)
         model.eval()
         evaluate_example(model, tokenizer, [item], 0, meta, torch.device("cuda"))
         return StagePlan("core_eval", f"one example: {choices} choices of ~{2 * words} tokens, forward",
@@ -171,12 +171,9 @@ def plan_preset(preset, depth=0, device_batch_size="auto", gpu=GPUS["h100"], wor
     tokenizer = dryrun_tokenizer()
     base, config, hp, B = base_setup(flags.get("base_train", {}), depth, vocab, world, device_batch_size)
     T, total = base.max_seq_len, hp["total_batch_size"]
-    peaks = {}
 
     def auto(stage, T, total):
-        if T not in peaks:
-            peaks[T] = planned_peak(config, T, world, gpu)
-        peak = peaks[T]
+        peak = planned_peak(config, T, world, gpu)
         rows = largest_fitting(peak, total // (T * world), gpu)
         if not rows:
             raise StageFailed(f"dry run: {stage}: not even one row of {T} tokens fits {gpu.name} "
@@ -189,11 +186,12 @@ def plan_preset(preset, depth=0, device_batch_size="auto", gpu=GPUS["h100"], wor
     plans = [training_step("base_train", config, B, T, total, world, hp["num_iterations"], gpu)]
     mid = stage_config(ChatTrainConfig, flags.get("mid_train", {}), stage="mid").resolved_batch()
     Tm = min(mid.max_seq_len, T)
-    plans.append(training_step("mid_train", config, mid.device_batch_size or auto("mid_train", Tm,
-                               mid.total_batch_size), Tm, mid.total_batch_size, world, 0, gpu))
+    Bm = mid.device_batch_size or auto("mid_train", Tm, mid.total_batch_size)
+    plans.append(training_step("mid_train", config, Bm, Tm, mid.total_batch_size, world, 0, gpu))
     sft = stage_config(ChatTrainConfig, flags.get("chat_sft", {}), stage="sft").resolved_batch()
-    plans.append(training_step("chat_sft", config, sft.device_batch_size, min(sft.max_seq_len, T), 0, world, 0, gpu,
-                               padded=True))
+    Ts = min(sft.max_seq_len, T)
+    Bs = sft.device_batch_size or auto("chat_sft", Ts, sft.target_examples_per_step * Ts)
+    plans.append(training_step("chat_sft", config, Bs, Ts, 0, world, 0, gpu, padded=True))
     rl = stage_config(RLConfig, flags.get("chat_rl", {}))
     prompt = min(256, T // 2)  # (GSM8K prompts are ~100-200 tokens)
     plans.append(generation("chat_rl", config, tokenizer, prompt, rl.num_samples, rl.max_new_tokens, gpu,

@@ -38,7 +38,8 @@ class StagePlan:
     measured_bytes: int = 0  # on a real GPU: the allocator's peak (the plan is peak_bytes)
 
 
-def build_model(config):
+def cuda_model(config):
+    """A GPT of `config` on the (fake or real) CUDA device, initialized as training initializes it."""
     with torch.device("cuda"):  # (fake tensors are made in place: no meta-device round trip)
         model = GPT(config)
     model.init_weights()
@@ -96,7 +97,7 @@ def training_step(stage, config, B, T, total_batch, world, steps, gpu, padded=Fa
     accum = grad_accum_steps(total_batch, B, T, world) if total_batch else 1
 
     def run(meter, flops):
-        model = build_model(config)
+        model = cuda_model(config)
         optimizer = model.setup_optimizer()
         rows = token_rows(B, T, config.vocab_size)
 
