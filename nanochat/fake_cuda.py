@@ -5,7 +5,7 @@ A fake CUDA device on any machine: tensors placed on "cuda" that have shapes, dt
 
 - host syncs: reading a device value on the host (.item(), .tolist(), bool()) is recorded with its source line and
   answered with a placeholder 1; a line that syncs on purpose says so in a comment ("host sync"), any other is a bug
-  (a GPU would stall there).
+  (a GPU would stall there). Matrix products of mixed dtypes are refused, as CUDA's kernels refuse them.
 - MemoryMeter: the bytes of every live tensor storage and their peak, the memory plan's measure.
 - flop counts come from torch.utils.flop_counter, which works on fake tensors as is.
 
@@ -59,15 +59,23 @@ def caller_in_repo():
     return "<unknown>", "", False
 
 
+MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+           torch.ops.aten.baddbmm.default, torch.ops.aten._scaled_dot_product_efficient_attention.default}
+
+
 class HostSyncs(TorchDispatchMode):
     """Records every read of a device value on the host; on fake tensors (which have no value) answers it with 1,
-    on real ones with the value."""
+    on real ones with the value. Also refuses matrix products of mixed dtypes, which fake tensors let through."""
 
     def __init__(self, fake=True):
         super().__init__()
         self.fake, self.syncs = fake, []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in MATMULS:
+            dtypes = {t.dtype for t in args if isinstance(t, torch.Tensor)}
+            if len(dtypes) > 1:  # fake tensors' shape functions allow it; CUDA's kernels refuse it
+                raise RuntimeError(f"{func} of mixed dtypes {sorted(map(str, dtypes))}")
         if func is torch.ops.aten._local_scalar_dense.default:
             self.syncs.append(HostSync(*caller_in_repo()))
             if self.fake:

@@ -34,6 +34,7 @@ TINY_VOCAB = 256 + 9 + 55  # 320: a multiple of 64, so no vocab padding
 RAY_FIXTURES = {"_ray_session_guard", "ray_cluster", "ray_head", "url"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which reads the xdist_group marks
 def pytest_collection_modifyitems(items):
     for item in items:
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__ in RAY_MODULES:

@@ -69,13 +69,19 @@ def wrong_device(meter, flops):
     return host + torch.ones(4, device="cuda")
 
 
+def mixed_dtypes(meter, flops):
+    a = torch.ones(4, 4, device="cuda", dtype=torch.bfloat16)
+    return a @ torch.ones(4, 4, device="cuda")
+
+
 def marked_sync(meter, flops):
     x = torch.ones(4, device="cuda")
     x.sum().item()  # host sync: on purpose
     return memory_plan.StagePlan("probe", "", 0, 0)
 
 
-for name, fn in [("stray_sync", stray_sync), ("wrong_device", wrong_device), ("marked_sync", marked_sync)]:
+for name, fn in [("stray_sync", stray_sync), ("wrong_device", wrong_device), ("mixed_dtypes", mixed_dtypes),
+                 ("marked_sync", marked_sync)]:
     try:
         out[name] = {"syncs": memory_plan.measure("probe", gpu, fn).syncs}
     except memory_plan.StageFailed as e:
@@ -157,12 +163,14 @@ def test_every_stage_runs_one_real_step_on_the_fake_gpu(probe):
     assert "base training on 8 GPUs at 40% MFU" in probe["report"]
 
 
-def test_a_host_sync_or_a_device_mismatch_fails_naming_the_line(probe):
+def test_a_host_sync_or_a_device_or_dtype_mismatch_fails_naming_the_line(probe):
     assert "reads a device value on the host at " in probe["stray_sync"]["error"]
     assert "probe.py:" in probe["stray_sync"]["error"]
     assert "x.sum().item() > 0" in probe["stray_sync"]["error"]
     assert "stage probe failed at" in probe["wrong_device"]["error"]
     assert "host + torch.ones(4, device=\"cuda\")" in probe["wrong_device"]["error"]
+    assert "a @ torch.ones(4, 4, device=\"cuda\")" in probe["mixed_dtypes"]["error"]
+    assert "mixed dtypes ['torch.bfloat16', 'torch.float32']" in probe["mixed_dtypes"]["error"]
     assert probe["marked_sync"]["syncs"] and "error" not in probe["marked_sync"]
 
 
