@@ -24,8 +24,8 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) -m ray_jobs.speedrun --preset demo $(ARGS)
 
-test: install  # two workers: the Ray tests in one (one Ray instance), the Ray-free tests in the other
-	$(PY) -m pytest -q -n 2 --dist loadgroup $(ARGS)
+test: install
+	$(PY) -m pytest -q $(ARGS)
 
 test-fast: install  # the unit tests that start no Ray, Serve app or browser
 	$(PY) -m pytest -q -m "not ray" $(ARGS)

@@ -34,14 +34,10 @@ TINY_VOCAB = 256 + 9 + 55  # 320: a multiple of 64, so no vocab padding
 RAY_FIXTURES = {"_ray_session_guard", "ray_cluster", "ray_head", "url"}
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which reads the xdist_group marks
 def pytest_collection_modifyitems(items):
     for item in items:
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__ in RAY_MODULES:
             item.add_marker(pytest.mark.ray)
-            # `make test` runs two pytest-xdist workers (--dist loadgroup): every Ray test in one of them, in order,
-            # sharing that worker's one Ray instance, while the other takes the Ray-free tests
-            item.add_marker(pytest.mark.xdist_group("ray"))
 
 
 RAY_MODULES = {"test_speedrun", "test_web_ui"}  # drive Ray or a browser through subprocesses
