@@ -3,8 +3,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# torch is installed first and pinned, so pip never swaps in a different (multi-GB) build later. --no-compile: pip
-# byte-compiling every file of torch and Ray took ~45 s of a 105 s install here; Python compiles what it imports.
+# torch is installed first and pinned, so pip never swaps in a different (multi-GB) build later. pip byte-compiles
+# everything (45 s of the 105 s here): where PYTHONDONTWRITEBYTECODE is set, as on this box, nothing else would, and
+# every process would compile torch and Ray again on import.
 # CPU-only Linux box elsewhere: make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
 # GPU box: the default PyPI torch wheel for Linux is the CUDA build; nothing to change.
 TORCH_VERSION ?= 2.13.0
@@ -15,8 +16,8 @@ TORCH_INDEX ?=
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q --no-compile "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PY) -m pip install -q --no-compile -e ".[dev]"
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
 install: $(VENV)/.installed
