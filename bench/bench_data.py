@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from nanochat import cuda_runtime
 from nanochat.common import autodetect_device_type
 from nanochat.dataloader import StreamCursor
 from nanochat.dataloader import tokenizing_distributed_data_loader_with_state_bos_bestfit as plain_loader
@@ -63,7 +64,8 @@ def ray_stream(tokenizer, source, num_actors, epochs):
 
 def data_wait(loader, model, opt, steps, warmup, device):
     """Fraction of step time spent blocked in next(loader), and the mean step time."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    def sync():
+        cuda_runtime.synchronize(device)
     waited = total = 0.0
     for i in range(warmup + steps):
         t0 = time.perf_counter()

@@ -31,6 +31,7 @@ from dataclasses import asdict
 import pydoc_data.topics
 import torch
 
+from nanochat import cuda_runtime
 from nanochat.common import autodetect_device_type
 from nanochat.engine import Engine
 from nanochat.gpt import GPTConfig, build_model
@@ -164,7 +165,8 @@ def main():
         for s in tokenizer.get_special_tokens():
             model.lm_head.weight[tokenizer.encode_special(s)] = 0
     prompt = tokenizer.encode("The capital of France is", prepend="<|bos|>")
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    def sync():
+        cuda_runtime.synchronize(device)
     new = args.new_tokens * args.num_samples
 
     def timed(fn):

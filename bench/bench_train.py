@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from nanochat import cuda_runtime
 from nanochat.common import autodetect_device_type, get_peak_flops, measure_matmul_peak_flops
 from nanochat.gpt import GPTConfig, build_model
 
@@ -36,7 +37,8 @@ def main():
     B, T = args.device_batch_size, args.seq_len
     x = torch.randint(0, args.vocab_size, (B, T), device=device)
     y = torch.randint(0, args.vocab_size, (B, T), device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    def sync():
+        cuda_runtime.synchronize(device)
 
     def step():
         loss = fwd(x, y)

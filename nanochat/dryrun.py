@@ -34,7 +34,7 @@ from nanochat.engine import Engine
 from nanochat.flags import int_or_auto
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.memory_plan import MARGIN, StageFailed, StagePlan, cuda_model, largest_fitting, measure, planned_peak, \
-    tensor_bytes, token_rows, training_step
+    tensor_bytes, token_rows, training_step, usable_bytes
 from nanochat.paged_cache import block_bytes
 from nanochat.presets import PRESETS, to_argv
 from nanochat.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, RustBPETokenizer
@@ -42,7 +42,6 @@ from serve.scheduler import SamplingParams, Scheduler, default_kv_bytes
 
 GPUS = {"h100": cuda_runtime.GPUSpec("NVIDIA H100 80GB HBM3", 80 * 10**9),
         "h200": cuda_runtime.GPUSpec("NVIDIA H200", 141 * 10**9)}
-PEAK_BF16 = {"h100": 989e12, "h200": 989e12}
 DECODE_STEPS = 8  # decode steps actually run per generation (the rest are the same step again)
 
 
@@ -206,7 +205,7 @@ def plan_preset(preset, depth=0, device_batch_size="auto", gpu=GPUS["h100"], wor
 
 def report(plans, info, gpu, peak_flops, world, mfu):
     peak = peak_flops * mfu
-    budget = gpu.memory_bytes * (1 - MARGIN)
+    budget = usable_bytes(gpu)
     measured = any(p.measured_bytes for p in plans)
     lines = [f"{'stage':<16} {'step':<58} {'TFLOP/step':>10} {'s/step':>8} {'steps':>6} {'hours':>6} "
              f"{'peak GB':>8} fits" + ("  measured GB" if measured else "")]
@@ -248,13 +247,12 @@ def parser():
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    gpu, peak_flops = GPUS[args.gpu], PEAK_BF16[args.gpu]
+    gpu = GPUS[args.gpu]
     if args.device == "cuda":
         if not torch.cuda.is_available():
             print("dry run: --device cuda needs a CUDA GPU; this machine has none", file=sys.stderr)
             return 2
         gpu = cuda_runtime.GPUSpec.of(torch.device("cuda"), real=True)
-        peak_flops = get_peak_flops(gpu.name)
     if args.gpu_memory_gb:
         gpu = replace(gpu, memory_bytes=int(args.gpu_memory_gb * 1e9))
     t0 = time.time()
@@ -266,7 +264,7 @@ def main(argv=None):
     except StageFailed as e:
         print(e, file=sys.stderr)
         return 1
-    print(report(plans, info, gpu, peak_flops, args.gpus, args.mfu / 100))
+    print(report(plans, info, gpu, get_peak_flops(gpu.name), args.gpus, args.mfu / 100))
     print(f"dry run of {len(plans)} stages in {time.time() - t0:.1f}s; intended host syncs: "
           + ", ".join(sorted({s for p in plans for s in p.syncs})))
     return 0

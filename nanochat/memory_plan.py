@@ -140,10 +140,15 @@ def planned_peak(config, T, world, gpu):
     return lambda rows: fixed + rows * per_row
 
 
+def usable_bytes(gpu):
+    """What a training step may plan to use of the GPU: all but MARGIN."""
+    return gpu.memory_bytes * (1 - MARGIN)
+
+
 def largest_fitting(peak, rows_per_worker, gpu):
     """The largest divisor of rows_per_worker (so gradient accumulation keeps the global batch) whose planned peak
     fits the GPU with MARGIN to spare; 0 when not even one row fits."""
-    budget = gpu.memory_bytes * (1 - MARGIN)
+    budget = usable_bytes(gpu)
     return max((b for b in range(1, rows_per_worker + 1) if rows_per_worker % b == 0 and peak(b) <= budget), default=0)
 
 
@@ -158,14 +163,14 @@ def resolve_device_batch(B, config, T, total_batch, world_size, device, compiled
     gpu = cuda_runtime.GPUSpec.of(device)
     peak = planned_peak(config, T, world_size, gpu)
     best = largest_fitting(peak, rows, gpu)
-    usable = f"{gpu.memory_bytes * (1 - MARGIN) / 1e9:.1f} GB usable on {gpu.name}"
+    usable = f"{usable_bytes(gpu) / 1e9:.1f} GB usable on {gpu.name}"
     if B == AUTO:
         if not best:
             raise ValueError(f"--device-batch-size auto: not even one row of {T} tokens fits "
                              f"({peak(1) / 1e9:.1f} GB planned, {usable})")
         print0(f"--device-batch-size auto: {best} rows per worker ({peak(best) / 1e9:.1f} GB planned, {usable})")
         return best
-    if peak(B) > gpu.memory_bytes * (1 - MARGIN):
+    if peak(B) > usable_bytes(gpu):
         fitting = f"{best} rows fit" if best else "not even one row fits"
         problem = f"--device-batch-size {B} plans a peak of {peak(B) / 1e9:.1f} GB per GPU ({usable}); {fitting}"
         if not compiled:

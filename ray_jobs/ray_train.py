@@ -247,7 +247,8 @@ def stage_parser(config_cls, description, defaults=None):
 
 def launch(argv, *, parser, stage, config_cls, worker_fn, output_dir, world_size_error, worker_kwargs=None,
            after=None, evaluate_fn=None):
-    """One training stage from the command line (parser: stage_parser's), the the world sizes that keep the global batch, Ray, the resume lookup, the worker group.
+    """One training stage from the command line (parser: stage_parser's): the storage root, the world sizes that keep
+    the global batch, Ray, the resume lookup, the worker group.
     world_size_error(cfg, root, world_size, batch_world_size) -> "" or why that size cannot train cfg's global batch;
     worker_kwargs(launch_cfg, cfg, root, num_workers) -> extra worker arguments (e.g. a Ray Data source);
     after(cfg, final, root) runs once training is done; evaluate_fn (see run_trainer): the stage's evals can run off

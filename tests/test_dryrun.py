@@ -16,6 +16,7 @@ import json
 import torch
 from nanochat import cuda_runtime, dryrun, memory_plan
 from nanochat.base_train import BaseTrainConfig, batch_hyperparameters, model_config
+from nanochat.common import get_peak_flops
 from nanochat.gpt import GPT
 
 out = {}
@@ -27,7 +28,7 @@ plans, info = dryrun.plan_preset("probe", device_batch_size="4", gpu=gpu, world=
 out["plans"] = [dict(stage=p.stage, flops=p.flops, peak=p.peak_bytes, steps=p.steps, syncs=p.syncs,
                      memory=p.memory) for p in plans]
 out["info"] = {k: v for k, v in info.items() if k != "model"}
-out["report"] = dryrun.report(plans, info, gpu, dryrun.PEAK_BF16["h100"], 8, 0.4)
+out["report"] = dryrun.report(plans, info, gpu, get_peak_flops(gpu.name), 8, 0.4)
 cfg = BaseTrainConfig(depth=2, max_seq_len=256)
 config = model_config(cfg, 32768)
 with torch.device("meta"):
