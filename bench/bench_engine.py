@@ -20,13 +20,9 @@ Last line: one JSON object.
 """
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from dataclasses import asdict
 
 import pydoc_data.topics
 import torch
@@ -36,20 +32,11 @@ from nanochat.common import autodetect_device_type
 from nanochat.engine import Engine
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.tokenizer import RustBPETokenizer
+from side_by_side import REPO, CheckoutWorker, alternate, write_spec
 
-# Runs with either checkout first on the import path: builds that checkout's GPT from the bench's state dict and
-# answers each "run" line on stdin with one timed Engine.generate_batch, as a JSON line.
-NANOCHAT_WORKER = r"""
-import json, sys, time, torch
+# The worker's body (after side_by_side.WORKER_PRELUDE): each request is one timed Engine.generate_batch.
+ENGINE_WORKER = r"""
 from nanochat.engine import Engine
-from nanochat.gpt import GPT, GPTConfig
-spec = json.load(open(sys.argv[1]))
-torch.set_num_threads(spec["threads"])
-with torch.device("meta"):
-    model = GPT(GPTConfig(**spec["config"]))
-model.to_empty(device=spec["device"])
-model.init_weights()  # the rotary buffers; every weight comes from the state dict
-model.load_state_dict(torch.load(spec["weights"], map_location=spec["device"]), strict=True)
 model.eval()
 class Tokenizer:  # what the Engines ask of a tokenizer when no tool is used
     def encode_special(self, s): return spec["specials"][s]
@@ -60,47 +47,19 @@ for line in sys.stdin:
     t0 = time.perf_counter()
     rows, _ = engine.generate_batch(spec["prompt"], num_samples=spec["num_samples"], max_tokens=spec["new_tokens"],
                                     temperature=0.0)
-    if spec["device"] == "cuda":
-        torch.cuda.synchronize()
-    print(json.dumps({"seconds": time.perf_counter() - t0, "rows": rows}), flush=True)
+    sync()
+    reply({"seconds": time.perf_counter() - t0, "rows": rows})
 """
 
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class EngineWorker:
-    """The Engine of a checkout in a worker process; run() times one generate_batch there."""
-
-    def __init__(self, checkout, model, tokenizer, prompt, args, workdir):
-        weights, spec_path = os.path.join(workdir, "weights.pt"), os.path.join(workdir, "spec.json")
-        if not os.path.exists(weights):
-            torch.save(model.state_dict(), weights)
-        keys = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "window_pattern")
-        config = {k: v for k, v in asdict(model.config).items() if k in keys}
-        specials = {s: tokenizer.encode_special(s) for s in tokenizer.get_special_tokens()}
-        with open(spec_path, "w") as f:
-            json.dump(dict(config=config, weights=weights, specials=specials, prompt=prompt, device=args.device,
-                           turn_end=["<|bos|>", "<|assistant_end|>", "<|user_start|>", "<|user_end|>",
-                                     "<|assistant_start|>"],
-                           num_samples=args.num_samples, new_tokens=args.new_tokens,
-                           threads=torch.get_num_threads()), f)
-        self.proc = subprocess.Popen([sys.executable, "-c", NANOCHAT_WORKER, spec_path], cwd=checkout,
-                                     env={**os.environ, "PYTHONPATH": checkout}, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
-
-    def run(self):
-        self.proc.stdin.write("run\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError("an engine worker died (see its stderr above)")
-        out = json.loads(line)
-        return out["rows"], out["seconds"]
-
-    def close(self):
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+def engine_workers(checkouts, model, tokenizer, prompt, args, workdir):
+    """One Engine worker per checkout, all on the bench's weights; each returns a run() -> (rows, seconds)."""
+    specials = {s: tokenizer.encode_special(s) for s in tokenizer.get_special_tokens()}
+    spec = write_spec(model, workdir, args.device, specials=specials, prompt=prompt,
+                      turn_end=["<|bos|>", "<|assistant_end|>", "<|user_start|>", "<|user_end|>",
+                                "<|assistant_start|>"],
+                      num_samples=args.num_samples, new_tokens=args.new_tokens)
+    return [CheckoutWorker(ENGINE_WORKER, checkout, spec) for checkout in checkouts]
 
 
 class AnyIdTokenizer:
@@ -185,18 +144,11 @@ def main():
     with tempfile.TemporaryDirectory() as workdir:
         workers = []
         if args.compare_nanochat:
-            checkout = os.path.abspath(os.path.expanduser(args.compare_nanochat))
-            workers = [EngineWorker(path, model, tokenizer, prompt, args, workdir) for path in (REPO, checkout)]
-            contenders.update(ours_worker=workers[0].run, nanochat_worker=workers[1].run)
+            workers = engine_workers((REPO, args.compare_nanochat), model, tokenizer, prompt, args, workdir)
+            for name, worker in zip(("ours_worker", "nanochat_worker"), workers):
+                contenders[name] = lambda worker=worker: tuple(worker.run()[k] for k in ("rows", "seconds"))
         try:
-            outputs, seconds = {}, {name: [] for name in contenders}
-            for name, fn in contenders.items():  # warm-up
-                outputs[name] = fn()[0]
-            for r in range(args.rounds):  # alternated, so drift on a shared machine hits every contender alike
-                for name, fn in (list(contenders.items()) if r % 2 == 0 else list(contenders.items())[::-1]):
-                    rows, dt = fn()
-                    assert rows == outputs[name], f"{name}: greedy output changed between rounds"
-                    seconds[name].append(dt)
+            outputs, seconds = alternate(contenders, args.rounds)
         finally:
             for worker in workers:
                 worker.close()

@@ -1,0 +1,29 @@
+"""The side-by-side bench harness (bench/side_by_side.py), run with this checkout on both sides: the workers build
+the same model from one state dict, so their outputs must agree exactly and the timing must come back."""
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_bench(script, *args):
+    out = subprocess.run([sys.executable, os.path.join(REPO, "bench", script), *args, "--compare-nanochat", REPO,
+                          "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_train_step_side_by_side():
+    result = run_bench("bench_train.py", "--depth", "1", "--device-batch-size", "2", "--seq-len", "32",
+                       "--vocab-size", "512", "--steps", "2", "--rounds", "2")
+    assert result["first_loss_rel_diff"] == 0.0  # same code, weights, batch and learning rates
+    assert result["ours_ms"] > 0 and result["nanochat_ms"] > 0 and result["vs_nanochat"] > 0
+
+
+def test_engine_side_by_side():
+    result = run_bench("bench_engine.py", "--depth", "1", "--seq-len", "64", "--vocab-size", "512",
+                       "--tokenizer-vocab", "300", "--new-tokens", "8", "--num-samples", "2", "--rounds", "1")
+    assert result["nanochat_identical"] and result["scheduler_identical"] and result["outputs_identical"]
+    assert result["vs_nanochat"] > 0
