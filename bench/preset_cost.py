@@ -13,9 +13,8 @@ import json
 import torch
 
 
-from nanochat.base_train import BaseTrainConfig, model_config
+from nanochat.base_train import BaseTrainConfig, batch_hyperparameters, model_config
 from nanochat.gpt import GPT
-from nanochat.schedules import derive_hyperparameters
 from ray_jobs.speedrun import PRESETS
 
 
@@ -25,8 +24,7 @@ def preset_estimate(preset, vocab_size, gpus, peak_flops, mfu, usd_per_gpu_hour,
     config = model_config(cfg, vocab_size)
     with torch.device("meta"):
         flops_per_token = GPT(config).estimate_flops()
-    hp = derive_hyperparameters(config, cfg.target_param_data_ratio, cfg.total_batch_size, cfg.num_iterations,
-                                cfg.target_flops, cfg.weight_decay)
+    hp = batch_hyperparameters(cfg, vocab_size)
     total_flops = flops_per_token * hp["total_tokens"]
     base_hours = total_flops / (gpus * peak_flops * mfu) / 3600
     return {"preset": preset, "depth": cfg.depth, "n_embd": config.n_embd,

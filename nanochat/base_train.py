@@ -14,7 +14,7 @@ from nanochat.checkpoint_manager import find_resume_step
 from nanochat.common import get_base_dir, init_wandb, print0
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.schedules import derive_hyperparameters, grad_accum_steps, lr_multiplier, muon_momentum, \
-    weight_decay_factor
+    muon_weight_decay
 from nanochat.flags import ArgsMixin, flag, int_or_auto
 from nanochat.memory_plan import resolve_device_batch
 from nanochat.train import Eval, WorkerContext, all_reduce_max, local_context, restore, train_loop
@@ -49,7 +49,8 @@ class BaseTrainConfig(ArgsMixin):
     unembedding_lr: float = flag(0.008, "AdamW learning rate of the lm_head")
     matrix_lr: float = flag(0.02, "Muon learning rate of the transformer matrices")
     scalar_lr: float = flag(0.5, "AdamW learning rate of the per-layer scalars")
-    weight_decay: float = flag(0.28, "weight decay")
+    weight_decay: float = flag(0.28, "Muon weight decay at the d12 reference (scaled to this model and batch)")
+    weight_decay_cap: float = flag(0.0, "upper bound on the scaled weight decay, for toy runs (0 = none, as nanochat)")
     warmup_steps: int = flag(40, "linear learning-rate warmup steps")
     warmdown_ratio: float = flag(0.65, "fraction of the steps over which the learning rate decays at the end")
     final_lr_frac: float = flag(0.05, "learning rate at the end, as a fraction of the peak")
@@ -81,7 +82,9 @@ def batch_hyperparameters(cfg, vocab_size, batch_world_size=1):
     batch_world_size workers (an elastic run's smallest size), so it is the same at every size the run takes."""
     return derive_hyperparameters(model_config(cfg, vocab_size), cfg.target_param_data_ratio, cfg.total_batch_size,
                                   cfg.num_iterations, cfg.target_flops, cfg.weight_decay,
-                                  tokens_per_fwdbwd=(cfg.device_batch_size or 1) * cfg.max_seq_len * batch_world_size)
+                                  tokens_per_fwdbwd=(cfg.device_batch_size or 1) * cfg.max_seq_len * batch_world_size,
+                                  aspect_ratio=cfg.aspect_ratio, head_dim=cfg.head_dim,
+                                  weight_decay_cap=cfg.weight_decay_cap)
 
 
 def world_size_error(cfg, world_size, batch_world_size, vocab_size):
@@ -205,7 +208,9 @@ def base_train_worker(cfg, ctx=None, batch_source=None, tokenizer=None, run_id=N
            f"params {n_params['total']:,} (scaling {n_params['scaling']:,}), FLOPs/token {flops_per_token:.3e}")
     print0(f"batch: {total_batch:,} tokens = {B} x {T} x {W} workers x {accum} accumulation steps; "
            f"{num_iterations} steps, {num_iterations * total_batch:,} tokens; lr scale {lr_scale:.3f}, "
-           f"weight decay {hp['weight_decay']:.4f}")
+           f"weight decay {hp['weight_decay']:.4f}"
+           + (f" (capped by --weight-decay-cap; the scaling rule gives {hp['weight_decay_rule']:.4f})"
+              if hp["weight_decay"] != hp["weight_decay_rule"] else ""))
 
     train_batches = batch_source.train(ctx.rank, W, device, loader_state)
 
@@ -220,7 +225,7 @@ def base_train_worker(cfg, ctx=None, batch_source=None, tokenizer=None, run_id=N
     def schedule(step):
         lrm = lr_multiplier(step, num_iterations, cfg.warmup_steps, cfg.warmdown_ratio, cfg.final_lr_frac)
         return (lrm, muon_momentum(step, num_iterations, cfg.warmdown_ratio),
-                hp["weight_decay"] * weight_decay_factor(step, num_iterations))
+                muon_weight_decay(step, num_iterations, hp["weight_decay"]))
 
     meta = dict(model_config=asdict(config), user_config=asdict(cfg), device_batch_size=B, max_seq_len=T,
                 total_batch_size=total_batch, num_iterations=num_iterations, run_id=run_id)

@@ -47,8 +47,8 @@ class BestFitPacker:
     """BOS-aligned best-fit-crop packing. Each of the B rows holds T+1 tokens: repeatedly take the LARGEST buffered
     document that fits the remaining space; if none fits, pop the SHORTEST one and use only its first `remaining`
     tokens (the rest is discarded). Rows therefore always start with a document start (BOS) and have no padding.
-    The buffer is kept sorted by length, so each pick is a binary search. Ties: the largest fitting doc added last,
-    the shortest doc added first."""
+    The buffer is kept sorted by length, so each pick is a binary search. Ties go to the document buffered first, for
+    both picks (as nanochat's linear scans do), so the same documents give nanochat's rows."""
 
     def __init__(self, B, T, buffer_size=1000, bos_token_id=None):
         self.B, self.T, self.buffer_size = B, T, buffer_size
@@ -86,8 +86,8 @@ class BestFitPacker:
                 return None
             remaining = cap - len(row)
             i = bisect.bisect_right(self._lens, remaining) - 1
-            if i >= 0:
-                row.extend(self._pop(i))
+            if i >= 0:  # among equal lengths the one buffered first (equal lengths keep their insertion order)
+                row.extend(self._pop(bisect.bisect_left(self._lens, self._lens[i])))
             else:
                 row.extend(self._pop(0)[:remaining])
         return row

@@ -269,6 +269,8 @@ class GPT(nn.Module):
         cfg = self.config
         torch.nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=0.8)
         torch.nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        # The random draws come in nanochat's order (blocks, smear gate, value embeddings, value-embedding gates),
+        # so the same seed gives the same initial weights as nanochat.
         s = 3**0.5 * cfg.n_embd**-0.5  # uniform bound with std 1/sqrt(C)
         for block in self.transformer.h:
             for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
@@ -276,12 +278,10 @@ class GPT(nn.Module):
             torch.nn.init.uniform_(block.mlp.c_fc.weight, -0.4 * s, 0.4 * s)
             torch.nn.init.zeros_(block.attn.c_proj.weight)
             torch.nn.init.zeros_(block.mlp.c_proj.weight)
-            if block.attn.ve_gate is not None:
-                torch.nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
         if cfg.use_resid_lambdas:
-            depth_frac = torch.arange(cfg.n_layer, dtype=torch.float32) / max(cfg.n_layer - 1, 1)
-            self.resid_lambdas.copy_(1.15 - 0.10 * depth_frac)
-            self.x0_lambdas.copy_(0.20 - 0.15 * depth_frac)
+            d = max(cfg.n_layer - 1, 1)  # stronger residual and more x0 early; in float64, rounded once, as nanochat
+            self.resid_lambdas.copy_(torch.tensor([1.15 - 0.10 * i / d for i in range(cfg.n_layer)]))
+            self.x0_lambdas.copy_(torch.tensor([0.20 - 0.15 * i / d for i in range(cfg.n_layer)]))
         if cfg.use_smear:
             torch.nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
             torch.nn.init.zeros_(self.smear_lambda)
@@ -289,6 +289,9 @@ class GPT(nn.Module):
             torch.nn.init.constant_(self.backout_lambda, 0.2)
         for ve in self.value_embeds.values():
             torch.nn.init.uniform_(ve.weight, -s, s)
+        for block in self.transformer.h:
+            if block.attn.ve_gate is not None:
+                torch.nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
         device = self.transformer.wte.weight.device
         self.cos, self.sin = self._precompute_rotary(self.rotary_seq_len, device)
         # embeddings live in the compute dtype (bf16 on GPU saves memory); fp16 keeps fp32 for the grad scaler

@@ -213,13 +213,8 @@ def test_loss_parity_plain_vs_ray_1_and_2_workers(storage, tiny_tokenizer, monke
 
 
 def lr_scale(cfg):
-    from nanochat.base_train import model_config
-    from nanochat.schedules import derive_hyperparameters
-    config = model_config(cfg, TINY_VOCAB)
-    hp = derive_hyperparameters(config, cfg.target_param_data_ratio, cfg.total_batch_size, cfg.num_iterations,
-                                cfg.target_flops, cfg.weight_decay,
-                                tokens_per_fwdbwd=cfg.device_batch_size * cfg.max_seq_len)
-    return hp["batch_lr_scale"]
+    from nanochat.base_train import batch_hyperparameters
+    return batch_hyperparameters(cfg, TINY_VOCAB)["batch_lr_scale"]
 
 
 def noise_floor_params(cfg, tokenizer, rows):

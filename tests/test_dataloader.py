@@ -47,6 +47,47 @@ def test_crop_takes_the_shortest_even_if_longer_ones_exist():
     assert p.pack_row() is None
 
 
+def test_ties_go_to_the_document_buffered_first():
+    # regression: among equal-length documents that fit, the one added last was taken (nanochat takes the first)
+    p = BestFitPacker(B=1, T=9)
+    p.add([doc(4, 1), doc(4, 2), doc(6, 3), doc(6, 4), doc(20, 5), doc(20, 6)])
+    assert p.pack_row() == doc(6, 3) + doc(4, 1)
+    assert p.pack_row() == doc(6, 4) + doc(4, 2)
+    assert p.pack_row() == doc(20, 5)[:10]  # nothing fits: the shortest, first buffered, is cropped
+    assert p.pack_row() == doc(20, 6)[:10]
+
+
+def nanochat_rows(docs, B, T, buffer_size, num_rows):
+    """nanochat's best-fit loop written out: linear scans over a list buffer in insertion order, refilled to
+    buffer_size before every pick; the largest doc that fits (first of equals), else crop the shortest (first)."""
+    stream, buffer, rows = iter(docs), [], []
+    for _ in range(num_rows):
+        row = []
+        while len(row) < T + 1:
+            while len(buffer) < buffer_size:
+                buffer.append(next(stream))
+            remaining = T + 1 - len(row)
+            best = max((i for i, d in enumerate(buffer) if len(d) <= remaining), default=-1,
+                       key=lambda i: (len(buffer[i]), -i))
+            row += buffer.pop(best) if best >= 0 else buffer.pop(min(range(len(buffer)),
+                                                                     key=lambda i: len(buffer[i])))[:remaining]
+        rows.append(row)
+    return rows
+
+
+def test_packing_gives_nanochats_rows():
+    rng = random.Random(1)
+    docs = [doc(rng.choice([3, 5, 5, 8, 12, 12, 30, 40]), 1 + i) for i in range(2000)]  # many equal lengths
+    stream = iter(docs)
+    p = BestFitPacker(B=4, T=31, buffer_size=24)
+
+    def refill():
+        p.add([next(stream)])
+        return True
+    ours = [row for _ in range(40) for row in p.pack_batch(refill)]
+    assert ours == nanochat_rows(docs, 4, 31, 24, len(ours))
+
+
 def test_rows_full_bos_aligned_and_made_of_doc_prefixes():
     rng = random.Random(0)
     docs = [doc(rng.randint(1, 40), 1 + i) for i in range(400)]  # tag = 1 + index, so segments are traceable

@@ -82,6 +82,46 @@ def test_meta_construction_and_init_weights():
     assert torch.isfinite(model.cos).all() and model.cos.shape == (10 * 512, 8)
 
 
+def nanochat_initial_state(config, seed):
+    """nanochat's init_weights written out: its random draws in its order (wte, lm_head, per block q, k, v, c_fc,
+    then the smear gate, the value embeddings in layer order, the value-embedding gates in layer order); zeros and
+    constants draw nothing. The scalars as nanochat computes them, in float64 rounded once."""
+    torch.manual_seed(seed)
+    V = math.ceil(config.vocab_size / 64) * 64
+    C, L = config.n_embd, config.n_layer
+    kv_dim = config.n_kv_head * (C // config.n_head)
+    s = 3**0.5 * C**-0.5
+    state = {"transformer.wte.weight": torch.empty(V, C).normal_(0, 0.8),
+             "lm_head.weight": torch.empty(V, C).normal_(0, 0.001)}
+    for i in range(L):
+        for name, rows in (("q", C), ("k", kv_dim), ("v", kv_dim)):
+            state[f"transformer.h.{i}.attn.c_{name}.weight"] = torch.empty(rows, C).uniform_(-s, s)
+        state[f"transformer.h.{i}.mlp.c_fc.weight"] = torch.empty(4 * C, C).uniform_(-0.4 * s, 0.4 * s)
+        state[f"transformer.h.{i}.attn.c_proj.weight"] = torch.zeros(C, C)
+        state[f"transformer.h.{i}.mlp.c_proj.weight"] = torch.zeros(C, 4 * C)
+    state["smear_gate.weight"] = torch.empty(1, 24).uniform_(0, 0.02)
+    with_ve = [i for i in range(L) if i % 2 == (L - 1) % 2]  # alternating layers, the last included
+    for i in with_ve:
+        state[f"value_embeds.{i}.weight"] = torch.empty(V, kv_dim).uniform_(-s, s)
+    for i in with_ve:
+        state[f"transformer.h.{i}.attn.ve_gate.weight"] = torch.empty(config.n_kv_head, 12).uniform_(0, 0.02)
+    state["resid_lambdas"] = torch.tensor([1.15 - (0.10 * i / max(L - 1, 1)) for i in range(L)])
+    state["x0_lambdas"] = torch.tensor([0.20 - (0.15 * i / max(L - 1, 1)) for i in range(L)])
+    state["smear_lambda"], state["backout_lambda"] = torch.zeros(1), torch.full((1,), 0.2)
+    return state
+
+
+@pytest.mark.parametrize("config", [GPTConfig(**SMALL), GPTConfig.from_depth(3, vocab_size=301, sequence_len=64),
+                                    GPTConfig(**{**SMALL, "n_kv_head": 1, "n_layer": 5})])
+def test_same_seed_gives_nanochats_initial_weights(config):
+    expected = nanochat_initial_state(config, seed=42)
+    torch.manual_seed(42)
+    ours = build_model(config).state_dict()
+    assert sorted(ours) == sorted(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(ours[name], tensor), name
+
+
 def test_each_piece_can_be_turned_off():
     full = set(meta_model(**SMALL).state_dict())
     cases = {
