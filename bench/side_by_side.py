@@ -27,11 +27,13 @@ def reply(out):
     _replies.flush()
 spec = json.load(open(sys.argv[1]))
 torch.set_num_threads(spec["threads"])
+torch.manual_seed(spec["seed"])
 with torch.device("meta"):
     model = GPT(GPTConfig(**spec["config"]))
 model.to_empty(device=spec["device"])
-model.init_weights()  # the rotary buffers; every weight comes from the state dict
-model.load_state_dict(torch.load(spec["weights"], map_location=spec["device"]), strict=True)
+model.init_weights()  # the checkout's own initialization, or just the rotary buffers when weights are given
+if spec["weights"]:
+    model.load_state_dict(torch.load(spec["weights"], map_location=spec["device"]), strict=True)
 def sync():
     if spec["device"] == "cuda":
         torch.cuda.synchronize()
@@ -41,14 +43,16 @@ def sync():
 SHARED_CONFIG_KEYS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "window_pattern")
 
 
-def write_spec(model, workdir, device, **extra):
-    """Save the model's weights and config (plus `extra`) for the workers; returns the spec's path."""
+def write_spec(model, workdir, device, share_weights=True, seed=0, **extra):
+    """Save the model's config (plus `extra`) for the workers, and its weights when share_weights (otherwise each
+    worker initializes its own model after torch.manual_seed(seed)); returns the spec's path."""
     weights, spec_path = os.path.join(workdir, "weights.pt"), os.path.join(workdir, "spec.json")
-    torch.save(model.state_dict(), weights)
+    if share_weights:
+        torch.save(model.state_dict(), weights)
     config = {k: v for k, v in asdict(model.config).items() if k in SHARED_CONFIG_KEYS}
     with open(spec_path, "w") as f:
-        json.dump(dict(config=config, weights=weights, device=str(device), threads=torch.get_num_threads(), **extra),
-                  f)
+        json.dump(dict(config=config, weights=weights if share_weights else None, seed=seed, device=str(device),
+                       threads=torch.get_num_threads(), **extra), f)
     return spec_path
 
 

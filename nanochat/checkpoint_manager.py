@@ -24,8 +24,8 @@ by W_old != W ranks loads all W_old optimizer shards, merges them with nanochat.
 returns rank r's slice from nanochat.optim.shard_state_dict. This needs MuonAdamW's sharded state dicts; other
 optimizer states only load at their original world size.
 
-Checkpoints written by nanochat load too (build_model): `_orig_mod.` prefixes (torch.compile) are stripped, bf16
-tensors are upcast on cpu/mps, a config without window_pattern means "L", and the newer architecture pieces
+Checkpoints written by nanochat load too (load_checkpoint_model): `_orig_mod.` prefixes (torch.compile) are
+stripped, bf16 tensors are upcast on cpu/mps, a config without window_pattern means "L", and the newer architecture pieces
 (smear, backout, value embeddings, resid/x0 lambdas) are switched off when the state dict has no weights for them.
 
 Models from elsewhere (load_model with a source other than base|mid|sft|rl; nanochat.hub finds the directory, on
@@ -48,6 +48,7 @@ import torch.distributed as dist
 
 from nanochat import hub, storage
 from nanochat.common import get_base_dir, is_distributed
+from nanochat.gpt import GPT, GPTConfig, build_model
 
 logger = logging.getLogger("nanochat")
 
@@ -352,9 +353,8 @@ def _on_device(model_data, device):
 
 def _assemble(config, model_data, device, phase):
     """A GPT of `config` holding exactly model_data's weights, in train or eval mode."""
-    from nanochat.gpt import build_model as build_gpt
     assert phase in ("train", "eval"), f"phase must be 'train' or 'eval', got {phase!r}"
-    model = build_gpt(config, device)  # meta device -> to_empty -> init_weights (rotary buffers, dtypes)
+    model = build_model(config, device)  # meta device -> to_empty -> init_weights (rotary buffers, dtypes)
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
     model.load_state_dict(model_data, strict=True, assign=True)
     # assign=True adopts the saved dtypes; restore the model's own policy (e.g. bf16 embeddings on CUDA)
@@ -364,10 +364,9 @@ def _assemble(config, model_data, device, phase):
     return model.train() if phase == "train" else model.eval()
 
 
-def build_model(checkpoint_dir, step, device, phase, base_dir=None, tokenizer_dir=None):
+def load_checkpoint_model(checkpoint_dir, step, device, phase, base_dir=None, tokenizer_dir=None):
     """-> (model, tokenizer or None, meta). The tokenizer comes from tokenizer_dir (default <base_dir>/tokenizer)
     when there is one."""
-    from nanochat.gpt import GPTConfig
     device = torch.device(device)
     model_data, _, meta = load_checkpoint(checkpoint_dir, step, device)
     model_data = _on_device(model_data, device)
@@ -381,15 +380,16 @@ def build_model(checkpoint_dir, step, device, phase, base_dir=None, tokenizer_di
 
 
 def _build_newest(checkpoint_dir, step, device, phase, **where):
-    """build_model of `step`, or with step=None of the newest step, falling back to earlier ones while broken."""
+    """load_checkpoint_model of `step`, or with step=None of the newest step, falling back to earlier ones while
+    broken."""
     if step is not None:
-        return build_model(checkpoint_dir, step, device, phase, **where)
+        return load_checkpoint_model(checkpoint_dir, step, device, phase, **where)
     steps = list_steps(checkpoint_dir)
     if not steps:
         raise FileNotFoundError(f"no complete checkpoint (meta_*.json) in {checkpoint_dir}")
     for i, s in enumerate(reversed(steps)):
         try:
-            return build_model(checkpoint_dir, s, device, phase, **where)
+            return load_checkpoint_model(checkpoint_dir, s, device, phase, **where)
         except CheckpointError as e:
             if i == len(steps) - 1:
                 raise
@@ -455,7 +455,6 @@ def _read_json(path):
 
 def _build_hf_export(directory, device, phase, step, source):
     """A Hugging Face export (see the module docstring) -> (model, tokenizer, meta)."""
-    from nanochat.gpt import GPT, GPTConfig
     device = torch.device(device)
     path = os.path.join(directory, "config.json")
     cfg = _read_json(path)

@@ -6,8 +6,8 @@ Sources (see resolve_source):
   'climbmix' (NEW, default) = karpathy/climbmix-400b-shuffle, 6543 shards in base_data_climbmix/;
   'fineweb' (OLD, alias 'fineweb-edu') = karpathy/fineweb-edu-100b-shuffle, 1823 shards in base_data/.
   Split: train = the downloaded shards 0..N-1, val = one FIXED shard, the last one of the source (6542 / 1822),
-  which the downloader always fetches along with the train shards. `python -m nanochat.dataset -n N` (or
-  `python -m ray_jobs.download`) downloads them as Ray tasks spread over the cluster.
+  which the downloader always fetches along with the train shards. `python -m nanochat.dataset -n N` downloads
+  them in threads of one process; `python -m ray_jobs.download -n N` (same flags) as Ray tasks over the cluster.
 - Local files: a file, directory or glob of .parquet files (a `text` column), .txt files (one document per
   paragraph, i.e. per block of text separated by blank lines) or .jsonl files (a "text" field per line); .txt and
   .jsonl may be compressed (.gz, .bz2, .zst, detected by extension). s3://, gs:// and any other fsspec URI work
@@ -33,6 +33,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+import sys
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -41,6 +42,7 @@ import pyarrow.parquet as pq
 import requests
 
 from nanochat import storage
+from nanochat.flags import ArgsMixin, flag, storage_flag
 
 logger = logging.getLogger(__name__)
 
@@ -593,6 +595,41 @@ def parquets_iter_batched(split, start=0, step=1, source="auto"):
     yield from resolve_source(source).iter_batched(split, start, step)
 
 
-if __name__ == "__main__":  # `python -m nanochat.dataset -n N`: the download runs as Ray tasks over the cluster
-    from ray_jobs.download import main
-    raise SystemExit(main())
+# -----------------------------------------------------------------------------
+# Command line: `python -m nanochat.dataset` (threads of this process); ray_jobs/download.py runs the same command
+# line with its Ray fan-out as `download`
+
+@dataclass
+class DownloadConfig(ArgsMixin):
+    num_files: int = flag(-1, "train shards to download (-1 = all)", aliases=["-n"])
+    num_workers: int = flag(16, "downloads in flight at once", aliases=["-w"])
+    source: str = flag(DEFAULT_HUB, "which shuffle to download", aliases=["--dataset"],
+                       choices=sorted(HUB_SOURCES) + sorted(HUB_ALIASES))
+    base_url: str | None = flag(None, f"mirror base URL (default ${DATA_URL_ENV} or the Hub)")
+    data_dir: str | None = flag(None, "target directory or URI (default: <storage root>/base_data_climbmix or "
+                                      "base_data)", aliases=["--dir"])
+    max_attempts: int = flag(5, "tries per shard on transient errors")
+    backoff: float = flag(2.0, "first retry delay in seconds (doubles)")
+    storage: str | None = storage_flag()
+
+
+def main(argv=None, download=download_shards, description=None):
+    """Parse the download flags and run `download` (default: threads here). -> exit status."""
+    from nanochat.common import get_base_dir, setup_default_logging
+    args = DownloadConfig.parse(argv, description or __doc__)
+    setup_default_logging()
+    try:
+        root = args.storage or get_base_dir()
+        storage.check_root(root)  # a URI root whose filesystem package is missing fails now, naming it
+        paths = download(args.num_files, source=args.source, workers=args.num_workers, base_url=args.base_url,
+                         data_dir=args.data_dir or hub_data_dir(args.source, root), max_attempts=args.max_attempts,
+                         backoff=args.backoff)
+    except DownloadError as e:
+        logger.error("%s", e)
+        return 1
+    print(f"{len(paths)} shards ready in {paths[0].rsplit('/', 1)[0]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,23 +2,18 @@
 The data stage: download pretraining shards as Ray tasks spread over the cluster, straight into the storage root.
 
     python -m ray_jobs.download -n N [-w 16] [--source climbmix|fineweb] [--base-url URL] [--data-dir DIR]
-        [--storage ROOT]          (same as: python -m nanochat.dataset -n N ...)
+        [--storage ROOT]          (python -m nanochat.dataset takes the same flags and downloads in threads)
 
 Each task streams one shard from the mirror into ROOT/<source dir>/ (nanochat.dataset.download_shard: length and
 parquet-footer checks, retries with backoff and jitter on transient errors, no retry on 4xx). Tasks are spread
 over the nodes, at most --workers in flight; a re-run fetches only what is missing or invalid. A failed or partial
 download fails the stage with an error naming every missing shard.
 """
-import logging
 import sys
-from dataclasses import dataclass
 
-from nanochat.dataset import (DATA_URL_ENV, DEFAULT_HUB, HUB_ALIASES, HUB_SOURCES, DownloadError,
-                              download_shard, raise_for_failures, shard_plan, shards_to_fetch)
-from nanochat.flags import ArgsMixin, flag, storage_flag
-from ray_jobs.common import init_ray, storage_root
-
-logger = logging.getLogger("nanochat")
+from nanochat import dataset
+from nanochat.dataset import DEFAULT_HUB, DownloadError, download_shard, raise_for_failures, shard_plan, shards_to_fetch
+from ray_jobs.common import init_ray
 
 
 def download(num_train_shards=-1, *, source=DEFAULT_HUB, data_dir=None, base_url=None, workers=16, max_attempts=5,
@@ -47,33 +42,9 @@ def download(num_train_shards=-1, *, source=DEFAULT_HUB, data_dir=None, base_url
     return [path for _, path in plan]
 
 
-@dataclass
-class DownloadConfig(ArgsMixin):
-    num_files: int = flag(-1, "train shards to download (-1 = all)", aliases=["-n"])
-    num_workers: int = flag(16, "downloads in flight at once", aliases=["-w"])
-    source: str = flag(DEFAULT_HUB, "which shuffle to download", aliases=["--dataset"],
-                       choices=sorted(HUB_SOURCES) + sorted(HUB_ALIASES))
-    base_url: str | None = flag(None, f"mirror base URL (default ${DATA_URL_ENV} or the Hub)")
-    data_dir: str | None = flag(None, "target directory or URI (default: <storage root>/base_data_climbmix or "
-                                      "base_data)", aliases=["--dir"])
-    max_attempts: int = flag(5, "tries per shard on transient errors")
-    backoff: float = flag(2.0, "first retry delay in seconds (doubles)")
-    storage: str | None = storage_flag()
-
-
 def main(argv=None):
-    args = DownloadConfig.parse(argv, __doc__)
-    from nanochat.common import setup_default_logging
-    setup_default_logging()
-    storage_root(args.storage)
-    try:
-        paths = download(args.num_files, source=args.source, data_dir=args.data_dir, base_url=args.base_url,
-                         workers=args.num_workers, max_attempts=args.max_attempts, backoff=args.backoff)
-    except DownloadError as e:
-        logger.error("%s", e)
-        return 1
-    print(f"{len(paths)} shards ready in {paths[0].rsplit('/', 1)[0]}")
-    return 0
+    """The Ray-free command line of nanochat.dataset, downloading through the Ray fan-out."""
+    return dataset.main(argv, download=download, description=__doc__)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from nanochat.checkpoint_manager import SOURCE_DIRS, build_model, find_last_step, load_model
+from nanochat.checkpoint_manager import SOURCE_DIRS, find_last_step, load_checkpoint_model, load_model
 from serve.metrics import ServeMetrics
 from serve.protocol import ApiError
 from serve.scheduler import AsyncRequests, Overloaded, Scheduler
@@ -72,7 +72,7 @@ class ChatService:
     def _load(cfg, device):
         if cfg.checkpoint:
             step = cfg.step if cfg.step is not None else find_last_step(cfg.checkpoint)
-            model, tokenizer, meta = build_model(cfg.checkpoint, step, device, "eval", base_dir=cfg.storage)
+            model, tokenizer, meta = load_checkpoint_model(cfg.checkpoint, step, device, "eval", base_dir=cfg.storage)
         else:
             model, tokenizer, meta = load_model(cfg.source, device, "eval", cfg.model_tag, cfg.step,
                                                 base_dir=cfg.storage)

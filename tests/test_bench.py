@@ -27,3 +27,12 @@ def test_engine_side_by_side():
                        "--tokenizer-vocab", "300", "--new-tokens", "8", "--num-samples", "2", "--rounds", "1")
     assert result["nanochat_identical"] and result["scheduler_identical"] and result["outputs_identical"]
     assert result["vs_nanochat"] > 0
+
+
+def test_paired_run_from_each_sides_own_initialization():
+    out = subprocess.run([sys.executable, os.path.join(REPO, "bench", "paired_run.py"), "--compare-nanochat", REPO,
+                          "--num-iterations", "3", "--vocab-size", "300"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(result["first_losses_ours"]) == 3 and result["first10_max_rel_diff"] == 0.0
+    assert result["val_rel_diff"] == 0.0 and result["val_loss_is_finite"]

@@ -16,10 +16,9 @@ import torch.multiprocessing as mp
 
 from conftest import reference_rms, reference_rope
 from nanochat import checkpoint_manager as cm
-from nanochat.checkpoint_manager import (CheckpointError, build_model, find_largest_model, find_last_step, list_steps,
-                                         load_checkpoint, load_model, save_checkpoint)
-from nanochat.gpt import GPT, GPTConfig
-from nanochat.gpt import build_model as build_gpt
+from nanochat.checkpoint_manager import (CheckpointError, find_largest_model, find_last_step, list_steps,
+                                         load_checkpoint, load_checkpoint_model, load_model, save_checkpoint)
+from nanochat.gpt import GPT, GPTConfig, build_model
 
 TINY = dict(sequence_len=64, vocab_size=300, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
 NANOCHAT_KEYS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "window_pattern")
@@ -28,7 +27,7 @@ NANOCHAT_KEYS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head",
 def make_model(seed=0, **overrides):
     """A tiny GPT with every weight random (init zeroes the projections, which would make comparisons weak)."""
     torch.manual_seed(seed)
-    model = build_gpt(GPTConfig(**{**TINY, **overrides}), "cpu")
+    model = build_model(GPTConfig(**{**TINY, **overrides}), "cpu")
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -63,16 +62,17 @@ def test_roundtrip_identical_logits(tmp_path):
     meta = json.loads((ckpt / "meta_000007.json").read_text())
     assert meta["world_size"] == 1 and set(meta["files"]) == {"model_000007.pt"}
     assert meta["files"]["model_000007.pt"]["size"] == os.path.getsize(ckpt / "model_000007.pt")
-    loaded, tokenizer, meta2 = build_model(str(ckpt), 7, "cpu", "eval", base_dir=str(tmp_path))
+    loaded, tokenizer, meta2 = load_checkpoint_model(str(ckpt), 7, "cpu", "eval", base_dir=str(tmp_path))
     assert tokenizer is None and meta2["step"] == 7 and not loaded.training
     assert loaded.config == model.config
     assert torch.equal(logits(loaded), logits(model))
     assert loaded.transformer.wte.weight.dtype == torch.float32
-    trained, _, _ = build_model(str(ckpt), 7, "cpu", "train", base_dir=str(tmp_path))
+    trained, _, _ = load_checkpoint_model(str(ckpt), 7, "cpu", "train", base_dir=str(tmp_path))
     assert trained.training
     other = make_model(seed=5)  # re-saving a step replaces it whole
     save(other, str(ckpt), 7)
-    assert torch.equal(logits(build_model(str(ckpt), 7, "cpu", "eval", base_dir=str(tmp_path))[0]), logits(other))
+    reloaded = load_checkpoint_model(str(ckpt), 7, "cpu", "eval", base_dir=str(tmp_path))[0]
+    assert torch.equal(logits(reloaded), logits(other))
 
 
 def test_meta_written_last_and_crash_keeps_previous(tmp_path, monkeypatch):
@@ -98,7 +98,7 @@ def test_meta_written_last_and_crash_keeps_previous(tmp_path, monkeypatch):
         save_checkpoint(ckpt, 3, {"w": torch.zeros(3), "bad": lambda: None}, None, {"step": 3})
     assert not os.path.exists(os.path.join(ckpt, "model_000003.pt"))
     assert tmp_files(ckpt) == []
-    assert torch.equal(logits(build_model(ckpt, 1, "cpu", "eval", base_dir=str(tmp_path))[0]), logits(model))
+    assert torch.equal(logits(load_checkpoint_model(ckpt, 1, "cpu", "eval", base_dir=str(tmp_path))[0]), logits(model))
     with pytest.raises(FileNotFoundError):
         find_last_step(str(tmp_path / "empty"))
 
@@ -149,7 +149,7 @@ def test_memory_filesystem_roundtrip(tmp_path):
         model_data, opt_data, meta = load_checkpoint(ckpt, 10, "cpu", load_optimizer=True)
         assert meta["step"] == 10 and "optim_000010_rank0.pt" in meta["files"]
         assert torch.equal(opt_data["state"][0]["exp_avg"], opt["state"][0]["exp_avg"])
-        loaded, _, _ = build_model(ckpt, 10, "cpu", "eval", base_dir=str(tmp_path))
+        loaded, _, _ = load_checkpoint_model(ckpt, 10, "cpu", "eval", base_dir=str(tmp_path))
         assert torch.equal(logits(loaded), logits(model))
         loaded, _, meta = load_model("base", "cpu", "eval", model_tag="d2", base_dir=root)
         assert meta["step"] == 10
@@ -195,7 +195,7 @@ def test_load_nanochat_written_checkpoint(tmp_path):
     ckpt = str(tmp_path / "d2")
     config = {k: getattr(model.config, k) for k in NANOCHAT_KEYS}
     _write_nanochat_checkpoint(ckpt, 5, _nanochat_state_dict(model), config)
-    loaded, _, meta = build_model(ckpt, 5, "cpu", "eval", base_dir=str(tmp_path))
+    loaded, _, meta = load_checkpoint_model(ckpt, 5, "cpu", "eval", base_dir=str(tmp_path))
     assert "files" not in meta  # nothing to verify, still loads
     c = loaded.config
     assert (c.window_pattern, c.use_smear, c.use_backout, c.use_value_embeds, c.use_resid_lambdas) == \
@@ -211,7 +211,7 @@ def test_load_old_nanochat_checkpoint(tmp_path):
     config = {k: getattr(model.config, k) for k in NANOCHAT_KEYS if k != "window_pattern"}
     ckpt = str(tmp_path / "old")
     _write_nanochat_checkpoint(ckpt, 1, _nanochat_state_dict(model), config)
-    loaded, _, _ = build_model(ckpt, 1, "cpu", "eval", base_dir=str(tmp_path))
+    loaded, _, _ = load_checkpoint_model(ckpt, 1, "cpu", "eval", base_dir=str(tmp_path))
     c = loaded.config
     assert (c.window_pattern, c.use_smear, c.use_backout, c.use_value_embeds) == ("L", False, False, True)
     assert torch.equal(logits(loaded), logits(model))
@@ -220,7 +220,7 @@ def test_load_old_nanochat_checkpoint(tmp_path):
                          use_resid_lambdas=False, rope_base=10000.0, qk_scale=1.0)
     _round_embeddings_to_bf16(ancient)
     _write_nanochat_checkpoint(ckpt, 2, _nanochat_state_dict(ancient), config)
-    loaded, _, _ = build_model(ckpt, 2, "cpu", "eval", base_dir=str(tmp_path))
+    loaded, _, _ = load_checkpoint_model(ckpt, 2, "cpu", "eval", base_dir=str(tmp_path))
     assert not loaded.config.use_value_embeds and not loaded.config.use_resid_lambdas
     assert (loaded.config.rope_base, loaded.config.qk_scale) == (10000.0, 1.0)
     assert torch.equal(logits(loaded), logits(ancient))
@@ -228,7 +228,7 @@ def test_load_old_nanochat_checkpoint(tmp_path):
     with torch.no_grad():
         model.x0_lambdas.zero_()
     _write_nanochat_checkpoint(ckpt, 3, _nanochat_state_dict(model, drop=("x0_lambdas",)), config)
-    loaded, _, _ = build_model(ckpt, 3, "cpu", "eval", base_dir=str(tmp_path))
+    loaded, _, _ = load_checkpoint_model(ckpt, 3, "cpu", "eval", base_dir=str(tmp_path))
     assert loaded.config.use_resid_lambdas
     assert torch.equal(logits(loaded), logits(model))
 
@@ -275,7 +275,7 @@ def test_load_old_era_nanochat_checkpoint_matches_the_old_forward(tmp_path):
     config = {**TINY, "n_layer": 4, "window_pattern": "SSSL"}  # what an OLD meta file says, nothing more
     ckpt = str(tmp_path / "old_era")
     _write_nanochat_checkpoint(ckpt, 7, {"_orig_mod." + k: v for k, v in sd.items()}, config)
-    loaded, _, _ = build_model(ckpt, 7, "cpu", "eval", base_dir=str(tmp_path))
+    loaded, _, _ = load_checkpoint_model(ckpt, 7, "cpu", "eval", base_dir=str(tmp_path))
     c = loaded.config
     assert (c.ve_gate_channels, c.ve_gate_scale, c.rope_base, c.qk_scale, c.short_window) == (32, 2.0, 10000.0, 1.0, 32)
     assert loaded.window_sizes == [32, 32, 32, 64]
@@ -296,11 +296,11 @@ def _write_byte_tokenizer(base_dir):
 def test_tokenizer_vocab_checked(tmp_path):
     _write_byte_tokenizer(str(tmp_path))
     save(make_model(vocab_size=265), str(tmp_path / "ok"), 1)
-    _, tokenizer, _ = build_model(str(tmp_path / "ok"), 1, "cpu", "eval", base_dir=str(tmp_path))
+    _, tokenizer, _ = load_checkpoint_model(str(tmp_path / "ok"), 1, "cpu", "eval", base_dir=str(tmp_path))
     assert tokenizer is not None and tokenizer.get_vocab_size() == 265
     save(make_model(), str(tmp_path / "bad"), 1)
     with pytest.raises(ValueError, match="vocab size 265.*300"):
-        build_model(str(tmp_path / "bad"), 1, "cpu", "eval", base_dir=str(tmp_path))
+        load_checkpoint_model(str(tmp_path / "bad"), 1, "cpu", "eval", base_dir=str(tmp_path))
 
 
 def test_load_model_from_env_base_dir(tmp_path, monkeypatch):
@@ -382,7 +382,7 @@ def test_optimizer_resharding_2_to_1(tmp_path):
         for k, v in entry.items():
             assert torch.equal(opt_data["state"][i][k], v) if torch.is_tensor(v) else opt_data["state"][i][k] == v
     # the re-sharded state loads into a single-process optimizer for the same model
-    model, _, _ = build_model(ckpt, 2, "cpu", "train", base_dir=str(tmp_path))
+    model, _, _ = load_checkpoint_model(ckpt, 2, "cpu", "train", base_dir=str(tmp_path))
     opt = model.setup_optimizer()
     opt.load_state_dict(opt_data)
     x = torch.randint(0, TINY["vocab_size"], (2, 16))

@@ -5,6 +5,8 @@ import logging
 import os
 import pickle
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -299,3 +301,20 @@ def test_download_or_fallback(server, tmp_path, caplog):
     assert src.name == "fallback"
     assert any("cannot download climbmix shards" in r.message and "fallback corpus" in r.message
                for r in caplog.records)
+
+
+def test_python_m_nanochat_dataset_downloads_without_ray(server, tmp_path):
+    """`python -m nanochat.dataset` parses its own flags and downloads in threads of its process: Ray is never
+    imported (the core has no Ray imports; the Ray fan-out is ray_jobs.download, with the same flags)."""
+    code = ("import runpy, sys\n"
+            "try:\n"
+            "    runpy.run_module('nanochat.dataset', run_name='__main__')\n"
+            "except SystemExit as e:\n"
+            "    print('exit', e.code, 'ray imported:', 'ray' in sys.modules)\n")
+    argv = ["-n", "2", "--base-url", server.url, "--storage", str(tmp_path / "root"), "-w", "2"]
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "NANOCHAT_BASE_DIR": str(tmp_path / "elsewhere")})
+    assert "exit 0 ray imported: False" in out.stdout, out.stderr[-2000:]
+    got = sorted(os.listdir(tmp_path / "root" / "base_data_climbmix"))
+    assert got == [shard_name(i) for i in (0, 1, 6542)]  # into --storage, not $NANOCHAT_BASE_DIR
+    assert not (tmp_path / "elsewhere" / "base_data_climbmix").exists()

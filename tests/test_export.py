@@ -108,13 +108,28 @@ def test_labels_give_our_loss(exports):
         assert abs(loss.item() - ours(ids[:, :-1], targets).item()) < 1e-5
 
 
+class NoTurnEnds:
+    """The tokenizer, with no token that ends a turn (the Engine then decodes max_tokens)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+    def turn_end_ids(self):
+        return set()
+
+
 def test_generate_greedy_gives_the_engines_tokens(exports, tiny_tokenizer):
     ours, hf, _ = exports["full"]
     prompt = tiny_tokenizer.encode("The quick brown fox", prepend=tiny_tokenizer.get_bos_token_id())
     n = 70  # well past the short window (16) and sequence_len (64)
-    engine = [column[0] for column, _ in Engine(ours, tiny_tokenizer).generate(prompt, max_tokens=n, temperature=0.0)]
-    out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, return_dict_in_generate=True,
-                      output_logits=True)
+    # neither side stops at an end-of-turn token the random model may pick: both decode exactly n tokens
+    engine = [column[0] for column, _ in Engine(ours, NoTurnEnds(tiny_tokenizer)).generate(prompt, max_tokens=n,
+                                                                                           temperature=0.0)]
+    out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, eos_token_id=None, do_sample=False,
+                      return_dict_in_generate=True, output_logits=True)
     assert len(engine) == n and out.sequences[0, len(prompt):].tolist() == engine
     with torch.no_grad():  # and every step's logits are our full forward's
         want = ours(out.sequences[:, :-1])[0, len(prompt) - 1:]
