@@ -81,12 +81,31 @@ def init_ray(num_cpus=None, **kwargs):
         if key in os.environ:
             env_vars[key] = os.environ[key]
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env={"env_vars": env_vars}, logging_level=logging.WARNING, **kwargs)
+        ray.init(runtime_env={"env_vars": env_vars, "worker_process_setup_hook": "ray_jobs.common.quiet_ray_workers"},
+                 logging_level=logging.WARNING, **kwargs)
     else:
         # address="local": a fresh Ray of our own, never some other cluster that happens to run on this machine
-        ray.init(address="local", num_cpus=num_cpus, runtime_env={"env_vars": env_vars},
-                 logging_level=logging.WARNING, include_dashboard=False, **kwargs)
+        ray.init(address="local", num_cpus=num_cpus, logging_level=logging.WARNING, include_dashboard=False,
+                 runtime_env={"env_vars": env_vars,
+                              "worker_process_setup_hook": "ray_jobs.common.quiet_local_ray_workers"}, **kwargs)
     return ray
+
+
+def quiet_ray_workers():
+    """Set up each Ray worker process: Ray Train's per-report INFO line ("Reporting training result N: ...", under a
+    logger named by its file, which Ray Train's LoggingConfig does not reach) repeats what the stage logs."""
+    import ray
+    context = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py")
+    logging.getLogger(context).setLevel(logging.WARNING)
+
+
+def quiet_local_ray_workers():
+    """quiet_ray_workers, and: a local Ray has no autoscaler, yet Ray Train's controller sends it resource requests;
+    on a busy box one times out and logs a warning with a traceback that says nothing about the run."""
+    quiet_ray_workers()
+    # a filter, not a level: Ray Train's logging setup resets the levels of the ray.train loggers after this runs
+    logging.getLogger("ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client").addFilter(
+        lambda record: record.levelno >= logging.ERROR)
 
 
 def cluster_gpus():

@@ -138,9 +138,10 @@ class ElasticTorchTrainer(TorchTrainer):
 
 
 def state_api_available():
-    """Whether Ray's state API (served by the dashboard) answers on this cluster."""
+    """Whether Ray's state API (served by the dashboard) answers on this cluster. The cluster is named by its GCS
+    address: the default ("auto") fails outright when the machine runs another Ray instance too."""
     try:
-        list_nodes(limit=1, timeout=5)
+        list_nodes(address=ray.get_runtime_context().gcs_address, limit=1, timeout=5)
         return True
     except RayStateApiException:
         return False

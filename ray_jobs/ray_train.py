@@ -20,7 +20,7 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import (CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, ValidationConfig,
+from ray.train import (CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, ValidationConfig,
                        ValidationTaskConfig)
 
 from nanochat import cuda_runtime, storage
@@ -199,7 +199,10 @@ def run_trainer(worker_fn, cfg, *, name, checkpoint_dir, storage, num_workers, u
             # finite limits: a lost node must not hang the job forever; preemptions are not failures
             failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=max_failures,
                                          max_preemption_failures=-1),
-            checkpoint_config=CheckpointConfig(num_to_keep=2)),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # Ray Train's own console lines at INFO (process group set up, each report, each checkpoint) repeat
+            # what the stage logs itself; its warnings and errors still show
+            logging_config=LoggingConfig(log_level="WARNING")),
     )
     result = trainer.fit()
     last = find_resume_step(checkpoint_dir, run_id)
