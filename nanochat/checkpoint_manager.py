@@ -25,8 +25,9 @@ returns rank r's slice from nanochat.optim.shard_state_dict. This needs MuonAdam
 optimizer states only load at their original world size.
 
 Checkpoints written by nanochat load too (load_checkpoint_model): `_orig_mod.` prefixes (torch.compile) are
-stripped, bf16 tensors are upcast on cpu/mps, a config without window_pattern means "L", and the newer architecture pieces
-(smear, backout, value embeddings, resid/x0 lambdas) are switched off when the state dict has no weights for them.
+stripped, bf16 tensors are upcast on cpu/mps, a config without window_pattern means "L", and the newer architecture
+pieces (smear, backout, value embeddings, resid/x0 lambdas) are switched off when the state dict has no weights for
+them.
 
 Models from elsewhere (load_model with a source other than base|mid|sft|rl; nanochat.hub finds the directory, on
 disk or downloaded from the Hugging Face Hub): a directory in the layout above (plus tokenizer.pkl at its root or in

@@ -29,11 +29,11 @@ import math
 import os
 import random
 import re
+import sys
 import threading
 import time
 import uuid
 from collections import OrderedDict
-import sys
 from dataclasses import dataclass
 from typing import NamedTuple
 
