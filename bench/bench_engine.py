@@ -55,7 +55,7 @@ for line in sys.stdin:
 def engine_workers(checkouts, model, tokenizer, prompt, args, workdir):
     """One Engine worker per checkout, all on the bench's weights; each returns a run() -> (rows, seconds)."""
     specials = {s: tokenizer.encode_special(s) for s in tokenizer.get_special_tokens()}
-    spec = write_spec(model, workdir, args.device, specials=specials, prompt=prompt,
+    spec = write_spec(model.config, workdir, args.device, model.state_dict(), specials=specials, prompt=prompt,
                       turn_end=["<|bos|>", "<|assistant_end|>", "<|user_start|>", "<|user_end|>",
                                 "<|assistant_start|>"],
                       num_samples=args.num_samples, new_tokens=args.new_tokens)

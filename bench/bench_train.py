@@ -50,8 +50,8 @@ OPTIMIZER_LRS = dict(unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, wei
 def compare_nanochat(model, args):
     """Our training step against nanochat's, alternated: (our step rate / nanochat's, {name: [seconds]}, losses)."""
     with tempfile.TemporaryDirectory() as workdir:
-        spec = write_spec(model, workdir, args.device, optimizer=OPTIMIZER_LRS, batch=args.device_batch_size,
-                          seq_len=args.seq_len, steps=args.steps)
+        spec = write_spec(model.config, workdir, args.device, model.state_dict(), optimizer=OPTIMIZER_LRS,
+                          batch=args.device_batch_size, seq_len=args.seq_len, steps=args.steps)
         workers = {name: CheckoutWorker(TRAIN_WORKER, checkout, spec)
                    for name, checkout in (("ours", REPO), ("nanochat", args.compare_nanochat))}
         # each round's losses continue training, so only the seconds are compared between rounds

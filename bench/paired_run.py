@@ -23,9 +23,8 @@ import tempfile
 import pydoc_data.topics
 import torch
 
-from nanochat.base_train import BaseTrainConfig, batch_hyperparameters, model_config
+from nanochat.base_train import BaseTrainConfig, batch_hyperparameters, model_config, optimizer_args
 from nanochat.dataloader import BestFitPacker
-from nanochat.gpt import build_model
 from nanochat.presets import PRESETS, to_argv
 from nanochat.schedules import lr_multiplier, muon_momentum, muon_weight_decay
 from nanochat.tokenizer import RustBPETokenizer
@@ -110,18 +109,15 @@ def main():
     hp = batch_hyperparameters(cfg, vocab)
     B, T, steps = cfg.device_batch_size, cfg.max_seq_len, hp["num_iterations"]
     assert hp["total_batch_size"] == B * T, "one micro-batch per step"
-    scale = hp["batch_lr_scale"]
     schedule = [(lr_multiplier(s, steps, cfg.warmup_steps, cfg.warmdown_ratio, cfg.final_lr_frac),
                  muon_momentum(s, steps, cfg.warmdown_ratio), muon_weight_decay(s, steps, hp["weight_decay"]))
                 for s in range(steps)]
-    model = build_model(model_config(cfg, vocab))  # (only its config goes to the workers)
     with tempfile.TemporaryDirectory() as workdir:
         path = f"{workdir}/batches.pt"
         torch.save(dict(train=batches(tokenizer, paragraphs[:split], B, T, steps), schedule=schedule,
                         val=batches(tokenizer, paragraphs[split:], B, T, None)), path)
-        spec = write_spec(model, workdir, "cpu", share_weights=False, seed=args.seed, batches=path, optimizer=dict(
-            unembedding_lr=cfg.unembedding_lr * scale, embedding_lr=cfg.embedding_lr * scale,
-            matrix_lr=cfg.matrix_lr * scale, scalar_lr=cfg.scalar_lr * scale, weight_decay=hp["weight_decay"]))
+        spec = write_spec(model_config(cfg, vocab), workdir, "cpu", seed=args.seed, batches=path,
+                          optimizer=optimizer_args(cfg, hp))
         results = {}
         for name, checkout in (("ours", REPO), ("nanochat", args.compare_nanochat)):
             worker = CheckoutWorker(PAIRED_WORKER, checkout, spec)

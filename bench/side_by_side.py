@@ -16,8 +16,9 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The start of every worker script: `spec` (the JSON the bench wrote), `model` (this checkout's GPT with the
-# bench's weights) and `reply(dict)`. nanochat prints while it sets up, so replies go to the original stdout only.
+# The start of every worker script: `spec` (the JSON the bench wrote), `model` (this checkout's GPT: the bench's
+# weights, or its own init after the spec's seed) and `reply(dict)`. nanochat prints while it sets up, so replies go
+# to the original stdout only.
 WORKER_PRELUDE = r"""
 import json, sys, time, torch
 from nanochat.gpt import GPT, GPTConfig
@@ -43,16 +44,17 @@ def sync():
 SHARED_CONFIG_KEYS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "window_pattern")
 
 
-def write_spec(model, workdir, device, share_weights=True, seed=0, **extra):
-    """Save the model's config (plus `extra`) for the workers, and its weights when share_weights (otherwise each
+def write_spec(config, workdir, device, state_dict=None, seed=0, **extra):
+    """Save the GPTConfig (plus `extra`) for the workers, and state_dict as the weights both load (without one, each
     worker initializes its own model after torch.manual_seed(seed)); returns the spec's path."""
-    weights, spec_path = os.path.join(workdir, "weights.pt"), os.path.join(workdir, "spec.json")
-    if share_weights:
-        torch.save(model.state_dict(), weights)
-    config = {k: v for k, v in asdict(model.config).items() if k in SHARED_CONFIG_KEYS}
+    weights, spec_path = None, os.path.join(workdir, "spec.json")
+    if state_dict is not None:
+        weights = os.path.join(workdir, "weights.pt")
+        torch.save(state_dict, weights)
+    shared = {k: v for k, v in asdict(config).items() if k in SHARED_CONFIG_KEYS}
     with open(spec_path, "w") as f:
-        json.dump(dict(config=config, weights=weights if share_weights else None, seed=seed, device=str(device),
-                       threads=torch.get_num_threads(), **extra), f)
+        json.dump(dict(config=shared, weights=weights, seed=seed, device=str(device), threads=torch.get_num_threads(),
+                       **extra), f)
     return spec_path
 
 

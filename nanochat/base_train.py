@@ -87,6 +87,13 @@ def batch_hyperparameters(cfg, vocab_size, batch_world_size=1):
                                   weight_decay_cap=cfg.weight_decay_cap)
 
 
+def optimizer_args(cfg, hp):
+    """setup_optimizer's arguments for this config: its learning rates times the batch lr scale, the scaled decay."""
+    scale = hp["batch_lr_scale"]
+    return dict(unembedding_lr=cfg.unembedding_lr * scale, embedding_lr=cfg.embedding_lr * scale,
+                matrix_lr=cfg.matrix_lr * scale, scalar_lr=cfg.scalar_lr * scale, weight_decay=hp["weight_decay"])
+
+
 def world_size_error(cfg, world_size, batch_world_size, vocab_size):
     """Why `world_size` workers cannot train this config's global batch exactly ("" if they can)."""
     total = batch_hyperparameters(cfg, vocab_size, batch_world_size)["total_batch_size"]
@@ -196,9 +203,7 @@ def base_train_worker(cfg, ctx=None, batch_source=None, tokenizer=None, run_id=N
     accum = grad_accum_steps(total_batch, B, T, W)
 
     model = build_model(config, device)
-    optimizer = model.setup_optimizer(unembedding_lr=cfg.unembedding_lr * lr_scale,
-                                      embedding_lr=cfg.embedding_lr * lr_scale, matrix_lr=cfg.matrix_lr * lr_scale,
-                                      weight_decay=hp["weight_decay"], scalar_lr=cfg.scalar_lr * lr_scale)
+    optimizer = model.setup_optimizer(**optimizer_args(cfg, hp))
     loop_state, loader_state = restore(ctx, resume_step, model, optimizer)
     compiled = torch.compile(model, dynamic=False) if compile_model else None
 

@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from conftest import SHARED_DATA, TINY_VOCAB, TOY_CORPUS, local_ray
+from conftest import SHARED_DATA, TOY_CORPUS, local_ray
 from nanochat.base_train import BaseTrainConfig, base_train_worker, checkpoint_dir
 from nanochat.checkpoint_manager import find_resume_step
 from nanochat.checkpoint_manager import list_steps, load_checkpoint, read_meta
@@ -211,21 +211,14 @@ def test_loss_parity_plain_vs_ray_1_and_2_workers(storage, tiny_tokenizer, monke
             torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-4)
 
 
-def lr_scale(cfg):
-    from nanochat.base_train import batch_hyperparameters
-    return batch_hyperparameters(cfg, TINY_VOCAB)["batch_lr_scale"]
-
-
 def adam_step_budgets(cfg, tokenizer, steps, num_iterations):
     """{param name: 2 x the sum of its group's lr over `steps` steps}: how far two runs' copies of a parameter can
     drift apart when Adam steps them by about +-lr in directions set by rounding noise (each group has its own lr:
     the smear/backout scalars take a fixed 0.2, the others the config's lrs times the batch lr scale)."""
-    from nanochat.base_train import model_config
+    from nanochat.base_train import batch_hyperparameters, model_config, optimizer_args
     from nanochat.gpt import build_model
     model = build_model(model_config(cfg, tokenizer.get_vocab_size()), "cpu")
-    scale = lr_scale(cfg)
-    opt = model.setup_optimizer(unembedding_lr=cfg.unembedding_lr * scale, embedding_lr=cfg.embedding_lr * scale,
-                                matrix_lr=cfg.matrix_lr * scale, scalar_lr=cfg.scalar_lr * scale)
+    opt = model.setup_optimizer(**optimizer_args(cfg, batch_hyperparameters(cfg, tokenizer.get_vocab_size())))
     lrms = sum(lr_multiplier(s, num_iterations, cfg.warmup_steps, cfg.warmdown_ratio, cfg.final_lr_frac)
                for s in range(steps))
     group_lr = {id(p): g["initial_lr"] for g in opt.param_groups for p in g["params"]}
