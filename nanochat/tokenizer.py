@@ -167,6 +167,11 @@ class RustBPETokenizer:
             return [head + row + tail for row in rows]
         raise TypeError(f"encode expects str or list of str, got {type(text).__name__}")
 
+    def encode_with_special(self, text):
+        """str -> list[int], with special-token strings in the text encoded as those tokens: the model's raw input,
+        for callers that speak in tokens (a completions endpoint, a tokenize endpoint)."""
+        return self.enc.encode(text, allowed_special="all")
+
     def __call__(self, *args, **kwargs):
         return self.encode(*args, **kwargs)
 

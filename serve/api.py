@@ -3,7 +3,7 @@ The HTTP API of one replica, as a FastAPI app over a ChatService (Ray-free: test
 
     GET  /          the chat page (serve/ui.html)          GET /health   open; 503 naming the problem if unhealthy
     GET  /metrics   Prometheus text (needs the API key)    /chat, /ws    serve/chat_routes.py
-    /v1/*           serve/openai_routes.py
+    /v1/*           serve/openai_routes.py                 /tokenize, /detokenize, /tokenizer_info: serve/tokenizer_routes.py
 
 Errors are OpenAI-shaped ({"error": {"message", "type", "param", "code"}}); a full queue answers 503 with
 Retry-After. Every HTTP response is counted by route and status.
@@ -20,10 +20,12 @@ from serve.api_common import Access
 from serve.chat_routes import add_chat_routes
 from serve.openai_routes import add_openai_routes
 from serve.protocol import ApiError
+from serve.tokenizer_routes import add_tokenizer_routes
 
 UI_PATH = Path(__file__).with_name("ui.html")
 
-KNOWN_ROUTES = {"/", "/chat", "/ws", "/v1/chat/completions", "/v1/models", "/health", "/metrics"}
+KNOWN_ROUTES = {"/", "/chat", "/ws", "/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize",
+                "/detokenize", "/tokenizer_info", "/health", "/metrics"}
 
 
 class CountRequests:
@@ -82,6 +84,7 @@ def make_api(service):
 
     add_chat_routes(app, service, access)
     add_openai_routes(app, service, access)
+    add_tokenizer_routes(app, service, access)
     if access.origins:
         app.add_middleware(CORSMiddleware, allow_origins=access.origins, allow_methods=["*"], allow_headers=["*"])
     app.add_middleware(CountRequests, service=service)

@@ -215,7 +215,7 @@ class ChatServer:
     async def generate(self, prompt, params):
         """A request forwarded by another replica (see forward): run here, stream its events back, the first being
         an acknowledgement."""
-        batch = self.service.submit_here(prompt, [SamplingParams(**p) for p in params])
+        batch = self.service.submit_here([(prompt, SamplingParams(**p)) for p in params])
         yield None
         async for item in batch:
             yield item

@@ -10,7 +10,8 @@ from fastapi import Request, WebSocket
 from fastapi.responses import StreamingResponse
 
 from serve.api_common import collect, read_body, sse
-from serve.protocol import ApiError, ChatRequest, Message, api_key_of, is_cancel, parse, usage, validate
+from serve.protocol import (ApiError, ChatRequest, Message, api_key_of, conversation, is_cancel, parse, sampling_params,
+                            usage)
 
 logger = logging.getLogger("nanochat.serve")
 
@@ -22,8 +23,7 @@ async def chat_job(service, req, session=None):
     if req.message is not None and req.messages is not None:
         raise ApiError(400, "send either 'message' or 'messages', not both")
     messages = [Message(role="user", content=req.message)] if req.message is not None else req.messages
-    convo, params = validate(messages, req.temperature, req.top_k, req.top_p, req.max_tokens, req.seed,
-                             req.stop)
+    convo, params = conversation(messages), sampling_params(req)
     prompt = service.prompt(convo)
     return prompt, await service.submit(prompt, params, session)
 

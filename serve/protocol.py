@@ -21,6 +21,8 @@ TOP_K_RANGE = (0, 200)
 MAX_TOKENS_RANGE = (1, 4096)
 MAX_N = 8
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 64
+MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's limit for chat; vLLM's default)
+MAX_PROMPTS = 64  # prompts in one /v1/completions request
 DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_MAX_TOKENS = 0.8, 50, 512
 
 
@@ -33,7 +35,7 @@ class ApiError(Exception):
 
 
 # -----------------------------------------------------------------------------
-# Request bodies (types only; limits are checked in validate() so the messages can name them)
+# Request bodies (types only; limits are checked in sampling_params() and conversation() so the messages can name them)
 
 class TextPart(BaseModel):
     type: str = "text"
@@ -46,33 +48,74 @@ class Message(BaseModel):
     content: str | list[TextPart] | None = None
 
 
-class ChatRequest(BaseModel):
+class Sampling(BaseModel):
+    """The sampling fields every route takes."""
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+
+
+class ChatRequest(Sampling):
     model_config = ConfigDict(extra="forbid")  # our own route: a misspelt field is an error, not a default
     message: str | None = None
     messages: list[Message] | None = None
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    max_tokens: int | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
     stream: bool = False
 
 
-class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use
+# OpenAI's fields that do not change the output: accepted and ignored. Every other field we do not implement is a
+# 400 that names it (a client must never get output that silently ignored what it asked for).
+IGNORED_FIELDS = {"user", "metadata", "store", "service_tier", "prediction", "parallel_tool_calls",
+                  "safety_identifier", "prompt_cache_key"}
+# fields we take only at the value that changes nothing
+NEUTRAL_VALUES = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logit_bias": ({},),
+                  "best_of": (1,), "suffix": ("",), "response_format": ({"type": "text"},)}
+
+
+class OpenAIRequest(Sampling):
+    model_config = ConfigDict(extra="allow")  # checked field by field in check_fields()
     model: str | None = None
-    messages: list[Message]
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
     n: int = 1
     stream: bool = False
     stream_options: dict | None = None
+
+    def check_fields(self):
+        for name, value in (self.model_extra or {}).items():
+            if name in IGNORED_FIELDS or value is None or value in NEUTRAL_VALUES.get(name, ()):
+                continue
+            raise ApiError(400, f"unsupported field {name!r}" + (f" with value {value!r}" if name in NEUTRAL_VALUES
+                                                                 else "") + ": this server cannot honour it",
+                           param=name)
+        return self
+
+
+class ChatCompletionRequest(OpenAIRequest):
+    messages: list[Message]
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+
+class TextCompletionRequest(OpenAIRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16  # OpenAI's default for completions
+    echo: bool = False
+    logprobs: int | None = None
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # vLLM's other fields (model, return_token_strs) change nothing here
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    add_special_tokens: bool = False
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    tokens: list[int]
 
 
 def _in_range(name, value, lo, hi):
@@ -80,8 +123,8 @@ def _in_range(name, value, lo, hi):
         raise ApiError(400, f"{name} must be between {lo} and {hi} (got {value})", param=name)
 
 
-def validate(messages, temperature, top_k, top_p, max_tokens, seed, stop, n=1):
-    """nanochat's limits -> (messages as [{role, content}], [SamplingParams] * n). ApiError 400 names the limit."""
+def conversation(messages):
+    """nanochat's limits -> the messages as [{role, content}]. ApiError 400 names the limit."""
     if not messages:
         raise ApiError(400, "at least one message is required", param="messages")
     if len(messages) > MAX_MESSAGES:
@@ -105,28 +148,35 @@ def validate(messages, temperature, top_k, top_p, max_tokens, seed, stop, n=1):
                        param="messages")
     if convo[-1]["role"] != "user":
         raise ApiError(400, "the last message must be from the user", param="messages")
-    _in_range("temperature", temperature, *TEMPERATURE_RANGE)
-    if temperature is not None and 0 < temperature < MIN_TEMPERATURE:
-        raise ApiError(400, f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE} (got {temperature})",
+    return convo
+
+
+def sampling_params(req, max_tokens=None, n=1, logprobs=None, prompt_logprobs=None, min_tokens=1):
+    """A request's sampling fields within nanochat's limits -> [SamplingParams] * n (ApiError 400 names the limit).
+    max_tokens: when given, instead of req.max_tokens; logprobs, prompt_logprobs: top alternatives per token."""
+    max_tokens = req.max_tokens if max_tokens is None else max_tokens
+    _in_range("temperature", req.temperature, *TEMPERATURE_RANGE)
+    if req.temperature is not None and 0 < req.temperature < MIN_TEMPERATURE:
+        raise ApiError(400, f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE} (got {req.temperature})",
                        param="temperature")
-    _in_range("top_k", top_k, *TOP_K_RANGE)
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ApiError(400, f"top_p must be in (0, 1] (got {top_p})", param="top_p")
-    _in_range("max_tokens", max_tokens, *MAX_TOKENS_RANGE)
+    _in_range("top_k", req.top_k, *TOP_K_RANGE)
+    if req.top_p is not None and not 0.0 < req.top_p <= 1.0:
+        raise ApiError(400, f"top_p must be in (0, 1] (got {req.top_p})", param="top_p")
+    _in_range("max_tokens", max_tokens, min_tokens, MAX_TOKENS_RANGE[1])
     _in_range("n", n, 1, MAX_N)
-    _in_range("seed", seed, 0, 2**63 - 1)
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    _in_range("seed", req.seed, 0, 2**63 - 1)
+    _in_range("logprobs", logprobs, 0, MAX_LOGPROBS)
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stops) > MAX_STOP_STRINGS or any(not 0 < len(s) <= MAX_STOP_CHARS for s in stops):
         raise ApiError(400, f"stop: at most {MAX_STOP_STRINGS} strings of 1 to {MAX_STOP_CHARS} characters",
                        param="stop")
-    params = [SamplingParams(
-        max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
-        temperature=DEFAULT_TEMPERATURE if temperature is None else temperature,
-        top_k=DEFAULT_TOP_K if top_k is None else top_k,
-        top_p=top_p,
-        seed=None if seed is None else seed + i,  # n seeded choices must still differ from each other
-        stop=tuple(stops)) for i in range(n)]
-    return convo, params
+    return [SamplingParams(
+        max_tokens=DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
+        temperature=DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
+        top_k=DEFAULT_TOP_K if req.top_k is None else req.top_k,
+        top_p=req.top_p,
+        seed=None if req.seed is None else req.seed + i,  # n seeded choices must still differ from each other
+        stop=tuple(stops), logprobs=logprobs, prompt_logprobs=prompt_logprobs) for i in range(n)]
 
 
 def usage(prompt_tokens, completion_tokens, cached_tokens=0):

@@ -17,7 +17,9 @@ same tokens whether it runs alone or beside others. The waiting queue is bounded
 when it is full instead of queueing forever.
 
 Output: every request gets events through a callback (called on the scheduler thread):
-    {"text": str, "tokens": int}   new complete text (UTF-8 safe, stop strings held back), tokens since last event
+    {"prompt_logprobs": [TokenLogprob]}   once its prompt is prefilled, when it asked (prompt tokens 1..)
+    {"text": str, "tokens": int}   new complete text (UTF-8 safe, stop strings held back), tokens since last event;
+                                   with "logprobs": [TokenLogprob] of those tokens when it asked
     {"done": True, "finish_reason": "stop"|"length"|"cancelled"|"error", "prompt_tokens", "completion_tokens",
      "cached_tokens"}
 AsyncRequests / generate() wrap that for asyncio and plain-thread consumers. Nothing here depends on Ray.
@@ -32,6 +34,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -40,6 +43,25 @@ from nanochat.engine import ToolUse, sample_next_token
 from nanochat.paged_cache import BlockPool, PackedBatch, PagedRow, block_bytes
 
 logger = logging.getLogger("nanochat.serve")
+
+
+class TokenLogprob(NamedTuple):
+    """A token's log-probability under the model (raw logits: before temperature, top-k or top-p) and the `top`
+    most likely tokens at its position, [(token, logprob)] best first."""
+    token: int
+    logprob: float
+    top: list
+
+
+def token_logprobs(logits, tokens, tops):
+    """[TokenLogprob] of tokens (n ids) at logits rows (n, V), row i with its tops[i] best alternatives: one
+    log-softmax and one host copy for them all."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
+    k = max(tops)
+    values, ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
+    values, ids = values.tolist(), ids.tolist()
+    return [TokenLogprob(t, c, list(zip(i[:n], v[:n]))) for t, c, i, v, n in zip(tokens, chosen, ids, values, tops)]
 
 
 class Overloaded(RuntimeError):
@@ -54,6 +76,8 @@ class SamplingParams:
     top_p: float | None = None  # None or 1.0 = no nucleus cut
     seed: int | None = None  # None = a random seed
     stop: tuple = ()  # stop strings: the text ends before the first one (finish_reason "stop")
+    logprobs: int | None = None  # each generated token's log-probability and this many top alternatives
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (read from the prefill)
 
 
 _ids = itertools.count()
@@ -71,6 +95,7 @@ class Request:
     generated: list = field(default_factory=list)  # sampled + forced tokens, never the stop token
     kv: PagedRow | None = None  # its blocks and how many positions hold keys, while it has a row
     cached_tokens: int = 0  # prompt tokens that came from the prefix cache
+    prompt_logprobs: list = field(default_factory=list)  # TokenLogprob of prompt tokens 1.. so far
 
     def cancel(self):
         """Safe from any thread; the row is freed before the next decode step."""
@@ -83,6 +108,7 @@ class Request:
         self.tool = ToolUse(tokenizer)  # the calculator; its output is fed instead of samples
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.text, self.sent, self.unsent_tokens = "", 0, 0
+        self.unsent_logprobs = []  # TokenLogprob of the unsent tokens, when the request wants them
         self.last_token = None
         self.prev = None  # (1, 1, C) smear state after its last fed token (models with smear)
         self.keys = []  # prefix-cache keys of its full blocks, in order
@@ -300,7 +326,9 @@ class Scheduler:
         """KV memory for a request at the head of the queue: the cached blocks of its prompt's longest prefix and
         new blocks for the rest of what it may fill. False (nothing taken) when the pool cannot hold it yet."""
         pool = self.pool
-        blocks, keys = pool.match(req.prompt)
+        # prompt log-probabilities come from the prefill's own logits, so such a prompt is computed in full (its
+        # blocks still enter the prefix cache for the requests after it)
+        blocks, keys = pool.match(req.prompt) if req.params.prompt_logprobs is None else ([], [])
         fresh = pool.allocate(pool.blocks_for(self._reserved_tokens(req.prompt, req.params)) - len(blocks))
         if fresh is None:
             pool.release(blocks)
@@ -361,14 +389,22 @@ class Scheduler:
             like = next(r.prev for r in reqs if r.prev is not None)
             prev = torch.cat([r.prev if r.prev is not None else torch.zeros_like(like) for r in reqs])
         lengths = [req.kv.length for req in reqs]
-        cache = PackedBatch(self.pool, [r.kv for r in reqs], [1] * len(decoding) + [n for _, n in prefills], prev)
+        new_lens = [1] * len(decoding) + [n for _, n in prefills]
+        cache = PackedBatch(self.pool, [r.kv for r in reqs], new_lens, prev)
+        every_position = any(req.params.prompt_logprobs is not None for req, _ in prefills)
         try:
             logits = self.model(torch.tensor([ids], dtype=torch.long, device=self.device), kv_cache=cache,
-                                last_only=True)[:, -1, :]
+                                last_only=not every_position)
         except Exception:  # nothing advanced: the rows can be stepped again
             for req, length in zip(reqs, lengths):
                 req.kv.length = length
             raise
+        if every_position:  # (1, N, V): the prompt chunks' positions too
+            ends = list(itertools.accumulate(new_lens))
+            self._prompt_logprobs(prefills, logits[0], ends[len(decoding):], lengths[len(decoding):])
+            logits = logits[0, [e - 1 for e in ends]]
+        else:
+            logits = logits[:, -1, :]
         if cache.prev_embedding is not None:
             for i, r in enumerate(reqs):
                 r.prev = cache.prev_embedding[i:i + 1]
@@ -380,10 +416,46 @@ class Scheduler:
         for req in reqs:
             self._register_full_blocks(req)
         ready = [i for i, req in enumerate(reqs) if req.prefilled]  # (a prompt that got its last chunk too)
-        sampled = [reqs[i] for i in ready]
-        for req, token in zip(sampled, self._sample(sampled, logits[ready])):
+        for i in (i for i in ready if i >= len(decoding)):  # prompts whose last chunk was in this step
+            if reqs[i].params.prompt_logprobs is not None:
+                self._send(reqs[i], {"prompt_logprobs": reqs[i].prompt_logprobs})
+            if reqs[i].params.max_tokens == 0:  # the prompt's log-probabilities were all it asked for
+                self._finish(reqs[i], "length")
+        ready = [i for i in ready if reqs[i].finish_reason is None]
+        sampled, logits = [reqs[i] for i in ready], logits[ready]
+        tokens = self._sample(sampled, logits)
+        for req, token, logprob in zip(sampled, tokens, self._generated_logprobs(sampled, tokens, logits)):
             if req.finish_reason is None and not req.cancelled:  # sampling may have failed it
-                self._accept(req, token)
+                self._accept(req, token, logprob)
+
+    @staticmethod
+    def _generated_logprobs(reqs, tokens, logits):
+        """TokenLogprob of the token each request takes now (the sampled one, or the calculator's forced one) for
+        the requests that asked, else None."""
+        out = [None] * len(reqs)
+        wanted = [i for i, r in enumerate(reqs) if r.params.logprobs is not None and r.finish_reason is None]
+        if wanted:
+            taken = [reqs[i].tool.forced[0] if reqs[i].tool.forced else tokens[i] for i in wanted]
+            tops = [reqs[i].params.logprobs for i in wanted]
+            for i, entry in zip(wanted, token_logprobs(logits[wanted], taken, tops)):
+                out[i] = entry
+        return out
+
+    def _prompt_logprobs(self, prefills, logits, ends, starts):
+        """Log-probabilities of the prompt tokens that the chunks' positions predict, for the requests that asked:
+        position p's logits give token p + 1's (the first prompt token has none)."""
+        rows, targets, tops = [], [], []
+        for (req, n), end, start in zip(prefills, ends, starts):
+            if req.params.prompt_logprobs is None:
+                continue
+            m = min(n, len(req.prompt) - 1 - start)  # the last prompt position predicts a generated token
+            rows += range(end - n, end - n + m)
+            targets += req.prompt[start + 1:start + 1 + m]
+            tops += [req.params.prompt_logprobs] * m
+        entries = iter(token_logprobs(logits[rows], targets, tops)) if rows else iter(())
+        for (req, n), start in zip(prefills, starts):
+            if req.params.prompt_logprobs is not None:
+                req.prompt_logprobs += itertools.islice(entries, min(n, len(req.prompt) - 1 - start))
 
     def _register_full_blocks(self, req):
         """Put the request's blocks that are now full into the prefix cache."""
@@ -430,8 +502,9 @@ class Scheduler:
                 self._finish(reqs[i], "error", error=f"non-finite logits at temperature {reqs[i].params.temperature}")
         return out
 
-    def _accept(self, req, token):
-        """Append one token to a request: forced tokens, stop tokens, the calculator, text, limits."""
+    def _accept(self, req, token, logprob=None):
+        """Append one token to a request: forced tokens, stop tokens, the calculator, text, limits. logprob: its
+        TokenLogprob, when the request wants them."""
         forced = req.tool.next_forced()
         token = token if forced is None else forced
         if token in self.stop_tokens:
@@ -439,6 +512,8 @@ class Scheduler:
         req.generated.append(token)
         req.last_token = token
         req.unsent_tokens += 1
+        if logprob is not None:
+            req.unsent_logprobs.append(logprob)
         self.stats["tokens"] += 1
         # the calculator, as in the Engine
         req.tool.feed(token)
@@ -472,7 +547,10 @@ class Scheduler:
                         end = min(end, len(req.text) - k)
                         break
         if end > req.sent:
-            self._send(req, {"text": req.text[req.sent:end], "tokens": req.unsent_tokens})
+            event = {"text": req.text[req.sent:end], "tokens": req.unsent_tokens}
+            if req.params.logprobs is not None:
+                event["logprobs"], req.unsent_logprobs = req.unsent_logprobs, []
+            self._send(req, event)
             req.sent, req.unsent_tokens = end, 0
         return cut is not None
 
@@ -514,18 +592,17 @@ class Scheduler:
 # consumers
 
 class AsyncRequests:
-    """Requests of one prompt (n >= 1 sampling params) for an asyncio consumer. They are submitted at
-    construction, so Overloaded / ValueError surface before any response is sent; iterating yields
-    (index, event) until every request is done. Stopping early (client gone) cancels them; so does dropping
-    the object unstarted."""
+    """Requests [(prompt, SamplingParams)] for an asyncio consumer. They are submitted at construction, together,
+    so Overloaded / ValueError surface before any response is sent; iterating yields (index, event) until every
+    request is done. Stopping early (client gone) cancels them; so does dropping the object unstarted."""
 
-    def __init__(self, scheduler, prompt, params_list):
+    def __init__(self, scheduler, items):
         loop = asyncio.get_running_loop()
         events = self.events = asyncio.Queue()
 
         def sink(i):  # must not capture self, or __del__ could never run while the scheduler holds the sink
             return lambda ev: loop.call_soon_threadsafe(events.put_nowait, (i, ev))
-        self.requests = scheduler.submit_many([(prompt, p, sink(i)) for i, p in enumerate(params_list)])
+        self.requests = scheduler.submit_many([(prompt, p, sink(i)) for i, (prompt, p) in enumerate(items)])
 
     async def __aiter__(self):
         remaining = len(self.requests)

@@ -101,11 +101,12 @@ class ChatService:
             batch = await self.forward(prompt, params)
             if batch is not None:
                 return batch
-        return self.submit_here(prompt, params)
+        return self.submit_here([(prompt, p) for p in params])
 
-    def submit_here(self, prompt, params):
+    def submit_here(self, items):
+        """[(prompt, SamplingParams)] queued here together -> their AsyncRequests."""
         try:
-            return AsyncRequests(self.scheduler, prompt, params)
+            return AsyncRequests(self.scheduler, items)
         except Overloaded as e:
             raise ApiError(503, str(e), code="overloaded") from None
         except ValueError as e:  # e.g. more KV memory than the replica has

@@ -167,13 +167,13 @@ def test_async_requests_stream_and_cancel_on_close(tiny_tokenizer, scheduler):
     prompt = tiny_tokenizer.encode("Hello", prepend="<|bos|>")
 
     async def main():
-        batch = AsyncRequests(scheduler, prompt, [SamplingParams(max_tokens=8, temperature=0.0, seed=i)
-                                                  for i in range(2)])
+        batch = AsyncRequests(scheduler, [(prompt, SamplingParams(max_tokens=8, temperature=0.0, seed=i))
+                                          for i in range(2)])
         done = {}
         async for i, ev in batch:
             if ev.get("done"):
                 done[i] = ev
-        early = AsyncRequests(scheduler, prompt, [SamplingParams(max_tokens=200, temperature=0.0)])
+        early = AsyncRequests(scheduler, [(prompt, SamplingParams(max_tokens=200, temperature=0.0))])
         events = early.__aiter__()
         await events.__anext__()
         await events.aclose()  # the consumer leaves after its first event (a client that went away)
@@ -570,3 +570,54 @@ def test_bf16_scheduler_decodes_the_greedy_tokens_of_fp32(tiny_tokenizer, monkey
         top = model(torch.tensor([prompts[0] + fp32]))[0, len(prompts[0]) - 1:-1].topk(2, dim=-1).values
     assert (top[:, 0] - top[:, 1]).min() > 0.02
     assert got[0][0] == tiny_tokenizer.decode(fp32)
+
+
+def collect_events(scheduler, prompt, params):
+    """Every event of one request, in order, until done."""
+    events, sink = [], queue.Queue()
+    scheduler.submit(prompt, params, sink.put)
+    while "done" not in (event := sink.get(timeout=60)):
+        events.append(event)
+    return events + [event]
+
+
+def test_prompt_logprobs_come_from_the_prefill_chunked_and_past_the_prefix_cache(model, tiny_tokenizer):
+    prompt = tiny_tokenizer.encode(PROMPTS[1] + " " + PROMPTS[4], prepend="<|bos|>")
+    with torch.no_grad():
+        reference = torch.log_softmax(model(torch.tensor([prompt]))[0].float(), dim=-1)
+    s = Scheduler(model, tiny_tokenizer, max_batch=2, block_size=4, prefill_chunk=5, prefill_slowdown=0).start()
+    try:
+        collect_events(s, prompt, SamplingParams(max_tokens=3, temperature=0.0))  # its blocks enter the cache
+        for _ in range(2):  # chunks of 5 tokens; the second time with the prompt's blocks cached
+            events = collect_events(s, prompt, SamplingParams(max_tokens=0, prompt_logprobs=3))
+            assert [sorted(e) for e in events] == [["prompt_logprobs"], ["cached_tokens", "completion_tokens", "done",
+                                                                           "finish_reason", "prompt_tokens"]]
+            entries, done = events[0]["prompt_logprobs"], events[1]
+            assert done["finish_reason"] == "length" and done["completion_tokens"] == 0, done
+            assert [e.token for e in entries] == prompt[1:]
+            for p, e in enumerate(entries):  # position p's logits predict token p + 1
+                assert e.logprob == pytest.approx(reference[p, prompt[p + 1]].item(), abs=1e-4)
+                top = reference[p].topk(3)
+                assert [t for t, _ in e.top] == top.indices.tolist()
+                assert [v for _, v in e.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+    finally:
+        s.stop()
+
+
+def test_generated_logprobs_arrive_with_their_text(model, tiny_tokenizer, scheduler):
+    prompt = tiny_tokenizer.encode(PROMPTS[3], prepend="<|bos|>")
+    events = collect_events(scheduler, prompt, SamplingParams(max_tokens=12, temperature=0.0, logprobs=2))
+    texts = [e for e in events if "text" in e]
+    entries = [entry for e in texts for entry in e["logprobs"]]
+    assert [len(e["logprobs"]) for e in texts] == [e["tokens"] for e in texts]
+    tokens = [e.token for e in entries]
+    assert len(tokens) == 12 and tiny_tokenizer.decode(tokens) == "".join(e["text"] for e in texts)
+    with torch.no_grad():
+        reference = torch.log_softmax(model(torch.tensor([prompt + tokens]))[0].float(), dim=-1)
+    for i, e in enumerate(entries):
+        row = reference[len(prompt) - 1 + i]
+        assert e.top[0][0] == e.token  # greedy: the chosen token is the most likely one
+        assert e.logprob == pytest.approx(row[e.token].item(), abs=1e-4)
+        assert [t for t, _ in e.top] == row.topk(2).indices.tolist()
+    # a request that did not ask gets none
+    assert all("logprobs" not in e for e in collect_events(scheduler, prompt, SamplingParams(max_tokens=4)))

@@ -63,8 +63,11 @@ def ws_turn(ws, turn):
 
 VALID_CHAT = {"message": "hi", "max_tokens": 2, "temperature": 0}
 VALID_OPENAI = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0}
+VALID_COMPLETION = {"model": "m", "prompt": "hi", "max_tokens": 2, "temperature": 0}
 FIELDS = ["message", "messages", "temperature", "top_k", "top_p", "max_tokens", "seed", "stop", "stream", "n",
-          "max_completion_tokens", "stream_options"]
+          "max_completion_tokens", "stream_options", "logprobs", "top_logprobs"]
+COMPLETION_FIELDS = ["prompt", "temperature", "top_k", "top_p", "max_tokens", "seed", "stop", "stream", "n",
+                     "echo", "logprobs", "stream_options"]
 WRONG_VALUES = [None, "", "x" * 9000, -1, 0, 10**30, 1e308, math.nan, math.inf, -math.inf, [], {}, True,
                 [[[[["deep"]]]]], {"role": "user"}, [None], ["a"] * 100, [{"role": "user", "content": 5}],
                 [{"role": "system", "content": "s"}, {"role": "system", "content": "s"}],
@@ -96,8 +99,9 @@ def test_fuzz_every_route_gets_4xx_with_a_message_and_leaks_nothing(server):
     session = requests.Session()
     session.headers.update(AUTH)
     counts = {"2xx": 0, "4xx": 0}
-    for route, valid in (("/chat", VALID_CHAT), ("/v1/chat/completions", VALID_OPENAI)):
-        for body in mutations(valid, FIELDS):
+    for route, valid, fields in (("/chat", VALID_CHAT, FIELDS), ("/v1/chat/completions", VALID_OPENAI, FIELDS),
+                                 ("/v1/completions", VALID_COMPLETION, COMPLETION_FIELDS)):
+        for body in mutations(valid, fields):
             # NaN and inf go out as JSON's non-standard literals, which Python's parser accepts
             r = session.post(server.url + route, data=json.dumps(body), timeout=60,
                              headers={"Content-Type": "application/json"})

@@ -1,0 +1,180 @@
+"""The OpenAI- and vLLM-compatible surface, without Ray: /v1/completions (text and token prompts, several at once, echo,
+logprobs against the model's own forward, streaming), chat logprobs through the openai client, the tokenizer
+endpoints, and request fields that are refused or ignored. The FastAPI app of serve/api.py on uvicorn at a loopback
+port, on a tiny random-weight model."""
+import json
+
+import openai
+import pytest
+import requests
+import torch
+
+from bench.bench_serve import LocalServer
+from serve.api import make_api
+from serve.app import ServeConfig
+from serve.service import ChatService
+from test_serve import tiny_chat_model
+
+
+@pytest.fixture(scope="module")
+def server(tiny_tokenizer):
+    model = tiny_chat_model(tiny_tokenizer)
+    service = ChatService(ServeConfig(max_batch=8), model, tiny_tokenizer)
+    try:
+        with LocalServer(make_api(service)) as srv:
+            srv.service, srv.model, srv.tokenizer = service, model, tiny_tokenizer
+            yield srv
+    finally:
+        service.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+
+
+def log_softmax(model, ids):
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids]))[0].float(), dim=-1)
+
+
+def post(server, route, body):
+    return requests.post(server.url + route, json=body, timeout=60)
+
+
+def test_completion_echo_logprobs_are_the_models_own(server):
+    tok = server.tokenizer
+    text = "<|bos|>The quick brown fox"  # special-token strings in a prompt are those tokens
+    ids = tok.encode(text[len("<|bos|>"):], prepend="<|bos|>")
+    r = post(server, "/v1/completions", {"prompt": text, "max_tokens": 3, "echo": True, "logprobs": 2,
+                                         "temperature": 0})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["object"] == "text_completion" and out["usage"]["prompt_tokens"] == len(ids)
+    choice = out["choices"][0]
+    lp = choice["logprobs"]
+    assert choice["text"].startswith(text) and choice["finish_reason"] == "length"
+    assert len(lp["tokens"]) == len(ids) + 3 and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    full = list(ids)
+    for _ in range(3):  # the greedy continuation, from the model itself
+        full.append(log_softmax(server.model, full)[-1].argmax().item())
+    reference = log_softmax(server.model, full)
+    assert lp["tokens"] == [tok.decode([t]) for t in full]
+    for p in range(1, len(full)):  # position p - 1 predicts token p
+        assert lp["token_logprobs"][p] == pytest.approx(reference[p - 1, full[p]].item(), abs=1e-4)
+        # the two best, keyed by their text (tokens that are parts of one character share the text U+FFFD)
+        best = reference[p - 1].topk(2)
+        expected = {}
+        for t, v in zip(best.indices.tolist(), best.values.tolist()):
+            expected.setdefault(tok.decode([t]), v)
+        got = lp["top_logprobs"][p]
+        assert list(got) == list(expected) and list(got.values()) == pytest.approx(list(expected.values()), abs=1e-4)
+    # offsets index the choice's text: each token's string starts where its offset says
+    assert lp["text_offset"][0] == 0
+    assert all(choice["text"][o:o + len(t)] == t for o, t in zip(lp["text_offset"], lp["tokens"]))
+
+
+def test_lm_eval_style_scoring_batched_token_prompts_and_max_tokens_zero(server):
+    """lm-evaluation-harness's loglikelihood request: token-id prompts, echo, logprobs 1, max_tokens 1; and several
+    prompts in one request, scored as they would be alone."""
+    tok = server.tokenizer
+    prompts = [tok.encode(s, prepend="<|bos|>") for s in ("Hello world", "What is 12*3?", "the theory of")]
+    alone = [post(server, "/v1/completions", {"prompt": p, "max_tokens": 0, "echo": True, "logprobs": 1}).json()
+             for p in prompts]
+    together = post(server, "/v1/completions", {"prompt": prompts, "max_tokens": 1, "echo": True, "logprobs": 1,
+                                                "temperature": 0}).json()
+    assert [c["index"] for c in together["choices"]] == [0, 1, 2]
+    for p, one, choice in zip(prompts, alone, together["choices"]):
+        assert one["choices"][0]["finish_reason"] == "length" and one["usage"]["completion_tokens"] == 0
+        assert one["choices"][0]["text"] == tok.decode(p)
+        ref = log_softmax(server.model, p)
+        expected = [None] + [ref[i - 1, p[i]].item() for i in range(1, len(p))]
+        assert one["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx(expected, abs=1e-4)
+        assert choice["logprobs"]["token_logprobs"][:len(p)] == pytest.approx(expected, abs=1e-4)
+        assert len(choice["logprobs"]["tokens"]) == len(p) + 1  # and the one generated token
+        # is_greedy as lm-eval reads it: each token's logprob against the best of its top_logprobs
+        greedy = [ref[i - 1].argmax().item() == p[i] for i in range(1, len(p))]
+        tops = choice["logprobs"]["top_logprobs"][1:len(p)]
+        assert [lp == max(top.values()) for lp, top in zip(expected[1:], tops)] == greedy
+
+
+def test_completion_n_seeds_stop_and_stream(server, client):
+    out = client.completions.create(model="m", prompt=["<|bos|>Hello", "<|bos|>The"], n=2, max_tokens=6, seed=3,
+                                    temperature=1.0)
+    assert [c.index for c in out.choices] == [0, 1, 2, 3] and len({c.text for c in out.choices}) > 1
+    again = client.completions.create(model="m", prompt=["<|bos|>Hello", "<|bos|>The"], n=2, max_tokens=6, seed=3,
+                                      temperature=1.0)
+    assert [c.text for c in again.choices] == [c.text for c in out.choices]  # seeded: the same samples
+    whole = client.completions.create(model="m", prompt="<|bos|>Hello", max_tokens=8, temperature=0, echo=True,
+                                      logprobs=1)
+    stream = client.completions.create(model="m", prompt="<|bos|>Hello", max_tokens=8, temperature=0, echo=True,
+                                       logprobs=1, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    tokens = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert tokens == whole.choices[0].logprobs.tokens
+    assert chunks[-1].usage.completion_tokens == 8 and chunks[-2].choices[0].finish_reason == "length"
+
+
+def test_chat_logprobs_through_the_openai_client(server, client):
+    messages = [{"role": "user", "content": "What is 2+2?"}]
+    out = client.chat.completions.create(model="m", messages=messages, max_tokens=6, temperature=0, logprobs=True,
+                                         top_logprobs=3)
+    content = out.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == out.choices[0].message.content and len(content) == 6
+    assert all(len(t.top_logprobs) == 3 and t.top_logprobs[0].logprob == t.logprob for t in content)  # greedy
+    assert all(bytes(t.bytes).decode("utf-8", "replace") == t.token for t in content)
+    streamed = [t for c in client.chat.completions.create(model="m", messages=messages, max_tokens=6, temperature=0,
+                                                          logprobs=True, top_logprobs=3, stream=True)
+                if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
+    plain = client.chat.completions.create(model="m", messages=messages, max_tokens=2)
+    assert plain.choices[0].logprobs is None
+
+
+def test_tokenizer_endpoints_in_vllms_shapes(server):
+    tok = server.tokenizer
+    info = requests.get(server.url + "/tokenizer_info", timeout=10).json()
+    assert info["eos_token"] == "<|assistant_end|>" and info["bos_token"] == "<|bos|>" and info["chat_template"]
+    r = post(server, "/tokenize", {"prompt": "<|bos|>Hello world", "add_special_tokens": False}).json()
+    assert r["tokens"] == tok.encode("Hello world", prepend="<|bos|>") and r["count"] == len(r["tokens"])
+    assert post(server, "/tokenize", {"prompt": "hi", "add_special_tokens": True}).json()["tokens"][0] == \
+        tok.get_bos_token_id()
+    chat = post(server, "/tokenize", {"messages": [{"role": "user", "content": "hi"}]}).json()["tokens"]
+    assert chat == server.service.prompt([{"role": "user", "content": "hi"}])
+    assert post(server, "/detokenize", {"tokens": r["tokens"]}).json()["prompt"] == "<|bos|>Hello world"
+    assert post(server, "/detokenize", {"tokens": [10**6]}).status_code == 400
+
+
+@pytest.mark.parametrize("route,body,field", [
+    ("/v1/chat/completions", {"logit_bias": {"5": 10}}, "logit_bias"),
+    ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions"),
+    ("/v1/chat/completions", {"frequency_penalty": 0.5}, "frequency_penalty"),
+    ("/v1/chat/completions", {"response_format": {"type": "xml"}}, "response_format"),
+    ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "logprobs"),
+    ("/v1/completions", {"suffix": "end"}, "suffix"),
+    ("/v1/completions", {"best_of": 3}, "best_of"),
+    ("/v1/completions", {"max_tokens": 0}, "max_tokens"),
+    ("/v1/completions", {"logprobs": 50}, "logprobs"),
+    ("/v1/completions", {"prompt": [1, 10**6]}, "prompt"),
+    ("/v1/completions", {"prompt": []}, "prompt"),
+])
+def test_fields_that_would_change_the_output_are_refused_by_name(server, route, body, field):
+    base = {"messages": [{"role": "user", "content": "hi"}]} if route.endswith("chat/completions") else \
+        {"prompt": "hi"}
+    r = post(server, route, {"model": "m", "max_tokens": 2, **base, **body})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert field in error["message"] and error["param"] == field, error
+
+
+def test_fields_that_change_nothing_are_accepted(server):
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "user": "u1",
+            "metadata": {"k": "v"}, "store": False, "frequency_penalty": 0, "presence_penalty": 0.0,
+            "logit_bias": {}, "response_format": {"type": "text"}, "parallel_tool_calls": True, "tools": None}
+    r = post(server, "/v1/chat/completions", body)
+    assert r.status_code == 200, r.text
+    r = post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 2, "user": "u1", "best_of": 1, "suffix": None})
+    assert r.status_code == 200, r.text
+    assert json.loads(r.text)["choices"][0]["finish_reason"] in ("length", "stop")
