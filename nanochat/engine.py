@@ -206,6 +206,8 @@ class ToolUse:
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
         self.forced = deque()
         self.in_python, self.expr = False, []
+        self.special = {special(s) for s in tokenizer.get_special_tokens()}
+        self.readable = {self.python_start: b"<<", self.output_start: b"", self.output_end: b">>"}
 
     def next_forced(self):
         """The next token the tool forces into the row, or None (sample)."""
@@ -221,6 +223,16 @@ class ToolUse:
                 self.forced.extend([self.output_start, *self.tokenizer.encode(str(result)), self.output_end])
         elif self.in_python:
             self.expr.append(token)
+
+    def shown_bytes(self, token, raw=False):
+        """A token's bytes as text shown to people (call after feed): raw, the token as it is; else the calculator's
+        use reads as an annotation, <<12*3=36>> (<<12*3>> when it gave no result), and other special tokens as
+        nothing."""
+        if raw or token not in self.special:
+            return self.tokenizer.decode_single_token_bytes(token)
+        if token == self.python_end:
+            return b"=" if self.forced else b">>"
+        return self.readable.get(token, b"")
 
 
 class RowState:

@@ -30,7 +30,7 @@ class LocalChat:
     def __init__(self, args):
         from nanochat.checkpoint_manager import load_model
         from nanochat.common import autodetect_device_type
-        from nanochat.engine import Engine
+        from nanochat.engine import Engine, ToolUse
         device = args.device_type or autodetect_device_type()
         base_dir = (args.storage if is_uri(args.storage) else os.path.abspath(args.storage)) if args.storage else None
         self.model, self.tokenizer, _ = load_model(args.source, device, "eval", args.model_tag, args.step,
@@ -38,6 +38,7 @@ class LocalChat:
         if self.tokenizer is None:
             raise SystemExit(f"no tokenizer found under the storage root ({base_dir or '$NANOCHAT_BASE_DIR'})")
         self.engine = Engine(self.model, self.tokenizer)
+        self.new_tool = lambda: ToolUse(self.tokenizer)  # shows the calculator's use as text reads (the Engine runs it)
         self.args = args
         S = self.tokenizer.encode_special
         self.user_start, self.user_end = S("<|user_start|>"), S("<|user_end|>")
@@ -59,6 +60,7 @@ class LocalChat:
                 raise ValueError("message is longer than the model's context")
         self.tokens += turn
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        tool = self.new_tool()
         for column, _ in self.engine.generate(self.tokens, num_samples=1, max_tokens=min(self.args.max_tokens, room),
                                               temperature=self.args.temperature, top_k=self.args.top_k,
                                               seed=self.args.seed):
@@ -66,7 +68,8 @@ class LocalChat:
             if token in self.stop_tokens:
                 break
             self.tokens.append(token)
-            write(decoder.decode(self.tokenizer.decode_single_token_bytes(token)))
+            tool.feed(token)
+            write(decoder.decode(tool.shown_bytes(token)))
         write(decoder.decode(b"", final=True))
         self.tokens.append(self.assistant_end)  # also when the turn stopped at max_tokens
 

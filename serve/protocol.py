@@ -56,6 +56,9 @@ class Sampling(BaseModel):
     max_tokens: int | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
+    # vLLM's name: false shows special tokens as they are (<|python_start|>12*3<|python_end|>...), true (the default)
+    # as text reads (the calculator's use as <<12*3=36>>, other special tokens as nothing)
+    skip_special_tokens: bool = True
 
 
 class ChatRequest(Sampling):
@@ -176,7 +179,8 @@ def sampling_params(req, max_tokens=None, n=1, logprobs=None, prompt_logprobs=No
         top_k=DEFAULT_TOP_K if req.top_k is None else req.top_k,
         top_p=req.top_p,
         seed=None if req.seed is None else req.seed + i,  # n seeded choices must still differ from each other
-        stop=tuple(stops), logprobs=logprobs, prompt_logprobs=prompt_logprobs) for i in range(n)]
+        stop=tuple(stops), logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+        skip_special_tokens=req.skip_special_tokens) for i in range(n)]
 
 
 def usage(prompt_tokens, completion_tokens, cached_tokens=0):

@@ -78,6 +78,7 @@ class SamplingParams:
     stop: tuple = ()  # stop strings: the text ends before the first one (finish_reason "stop")
     logprobs: int | None = None  # each generated token's log-probability and this many top alternatives
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (read from the prefill)
+    skip_special_tokens: bool = True  # special tokens in the text read as people read them (ToolUse.shown_bytes)
 
 
 _ids = itertools.count()
@@ -517,7 +518,7 @@ class Scheduler:
         self.stats["tokens"] += 1
         # the calculator, as in the Engine
         req.tool.feed(token)
-        req.text += req.decoder.decode(self.tokenizer.decode_single_token_bytes(token))
+        req.text += req.decoder.decode(req.tool.shown_bytes(token, raw=not req.params.skip_special_tokens))
         if self._emit_text(req):
             return self._finish(req, "stop")
         if len(req.generated) >= req.params.max_tokens:

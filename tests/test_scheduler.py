@@ -233,11 +233,15 @@ def test_stop_token_and_calculator(tiny_tokenizer):
     tok = tiny_tokenizer
     S = tok.encode_special
     script = [*tok.encode("sum:"), S("<|python_start|>"), *tok.encode("12*3"), S("<|python_end|>")]
-    texts, done = scripted_run(tok, script)  # then <|assistant_end|>, after the forced tool output
-    text = "".join(texts)
+    texts, done = scripted_run(tok, script, skip_special_tokens=False)  # then <|assistant_end|>, after the tool's
+    text = "".join(texts)                                                  # forced output
     assert text == "sum:<|python_start|>12*3<|python_end|><|output_start|>36<|output_end|>"
     assert done["finish_reason"] == "stop"
     assert done["completion_tokens"] == len(script) + 2 + len(tok.encode("36"))  # stop token not counted
+    texts, done = scripted_run(tok, script)  # by default, as people read it
+    assert "".join(texts) == "sum:<<12*3=36>>"
+    no_result = [S("<|python_start|>"), *tok.encode("1/0"), S("<|python_end|>"), *tok.encode("ok"), S("<|user_start|>")]
+    assert "".join(scripted_run(tok, no_result)[0]) == "<<1/0>>ok"
     texts, done = scripted_run(tok, [*tok.encode("ab")], then=tok.get_bos_token_id())
     assert "".join(texts) == "ab" and done["finish_reason"] == "stop"
 
