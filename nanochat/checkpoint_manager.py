@@ -31,10 +31,8 @@ them.
 
 Models from elsewhere (load_model with a source other than base|mid|sft|rl; nanochat.hub finds the directory, on
 disk or downloaded from the Hugging Face Hub): a directory in the layout above (plus tokenizer.pkl at its root or in
-tokenizer/, as nanochat publishes models), or a Hugging Face export: config.json (GPTConfig's fields, model_type
-"nanochat"), model.safetensors or shards with model.safetensors.index.json (our state-dict keys, every one
-required), tokenizer.json (or tokenizer.pkl). A truncated or corrupt safetensors file raises CheckpointError naming
-it.
+tokenizer/, as nanochat publishes models), or a Hugging Face export, read by nanochat.hf_format (which also writes
+it) and built here with its own tokenizer.
 """
 import hashlib
 import io
@@ -42,27 +40,20 @@ import json
 import logging
 import os
 import re
-from dataclasses import asdict, fields
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
 
-from nanochat import hub, storage
+from nanochat import hf_format, hub, storage
 from nanochat.common import get_base_dir, is_distributed
-from nanochat.gpt import GPT, GPTConfig, build_model
+from nanochat.gpt import GPTConfig, build_model
+from nanochat.storage import CheckpointError
 
 logger = logging.getLogger("nanochat")
 
 SOURCE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
                "rl": "chatrl_checkpoints"}
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, truncated or corrupt. `path` names the file."""
-
-    def __init__(self, message, path=None):
-        super().__init__(message)
-        self.path = path
 
 
 def model_name(step):
@@ -166,16 +157,14 @@ def _torch_load(d, name, meta, map_location):
             raise CheckpointError(f"checkpoint file {shown} could not be loaded: {e}", shown) from e
 
 
-def _parse_json(data, path, what=""):
+def _read_meta(d, step):
+    path = d.path(meta_name(step))
+    with d.read(meta_name(step)) as f:
+        data = f.read()
     try:
         return json.loads(data)
     except ValueError as e:
-        raise CheckpointError(f"{what}{path} is not valid JSON: {e}", path) from e
-
-
-def _read_meta(d, step):
-    with d.read(meta_name(step)) as f:
-        return _parse_json(f.read(), d.path(meta_name(step)), "checkpoint meta ")
+        raise CheckpointError(f"checkpoint meta {path} is not valid JSON: {e}", path) from e
 
 
 def read_meta(checkpoint_dir, step):
@@ -416,7 +405,7 @@ def load_model(source, device, phase, model_tag=None, step=None, base_dir=None):
 def load_directory(directory, device, phase, step=None, source=None):
     """-> (model, tokenizer, meta) from a local directory: a Hugging Face export (config.json) or nanochat's layout
     (meta_*.json, tokenizer.pkl at the root or in tokenizer/). source: what to record as the meta's "source"."""
-    if os.path.isfile(os.path.join(directory, "config.json")):
+    if hf_format.is_export(directory):
         return _build_hf_export(directory, device, phase, step, source or directory)
     if not list_steps(directory):
         raise FileNotFoundError(f"{directory} is neither a Hugging Face export (config.json) nor a nanochat "
@@ -443,75 +432,20 @@ def pin_source(source):
 
 def directory_step(directory, step=None):
     """The step load_directory(directory, step=step) loads: an export's recorded step, else `step` or the newest."""
-    config = os.path.join(directory, "config.json")
-    if os.path.isfile(config):
-        return (_read_json(config).get("nanochat") or {}).get("step")
+    if hf_format.is_export(directory):
+        return hf_format.export_step(directory)
     return step if step is not None else find_last_step(directory)
 
 
-def _read_json(path):
-    with open(path, "rb") as f:
-        return _parse_json(f.read(), path)
-
-
 def _build_hf_export(directory, device, phase, step, source):
-    """A Hugging Face export (see the module docstring) -> (model, tokenizer, meta)."""
+    """A Hugging Face export (nanochat.hf_format) -> (model, tokenizer, meta)."""
     device = torch.device(device)
-    path = os.path.join(directory, "config.json")
-    cfg = _read_json(path)
-    if cfg.get("model_type") != "nanochat":
-        raise CheckpointError(f"{path} is a {cfg.get('model_type')!r} model, not a nanochat export", path)
-    # every field required: one left out would silently take today's default, maybe not what the weights learned
-    names = [f.name for f in fields(GPTConfig)]
-    missing = [n for n in names if n not in cfg]
-    if missing:
-        raise CheckpointError(f"{path} lacks the model config fields {missing}", path)
-    config = GPTConfig.from_dict({n: cfg[n] for n in names})
-    provenance = cfg.get("nanochat") or {}
-    if step is not None and provenance.get("step") not in (None, step):
-        raise ValueError(f"{directory} is an export of step {provenance['step']}, not of step {step}")
-    model_data = _on_device(_read_safetensors(directory, device), device)
-    with torch.device("meta"):
-        expected = set(GPT(config).state_dict())
-    if set(model_data) != expected:
-        raise CheckpointError(f"the weights in {directory} do not fit its config.json: missing "
-                              f"{sorted(expected - set(model_data))[:8]}, unexpected "
-                              f"{sorted(set(model_data) - expected)[:8]}", directory)
-    model = _assemble(config, model_data, device, phase)
+    config, model_data, provenance = hf_format.read_export(directory, device, step)
+    model = _assemble(config, _on_device(model_data, device), device, phase)
     tokenizer = _find_tokenizer(directory)
     if tokenizer is None:
         raise FileNotFoundError(f"no tokenizer.json or tokenizer.pkl in {directory}")
     _check_vocab(tokenizer, config, directory)
-    meta = {"model_config": asdict(config), "step": provenance.get("step"), "model_tag": provenance.get("model_tag"),
+    meta = {"model_config": asdict(config), "step": provenance["step"], "model_tag": provenance["model_tag"],
             "source": source, "directory": directory}
     return model, tokenizer, meta
-
-
-def _read_safetensors(directory, device):
-    """The state dict of model.safetensors, or of the shards model.safetensors.index.json names (each tensor in the
-    file the index says, none missing)."""
-    try:
-        from safetensors.torch import load_file
-    except ImportError:
-        raise ImportError('a Hugging Face export needs safetensors: pip install -e ".[hf]"') from None
-    index = os.path.join(directory, "model.safetensors.index.json")
-    weight_map = _read_json(index).get("weight_map") if os.path.isfile(index) else None
-    if weight_map is not None and not isinstance(weight_map, dict):
-        raise CheckpointError(f"{index} has no weight_map", index)
-    state = {}
-    for name in sorted(set(weight_map.values())) if weight_map is not None else ["model.safetensors"]:
-        path = os.path.join(directory, name)
-        if not os.path.isfile(path):
-            raise CheckpointError(f"checkpoint file {path} is missing", path)
-        try:
-            tensors = load_file(path, device=str(device))
-        except Exception as e:  # safetensors' errors for a short file or a broken header
-            raise CheckpointError(f"checkpoint file {path} is truncated or corrupt: {e}", path) from e
-        stray = sorted(k for k in tensors if weight_map is not None and weight_map.get(k) != name)
-        if stray:
-            raise CheckpointError(f"checkpoint file {path} holds tensors its index puts elsewhere: {stray[:8]}", path)
-        state.update(tensors)
-    absent = sorted(set(weight_map or ()) - set(state))
-    if absent:
-        raise CheckpointError(f"tensors listed in {index} are in none of its files: {absent[:8]}", index)
-    return state

@@ -36,8 +36,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 class NanochatConfig(PreTrainedConfig):
     """nanochat's GPTConfig under its own field names (nanochat reads config.json back by them), the padded vocabulary
-    of the weights, and the names HF tooling looks for (hidden_size, num_hidden_layers, ...) as aliases."""
-    model_type = "nanochat"
+    of the weights, and the names HF tooling looks for (hidden_size, num_hidden_layers, ...) as aliases. The model
+    type is ours, not transformers' own "nanochat" (an older architecture): see nanochat/hf_format.py."""
+    model_type = "nanochat_ray"
     attribute_map = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head",
                      "num_key_value_heads": "n_kv_head", "max_position_embeddings": "sequence_len"}
 

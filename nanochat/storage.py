@@ -29,6 +29,14 @@ class StorageError(RuntimeError):
     pass
 
 
+class CheckpointError(RuntimeError):
+    """A stored model file (a checkpoint's, an export's) is missing, truncated or corrupt. `path` names the file."""
+
+    def __init__(self, message, path=None):
+        super().__init__(message)
+        self.path = path
+
+
 def scheme(path):
     path = os.fspath(path)
     return path.split("://", 1)[0].lower() if "://" in path else ""

@@ -27,7 +27,7 @@ from urllib.parse import unquote, urlsplit
 import torch
 
 from nanochat.checkpoint_manager import meta_name, model_name
-from nanochat.export import export_hf
+from nanochat.hf_format import export_hf
 
 LFS_SUFFIXES = (".safetensors", ".pt", ".pkl", ".bin")  # what a repo's .gitattributes puts in LFS
 

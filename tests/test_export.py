@@ -1,10 +1,14 @@
-"""nanochat/export.py and nanochat/hf_modeling.py against transformers: an export loaded by AutoModelForCausalLM gives
-our logits (every architecture piece, the baseline, nanochat-written checkpoints of both eras) at lengths across the
-windows and past sequence_len; generate() with its cache gives the Engine's tokens, samples and beams as without a
-cache, and left-padded batches as each row alone; the tokenizer renders our chat ids; shards and bf16 load; the CLI
-exports a checkpoint, refuses bad input and never leaves half an export."""
+"""The export (nanochat/export.py, the writing of nanochat/hf_format.py) and nanochat/hf_modeling.py against
+transformers: an export loaded by AutoModelForCausalLM gives our logits (every architecture piece, the baseline,
+nanochat-written checkpoints of both eras) at lengths across the windows and past sequence_len; generate() with its
+cache gives the Engine's tokens, samples and beams as without a cache, and left-padded batches as each row alone;
+without trust_remote_code transformers asks for it and never builds its own "nanochat"; the tokenizer renders our chat
+ids; shards and bf16 load; exports of model type "nanochat" still load; the CLI exports a checkpoint, refuses bad
+input and never leaves half an export."""
+import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict
@@ -15,11 +19,12 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from conftest import REPO_ROOT, perturbed
-from nanochat import export
+from nanochat import hf_format
 from nanochat.checkpoint_manager import load_model, save_checkpoint
 from nanochat.engine import Engine
-from nanochat.export import export_hf, main, parse_size
+from nanochat.export import main, parse_size
 from nanochat.gpt import GPTConfig, build_model
+from nanochat.hf_format import export_hf
 from test_checkpoint_manager import NANOCHAT_KEYS, _nanochat_state_dict, _round_embeddings_to_bf16, \
     _write_nanochat_checkpoint
 
@@ -167,7 +172,7 @@ def test_left_padded_batch_generates_as_each_row_alone(exports, tiny_tokenizer):
 
 
 def test_chat_template_renders_our_ids(exports, tiny_tokenizer):
-    hf_tok = AutoTokenizer.from_pretrained(exports["full"][2])
+    hf_tok = AutoTokenizer.from_pretrained(exports["full"][2], trust_remote_code=True)
     conversation = [
         {"role": "user", "content": "What is 12*34?"},
         {"role": "assistant", "content": [{"type": "text", "text": "Let me compute. "},
@@ -204,7 +209,8 @@ def test_export_layout_config_and_the_way_back(exports, tiny_tokenizer, tmp_path
     with open(os.path.join(directory, "config.json")) as f:
         config = json.load(f)
     assert {k: config[k] for k in asdict(ours.config)} == asdict(ours.config)
-    assert config["model_type"] == "nanochat" and config["padded_vocab_size"] == ours.padded_vocab_size
+    assert config["model_type"] == hf_format.MODEL_TYPE == hf.config.model_type == "nanochat_ray"
+    assert config["padded_vocab_size"] == ours.padded_vocab_size
     assert config["auto_map"] == {"AutoConfig": "modeling_nanochat.NanochatConfig",
                                   "AutoModelForCausalLM": "modeling_nanochat.NanochatForCausalLM"}
     eos = tiny_tokenizer.encode_special("<|assistant_end|>")
@@ -219,6 +225,67 @@ def test_export_layout_config_and_the_way_back(exports, tiny_tokenizer, tmp_path
         assert set(f.keys()) == set(ours.state_dict())  # our keys, verbatim
     back, _, meta = load_model(directory, "cpu", "eval")  # and nanochat loads the export as it was
     assert meta["step"] == 3 and torch.equal(back(tokens(20)), ours(tokens(20)))
+
+
+def refuse_their_nanochat(monkeypatch):
+    """Fail the test if transformers ever builds its own model type "nanochat" (an older architecture)."""
+    from transformers.models.nanochat import modeling_nanochat as theirs
+
+    def built(*args, **kwargs):
+        pytest.fail("transformers built its own NanoChatForCausalLM from our export")
+    monkeypatch.setattr(theirs.NanoChatForCausalLM, "__init__", built)
+
+
+@pytest.mark.parametrize("how, kwargs, stdin", [("trust_remote_code=False", {"trust_remote_code": False}, ""),
+                                                ("no terminal", {}, ""), ("answered no", {}, "n\n"),
+                                                ("answered yes", {}, "y\n")])
+def test_without_trust_remote_code_transformers_asks_for_it(exports, monkeypatch, how, kwargs, stdin):
+    """Our model type is one transformers does not know, so without trust_remote_code=True it asks on stdin whether to
+    run the export's code: no answer (no terminal) or "n" is an error asking for trust_remote_code=True, "y" our
+    model. Never transformers' own "nanochat" built from our weights."""
+    _, hf, directory = exports["full"]
+    refuse_their_nanochat(monkeypatch)
+    monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    if how != "answered yes":
+        with pytest.raises(ValueError, match=r"Please pass the argument `trust_remote_code=True`"):
+            AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+        return
+    model = AutoModelForCausalLM.from_pretrained(directory).eval()
+    assert type(model).__name__ == "NanochatForCausalLM" and model.config.model_type == "nanochat_ray"
+    with torch.no_grad():
+        assert torch.equal(model(tokens(40)).logits, hf(tokens(40)).logits)
+
+
+def test_the_tokenizer_loads_without_trust_remote_code(exports, tiny_tokenizer, monkeypatch):
+    """AutoTokenizer reads config.json too: without trust_remote_code (and no terminal to answer transformers'
+    question) it still loads the export's tokenizer."""
+    refuse_their_nanochat(monkeypatch)
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    hf_tok = AutoTokenizer.from_pretrained(exports["full"][2])
+    text = "The quick brown fox, 12*34 = 408."
+    assert hf_tok.encode(text, add_special_tokens=False) == tiny_tokenizer.encode(text)
+
+
+def test_exports_of_model_type_nanochat_still_load(exports, tmp_path):
+    """Exports written before the model type was ours say "nanochat" (config.json and modeling_nanochat.py): nanochat
+    loads them back, and transformers with trust_remote_code=True runs their code, as before."""
+    ours, hf, directory = exports["full"]
+    old = str(tmp_path / "old-model-type")
+    shutil.copytree(directory, old)
+    for name, before, after in [("config.json", '"model_type": "nanochat_ray"', '"model_type": "nanochat"'),
+                                ("modeling_nanochat.py", 'model_type = "nanochat_ray"', 'model_type = "nanochat"')]:
+        with open(os.path.join(old, name)) as f:
+            text = f.read()
+        assert text.count(before) == 1
+        with open(os.path.join(old, name), "w") as f:
+            f.write(text.replace(before, after))
+    back, _, meta = load_model(old, "cpu", "eval")
+    ids = tokens(40)
+    with torch.no_grad():
+        assert meta["step"] == 3 and torch.equal(back(ids), ours(ids))
+        model = load_hf(old)
+        assert type(model).__name__ == "NanochatForCausalLM" and model.config.model_type == "nanochat"
+        assert torch.equal(model(ids).logits, hf(ids).logits)
 
 
 def test_shards_and_their_index_load(exports, tiny_tokenizer, tmp_path):
@@ -264,7 +331,7 @@ def test_a_crash_leaves_nothing_and_force_replaces(exports, tiny_tokenizer, tmp_
     def crash(*args):
         raise KeyboardInterrupt("simulated crash")
     with monkeypatch.context() as m:
-        m.setattr(export, "save_hf_tokenizer", crash)
+        m.setattr(hf_format, "save_hf_tokenizer", crash)
         with pytest.raises(KeyboardInterrupt):
             export_hf(ours, tiny_tokenizer, str(out))
     assert os.listdir(tmp_path) == []  # no export, no temp directory
