@@ -9,7 +9,7 @@ import random
 import pytest
 
 from bench.bench_serve import LocalServer
-from nanochat.export import export_hf
+from nanochat.hf_format import export_hf
 from serve.api import make_api
 from serve.app import ServeConfig
 from serve.service import ChatService
