@@ -11,7 +11,9 @@ Routes:
                                 several turns per socket; {"cancel": true} stops the current and queued turns;
                                 with a key: Authorization header, or {"api_key": KEY} as the first message
     POST /v1/chat/completions   OpenAI-compatible (stream as SSE ending in [DONE], n, stop, seed, top_k via
-                                extra_body, usage, finish_reason)
+                                extra_body, logprobs / top_logprobs, usage, finish_reason)
+    POST /v1/completions        as vLLM serves it: text or token-id prompts, several at once, echo, logprobs
+    POST /tokenize, /detokenize, GET /tokenizer_info   the server's tokenizer, in vLLM's shapes
     GET  /v1/models
     GET  /health                model loaded, scheduler alive, this replica's batch
     GET  /metrics               Prometheus text in vLLM's names (serve/metrics.py)
