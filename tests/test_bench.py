@@ -1,6 +1,6 @@
 """The side-by-side bench harness (bench/side_by_side.py, which bench_train, bench_engine and paired_run share), run
 with this checkout on both sides: the workers build the same model, so their outputs must agree exactly and the
-timing must come back."""
+timing must come back. And the structured-outputs bench (bench/bench_structured.py) on llguidance, at a small vocab."""
 import json
 import os
 import subprocess
@@ -30,3 +30,15 @@ def test_paired_run_from_each_sides_own_initialization():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert len(result["first_losses_ours"]) == 3 and result["first10_max_rel_diff"] == 0.0
     assert result["val_rel_diff"] == 0.0 and result["val_loss_is_finite"]
+
+
+def test_structured_bench_measures_llguidance():
+    out = subprocess.run([sys.executable, "-m", "bench.bench_structured", "--vocab-sizes", "512", "--libraries",
+                          "llguidance", "--seeds", "1", "--random-tokens", "16", "--rounds", "1"],
+                         capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])["512"]
+    for case in ("person", "order", "json_object"):
+        assert result["llguidance"][case]["mask_doc_us"]["n"] > 20  # every token of the document was masked
+        assert result["llguidance"][case]["compile_ms"] > 0
+    assert result["serve.structured_apply_us"]["p50"] > 0
