@@ -250,8 +250,11 @@ class Engine:
         self.tokenizer = tokenizer
 
     @torch.inference_mode()
-    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None, seed=42):
-        """Stream (token_column, mask_column) lists of length num_samples, one per decode step."""
+    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None, seed=42,
+                 constraints=None):
+        """Stream (token_column, mask_column) lists of length num_samples, one per decode step. constraints: one per
+        row, or None: an object whose apply(logits_row) forbids tokens (to -inf, in place) before each sample and
+        whose advance(token) takes the row's token after (constrained decoding, e.g. JSON under a schema)."""
         assert isinstance(tokens, list) and len(tokens) > 0 and isinstance(tokens[0], int)
         model, tok = self.model, self.tokenizer
         device = model.get_device()
@@ -276,14 +279,22 @@ class Engine:
                 break
             if kv_cache.get_pos() >= kv_cache.max_seq_len:
                 break
+            if constraints is not None:
+                logits = logits.clone()  # (the first step's rows are one expanded row)
+                for i, (row, constraint) in enumerate(zip(rows, constraints)):
+                    if constraint is not None and not row.completed:
+                        constraint.apply(logits[i])
             sampled = sample_next_token(logits, rng, temperature, top_k, top_p)[:, 0].tolist()  # the host sync
             column, masks = [], []
-            for row, sampled_token in zip(rows, sampled):
+            for i, (row, sampled_token) in enumerate(zip(rows, sampled)):
                 forced = row.tool.next_forced()
                 token = sampled_token if forced is None else forced
                 column.append(token)
                 masks.append(1 if forced is None else 0)
                 row.current_tokens.append(token)
+                if constraints is not None and constraints[i] is not None and not row.completed and \
+                        token not in stop_tokens:
+                    constraints[i].advance(token)
                 if token in stop_tokens:
                     row.completed = True
                 row.tool.feed(token)

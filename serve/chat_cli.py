@@ -31,6 +31,7 @@ class LocalChat:
         from nanochat.checkpoint_manager import load_model
         from nanochat.common import autodetect_device_type
         from nanochat.engine import Engine, ToolUse
+        from serve.structured import SchemaError, grammar_compiler
         device = args.device_type or autodetect_device_type()
         base_dir = (args.storage if is_uri(args.storage) else os.path.abspath(args.storage)) if args.storage else None
         self.model, self.tokenizer, _ = load_model(args.source, device, "eval", args.model_tag, args.step,
@@ -38,6 +39,12 @@ class LocalChat:
         if self.tokenizer is None:
             raise SystemExit(f"no tokenizer found under the storage root ({base_dir or '$NANOCHAT_BASE_DIR'})")
         self.engine = Engine(self.model, self.tokenizer)
+        self.grammar = None
+        if args.response_format:
+            try:
+                self.grammar = grammar_compiler(self.tokenizer).compile_response_format(args.response_format)
+            except SchemaError as e:
+                raise SystemExit(f"--json-schema {args.json_schema}: {e}")
         self.new_tool = lambda: ToolUse(self.tokenizer)  # shows the calculator's use as text reads (the Engine runs it)
         self.args = args
         S = self.tokenizer.encode_special
@@ -63,7 +70,8 @@ class LocalChat:
         tool = self.new_tool()
         for column, _ in self.engine.generate(self.tokens, num_samples=1, max_tokens=min(self.args.max_tokens, room),
                                               temperature=self.args.temperature, top_k=self.args.top_k,
-                                              seed=self.args.seed):
+                                              seed=self.args.seed,
+                                              constraints=[self.grammar.matcher()] if self.grammar else None):
             token = column[0]
             if token in self.stop_tokens:
                 break
@@ -93,6 +101,8 @@ class RemoteChat:
                 "top_k": self.args.top_k, "max_tokens": self.args.max_tokens}
         if self.args.seed is not None:
             body["seed"] = self.args.seed
+        if self.args.response_format:
+            body["response_format"] = self.args.response_format
         key = self.args.api_key or os.environ.get("NANOCHAT_API_KEY")
         headers = {"X-Session-Id": self.session, **({"Authorization": f"Bearer {key}"} if key else {})}
         parts = []
@@ -135,10 +145,26 @@ class ChatCliConfig(ArgsMixin):
     device_type: str | None = flag(None, "cuda | cpu | mps (default: autodetect)")
     url: str | None = flag(None, "talk to a running server (python -m serve.app) instead")
     api_key: str | None = flag(None, "Bearer key for --url (default $NANOCHAT_API_KEY)")
+    json_schema: str | None = flag(None, "a JSON schema file: every reply is JSON that it accepts (constrained "
+                                         "decoding)")
+
+
+def response_format(path):
+    """--json-schema FILE -> the response_format it asks for (None without one)."""
+    if not path:
+        return None
+    try:
+        with open(path) as f:
+            schema = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--json-schema {path}: {e}")
+    return {"type": "json_schema", "json_schema": {"name": os.path.splitext(os.path.basename(path))[0],
+                                                   "schema": schema, "strict": True}}
 
 
 def main(argv=None):
     args = ChatCliConfig.parse(argv, __doc__)
+    args.response_format = response_format(args.json_schema)
     if args.seed is None and not args.url:
         args.seed = random.getrandbits(31)
 

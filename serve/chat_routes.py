@@ -24,6 +24,7 @@ async def chat_job(service, req, session=None):
         raise ApiError(400, "send either 'message' or 'messages', not both")
     messages = [Message(role="user", content=req.message)] if req.message is not None else req.messages
     convo, params = conversation(messages), sampling_params(req)
+    service.check_response_format(req.response_format)
     prompt = service.prompt(convo)
     return prompt, await service.submit(prompt, params, session)
 

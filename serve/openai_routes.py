@@ -1,6 +1,7 @@
 """
 The OpenAI-compatible API, as vLLM serves it: GET /v1/models, POST /v1/chat/completions (n choices, stop, seed, top_k
-via extra_body, logprobs / top_logprobs, usage, finish_reason) and POST /v1/completions (prompts as text or token
+via extra_body, logprobs / top_logprobs, response_format json_object / json_schema, tools and tool_choice (see
+serve/tools.py), usage, finish_reason) and POST /v1/completions (prompts as text or token
 ids, several at once, echo, logprobs with text offsets, max_tokens 0 with echo). "stream": true answers in SSE
 chunks ending in [DONE].
 """
@@ -13,6 +14,7 @@ from fastapi.responses import StreamingResponse
 from serve.api_common import read_body, sse
 from serve.protocol import (MAX_PROMPTS, ApiError, ChatCompletionRequest, TextCompletionRequest, conversation,
                             sampling_params, usage)
+from serve.tools import call_schema, check_tools, forced_calls, may_be_call, parse_calls, render
 
 
 class CompletionLogprobs:
@@ -107,15 +109,32 @@ def add_openai_routes(app, service, access):
         req = (await read_body(request, ChatCompletionRequest)).check_fields()
         if req.top_logprobs is not None and not req.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        tools, mode = check_tools(req.tools, req.tool_choice)
+        forced = mode not in (None, "auto")  # "required" or a named function: generated under its schema
+        response_format = req.response_format
+        if forced:
+            if (response_format or {}).get("type", "text") != "text":
+                raise ApiError(400, "a forced tool call (tool_choice) and a response_format cannot both apply",
+                               param="response_format")
+            response_format = {"type": "json_schema",
+                               "json_schema": {"name": "tool_call", "schema": call_schema(tools, mode), "strict": True}}
+        service.check_response_format(response_format, "tools" if forced else "response_format")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        convo = conversation(req.messages)
-        params = sampling_params(req, max_tokens, req.n, logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+        convo = conversation(render(req.messages, tools if mode else {}))
+        params = sampling_params(req, max_tokens, req.n, logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+                                 response_format=response_format)
         prompt = service.prompt(convo)
         batch = await service.submit(prompt, params, request.headers.get("x-session-id"))
         cid, created, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), req.model or service.model_id
 
         def logprobs_of(entries):
             return chat_logprobs(tokenizer, entries) if req.logprobs else None
+
+        def calls_in(text, done):
+            """The reply's tool calls, or None when it is an answer (or a forced call cut short)."""
+            if forced:
+                return forced_calls(text, tools, mode) if done["finish_reason"] == "stop" else None
+            return parse_calls(text, tools) if mode == "auto" else None
 
         if not req.stream:
             texts, entries, dones = [[] for _ in params], [[] for _ in params], [None] * len(params)
@@ -125,9 +144,13 @@ def add_openai_routes(app, service, access):
                     entries[i] += ev.get("logprobs", ())
                 else:
                     dones[i] = ev
-            choices = [{"index": i, "message": {"role": "assistant", "content": "".join(texts[i])},
-                        "logprobs": logprobs_of(entries[i]), "finish_reason": dones[i]["finish_reason"]}
-                       for i in range(len(params))]
+            choices = []
+            for i, (text, done) in enumerate(zip(map("".join, texts), dones)):
+                calls = calls_in(text, done)
+                message = {"role": "assistant", "content": None, "tool_calls": calls} if calls else \
+                    {"role": "assistant", "content": text}
+                choices.append({"index": i, "message": message, "logprobs": None if calls else logprobs_of(entries[i]),
+                                "finish_reason": "tool_calls" if calls else done["finish_reason"]})
             return {"id": cid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
                     "usage": usage(len(prompt), sum(d["completion_tokens"] for d in dones),
                                    max(d["cached_tokens"] for d in dones))}
@@ -136,21 +159,41 @@ def add_openai_routes(app, service, access):
             return sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                         "choices": choices, **extra})
 
+        def content(i, text, entries):
+            return chunk([{"index": i, "delta": {"content": text}, "logprobs": logprobs_of(entries),
+                           "finish_reason": None}])
+
         async def stream():
             completion_tokens = cached_tokens = 0
+            # a reply that is (or may still turn out to be) a tool call is held back, then sent as one
+            held = [{"text": "", "logprobs": []} if mode else None for _ in params]
             for i in range(len(params)):  # the role comes first, as OpenAI sends it
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None}])
             try:
                 async for i, ev in service.events(batch):
-                    if "text" in ev:
-                        yield chunk([{"index": i, "delta": {"content": ev["text"]},
-                                      "logprobs": logprobs_of(ev.get("logprobs", ())), "finish_reason": None}])
+                    if "text" in ev and held[i] is None:
+                        yield content(i, ev["text"], ev.get("logprobs", ()))
+                    elif "text" in ev:
+                        held[i]["text"] += ev["text"]
+                        held[i]["logprobs"] += ev.get("logprobs", ())
+                        if not forced and not may_be_call(held[i]["text"]):  # an answer after all
+                            yield content(i, held[i]["text"], held[i]["logprobs"])
+                            held[i] = None
                     else:
                         completion_tokens += ev["completion_tokens"]
                         cached_tokens = max(cached_tokens, ev["cached_tokens"])
-                        yield chunk([{"index": i, "delta": {}, "logprobs": None,
-                                      "finish_reason": ev["finish_reason"]}])
+                        finish_reason = ev["finish_reason"]
+                        if held[i] is not None:
+                            calls = calls_in(held[i]["text"], ev)
+                            if calls:
+                                yield chunk([{"index": i, "delta": {"tool_calls": [dict(call, index=k) for k, call
+                                                                                    in enumerate(calls)]},
+                                              "logprobs": None, "finish_reason": None}])
+                                finish_reason = "tool_calls"
+                            elif held[i]["text"]:
+                                yield content(i, held[i]["text"], held[i]["logprobs"])
+                        yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": finish_reason}])
                 if (req.stream_options or {}).get("include_usage"):
                     yield chunk([], usage=usage(len(prompt), completion_tokens, cached_tokens))
             except ApiError as e:
@@ -169,6 +212,7 @@ def add_openai_routes(app, service, access):
         k = req.logprobs
         params = sampling_params(req, n=req.n, logprobs=k, prompt_logprobs=k if req.echo else None,
                                  min_tokens=0 if req.echo else 1)
+        service.check_response_format(req.response_format)
         items = [(ids, p) for _, ids in prompts for p in params]  # choice i: prompt i // n, its (i % n)-th sample
         if len(prompts) == 1:
             batch = await service.submit(prompts[0][1], params, request.headers.get("x-session-id"))

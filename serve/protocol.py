@@ -46,6 +46,9 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: str
     content: str | list[TextPart] | None = None
+    tool_calls: list[dict] | None = None  # an assistant's calls (serve/tools.py renders them)
+    tool_call_id: str | None = None  # a tool result's call
+    name: str | None = None
 
 
 class Sampling(BaseModel):
@@ -59,6 +62,7 @@ class Sampling(BaseModel):
     # vLLM's name: false shows special tokens as they are (<|python_start|>12*3<|python_end|>...), true (the default)
     # as text reads (the calculator's use as <<12*3=36>>, other special tokens as nothing)
     skip_special_tokens: bool = True
+    response_format: dict | None = None  # {"type": "text" | "json_object" | "json_schema", ...}: serve/structured.py
 
 
 class ChatRequest(Sampling):
@@ -74,7 +78,7 @@ IGNORED_FIELDS = {"user", "metadata", "store", "service_tier", "prediction", "pa
                   "safety_identifier", "prompt_cache_key"}
 # fields we take only at the value that changes nothing
 NEUTRAL_VALUES = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logit_bias": ({},),
-                  "best_of": (1,), "suffix": ("",), "response_format": ({"type": "text"},)}
+                  "best_of": (1,), "suffix": ("",)}
 
 
 class OpenAIRequest(Sampling):
@@ -99,6 +103,8 @@ class ChatCompletionRequest(OpenAIRequest):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
 
 
 class TextCompletionRequest(OpenAIRequest):
@@ -154,9 +160,11 @@ def conversation(messages):
     return convo
 
 
-def sampling_params(req, max_tokens=None, n=1, logprobs=None, prompt_logprobs=None, min_tokens=1):
+def sampling_params(req, max_tokens=None, n=1, logprobs=None, prompt_logprobs=None, min_tokens=1,
+                    response_format=None):
     """A request's sampling fields within nanochat's limits -> [SamplingParams] * n (ApiError 400 names the limit).
-    max_tokens: when given, instead of req.max_tokens; logprobs, prompt_logprobs: top alternatives per token."""
+    max_tokens: when given, instead of req.max_tokens; logprobs, prompt_logprobs: top alternatives per token;
+    response_format: when given, instead of req.response_format (a forced tool call's)."""
     max_tokens = req.max_tokens if max_tokens is None else max_tokens
     _in_range("temperature", req.temperature, *TEMPERATURE_RANGE)
     if req.temperature is not None and 0 < req.temperature < MIN_TEMPERATURE:
@@ -180,7 +188,8 @@ def sampling_params(req, max_tokens=None, n=1, logprobs=None, prompt_logprobs=No
         top_p=req.top_p,
         seed=None if req.seed is None else req.seed + i,  # n seeded choices must still differ from each other
         stop=tuple(stops), logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-        skip_special_tokens=req.skip_special_tokens) for i in range(n)]
+        skip_special_tokens=req.skip_special_tokens,
+        response_format=response_format or req.response_format) for i in range(n)]
 
 
 def usage(prompt_tokens, completion_tokens, cached_tokens=0):

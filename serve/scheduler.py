@@ -41,6 +41,7 @@ import torch
 from nanochat import cuda_runtime
 from nanochat.engine import ToolUse, sample_next_token
 from nanochat.paged_cache import BlockPool, PackedBatch, PagedRow, block_bytes
+from serve.structured import grammar_compiler
 
 logger = logging.getLogger("nanochat.serve")
 
@@ -79,6 +80,7 @@ class SamplingParams:
     logprobs: int | None = None  # each generated token's log-probability and this many top alternatives
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (read from the prefill)
     skip_special_tokens: bool = True  # special tokens in the text read as people read them (ToolUse.shown_bytes)
+    response_format: dict | None = None  # JSON output under a schema, by constrained decoding (serve/structured.py)
 
 
 _ids = itertools.count()
@@ -107,6 +109,10 @@ class Request:
         seed = self.params.seed if self.params.seed is not None else random.getrandbits(63)
         self.rng = torch.Generator(device=device).manual_seed(seed)
         self.tool = ToolUse(tokenizer)  # the calculator; its output is fed instead of samples
+        # the tokens it may take next, under its response_format's grammar (compiled grammars are cached)
+        grammar = grammar_compiler(tokenizer).compile_response_format(self.params.response_format) \
+            if self.params.response_format else None
+        self.constraint = grammar.matcher() if grammar is not None else None
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.text, self.sent, self.unsent_tokens = "", 0, 0
         self.unsent_logprobs = []  # TokenLogprob of the unsent tokens, when the request wants them
@@ -470,8 +476,14 @@ class Scheduler:
         Guarded per row: a request whose scaled logits are not finite, or whose sampling raises, ends alone with an
         error (its row sampled from zeros meanwhile, so nothing invalid reaches the device's sampler); the others
         get exactly the tokens they would get alone."""
-        # softcapped logits are finite unless the model broke (NaN): a row's sum tells, in one pass over the batch
-        finite = torch.isfinite(logits.sum(dim=-1))
+        constrained = [i for i, r in enumerate(reqs) if r.constraint is not None]
+        if constrained:  # their forbidden tokens to -inf (on a copy: log-probabilities stay the model's own)
+            logits = logits.clone()
+            for i in constrained:
+                reqs[i].constraint.apply(logits[i])
+        # softcapped logits are finite unless the model broke (NaN): a row's max tells, in one pass over the batch
+        # (-inf, a forbidden token's, is no harm)
+        finite = torch.isfinite(logits.amax(dim=-1))
         greedy = logits.argmax(dim=-1)
         drawn = [i for i, r in enumerate(reqs) if not r.tool.forced and r.params.temperature != 0]
         sampled = {}
@@ -480,7 +492,7 @@ class Scheduler:
             temperatures = torch.tensor([reqs[i].params.temperature for i in drawn], dtype=logits.dtype,
                                         device=logits.device)
             scaled = logits[rows] / temperatures[:, None]  # a tiny temperature can overflow what was finite
-            finite = finite.index_put((rows,), torch.isfinite(scaled.sum(dim=-1)))
+            finite = finite.index_put((rows,), torch.isfinite(scaled.amax(dim=-1)))
             scaled = torch.where(finite[rows, None], scaled, torch.zeros_like(scaled))  # nothing invalid is sampled
             for j, i in enumerate(drawn):
                 p = reqs[i].params
@@ -515,6 +527,8 @@ class Scheduler:
         req.unsent_tokens += 1
         if logprob is not None:
             req.unsent_logprobs.append(logprob)
+        if req.constraint is not None:
+            req.constraint.advance(token)
         self.stats["tokens"] += 1
         # the calculator, as in the Engine
         req.tool.feed(token)

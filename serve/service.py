@@ -13,6 +13,7 @@ from nanochat.checkpoint_manager import SOURCE_DIRS, find_last_step, load_checkp
 from serve.metrics import ServeMetrics
 from serve.protocol import ApiError
 from serve.scheduler import AsyncRequests, Overloaded, Scheduler
+from serve.structured import SchemaError, grammar_compiler
 
 
 class ChatService:
@@ -93,6 +94,14 @@ class ChatService:
             raise ApiError(400, f"prompt is {len(ids)} tokens, longer than the model's context of "
                                 f"{self.seq_len} tokens", param="messages")
         return ids
+
+    def check_response_format(self, response_format, param="response_format"):
+        """A response_format the scheduler can enforce (compiled now, and cached for it), or a 400 saying why not."""
+        if response_format:
+            try:
+                grammar_compiler(self.tokenizer).compile_response_format(response_format)
+            except SchemaError as e:
+                raise ApiError(400, f"{param}: {e}", param=param) from None
 
     async def submit(self, prompt, params, session=None):
         """Start generating: here, or on the replica that owns this prompt's opening (self.forward, where the

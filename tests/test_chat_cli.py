@@ -1,5 +1,6 @@
 """serve.chat_cli on a local checkpoint: one-shot (-p) and interactive (stdin piped), as real subprocesses.
 The --url mode is tested against the running server in test_serve.py."""
+import json
 import subprocess
 import sys
 
@@ -49,3 +50,32 @@ def test_one_shot_and_interactive(storage):
     # each reply sits between "Assistant: " and the next prompt (replies may hold any character, newlines too)
     turns = [part.split("\n\nUser: ")[0] for part in text.split("Assistant: ")[1:]]
     assert turns == [first, second, fresh]  # the second turn saw the first; after /clear it starts over
+
+
+def test_json_schema_replies_validate_locally_and_through_a_server(storage, tiny_tokenizer, tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
+    from bench.bench_serve import LocalServer
+    from serve.api import make_api
+    from serve.app import ServeConfig
+    from serve.service import ChatService
+    from test_serve import tiny_chat_model
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}, "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["answer", "n"], "additionalProperties": False}
+    path = tmp_path / "answer.json"
+    path.write_text(json.dumps(schema))
+    cmd = [sys.executable, "-m", "serve.chat_cli", "-t", "1.0", "-m", "100", "--json-schema", str(path), "-p", "Is it?"]
+    local = subprocess.Popen(cmd + ["--storage", storage], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    service = ChatService(ServeConfig(), tiny_chat_model(tiny_tokenizer), tiny_tokenizer)
+    try:
+        with LocalServer(make_api(service)) as srv:
+            remote = subprocess.run(cmd + ["--url", srv.url], cwd=REPO_ROOT, capture_output=True, timeout=300)
+    finally:
+        service.close()
+    out_local, err_local = local.communicate(timeout=300)
+    for out, err, code in ((out_local, err_local, local.returncode), (remote.stdout, remote.stderr, remote.returncode)):
+        assert code == 0, err.decode()
+        jsonschema.validate(json.loads(out.decode()), schema), out
+    bad = subprocess.run(cmd[:-2] + ["--json-schema", str(tmp_path / "missing.json"), "-p", "x", "--storage", storage],
+                         cwd=REPO_ROOT, capture_output=True, timeout=300)
+    assert bad.returncode != 0 and b"missing.json" in bad.stderr

@@ -178,3 +178,126 @@ def test_fields_that_change_nothing_are_accepted(server):
     r = post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 2, "user": "u1", "best_of": 1, "suffix": None})
     assert r.status_code == 200, r.text
     assert json.loads(r.text)["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+# -----------------------------------------------------------------------------
+# structured outputs and tool calls: even this random model's output parses and validates, by constrained decoding
+
+PERSON = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 8},
+    "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    "pet": {"enum": ["cat", "dog", "none"]},
+    "tags": {"type": "array", "items": {"type": "string", "maxLength": 4}, "maxItems": 2}},
+    "required": ["name", "age", "pet", "tags"], "additionalProperties": False}
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "current weather in a city",
+                                            "parameters": {"type": "object", "properties": {
+                                                "city": {"type": "string", "maxLength": 10},
+                                                "unit": {"enum": ["C", "F"]}},
+                                                "required": ["city", "unit"], "additionalProperties": False}}}
+CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+    "additionalProperties": False}}}
+ASK = [{"role": "user", "content": "Tell me about someone."}]
+
+
+def test_json_schema_output_validates_for_every_seed(client):
+    jsonschema = pytest.importorskip("jsonschema")
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    for seed in range(4):
+        out = client.chat.completions.create(model="m", messages=ASK, response_format=fmt, temperature=1.0,
+                                             seed=seed, max_tokens=120)
+        assert out.choices[0].finish_reason == "stop", out.choices[0]
+        jsonschema.validate(json.loads(out.choices[0].message.content), PERSON)
+    out = client.chat.completions.create(model="m", messages=ASK, response_format={"type": "json_object"},
+                                         temperature=1.0, seed=0, max_tokens=120)
+    assert out.choices[0].finish_reason in ("stop", "length")
+    if out.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(out.choices[0].message.content), dict)
+    # cut short: finish_reason says so, and the text is the valid prefix it got to
+    out = client.chat.completions.create(model="m", messages=ASK, response_format=fmt, max_tokens=3)
+    assert out.choices[0].finish_reason == "length" and out.choices[0].message.content.startswith("{")
+
+
+def test_structured_output_on_every_route(server, client):
+    jsonschema = pytest.importorskip("jsonschema")
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    r = post(server, "/chat", {"message": "who?", "response_format": fmt, "max_tokens": 120, "seed": 1})
+    assert r.status_code == 200, r.text
+    jsonschema.validate(json.loads(r.json()["response"]), PERSON)
+    out = client.completions.create(model="m", prompt="<|bos|>JSON:", max_tokens=120, seed=2,
+                                    extra_body={"response_format": fmt})
+    jsonschema.validate(json.loads(out.choices[0].text), PERSON)
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="m", messages=ASK, response_format=fmt, max_tokens=120, seed=3, stream=True) if c.choices)
+    jsonschema.validate(json.loads(streamed), PERSON)
+
+
+@pytest.mark.parametrize("fmt,words", [
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}, "response_format"),
+    ({"type": "json_schema"}, "response_format"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "(("}}},
+     "response_format"),
+])
+def test_a_schema_that_cannot_be_compiled_is_a_400(server, fmt, words):
+    for route, body in (("/v1/chat/completions", {"messages": ASK}), ("/chat", {"message": "hi"}),
+                        ("/v1/completions", {"prompt": "hi"})):
+        r = post(server, route, {**body, "response_format": fmt, "max_tokens": 5})
+        assert r.status_code == 400 and words in r.json()["error"]["message"], (route, r.text)
+
+
+def test_langchain_with_structured_output_returns_an_instance(server):
+    langchain_openai = pytest.importorskip("langchain_openai")
+    from pydantic import BaseModel, Field
+
+    class Person(BaseModel):
+        name: str = Field(max_length=8)
+        age: int = Field(ge=0, le=120)
+
+    llm = langchain_openai.ChatOpenAI(base_url=server.url + "/v1", api_key="none", model="m", max_tokens=100,
+                                      temperature=0.7, max_retries=0)
+    person = llm.with_structured_output(Person).invoke("Describe a person.")
+    assert isinstance(person, Person)
+
+
+def test_forced_tool_calls_validate_and_come_back_into_the_conversation(client):
+    jsonschema = pytest.importorskip("jsonschema")
+    ask = [{"role": "user", "content": "Weather in Paris?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for seed in range(3):
+        out = client.chat.completions.create(model="m", messages=ask, tools=[WEATHER, CLOCK], tool_choice=named,
+                                             seed=seed, temperature=1.0, max_tokens=200)
+        choice = out.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
+        (call,) = choice.message.tool_calls
+        assert call.function.name == "get_weather" and call.id.startswith("call_")
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    out = client.chat.completions.create(model="m", messages=ask, tools=[WEATHER, CLOCK], tool_choice="required",
+                                         seed=5, max_tokens=200)
+    assert out.choices[0].finish_reason == "tool_calls", out.choices[0]
+    (call,) = out.choices[0].message.tool_calls
+    tool = {"get_weather": WEATHER, "get_time": CLOCK}[call.function.name]
+    jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
+    # streamed, as OpenAI streams calls: a tool_calls delta, then finish_reason "tool_calls"
+    chunks = list(client.chat.completions.create(model="m", messages=ask, tools=[WEATHER], tool_choice=named,
+                                                 seed=0, temperature=1.0, max_tokens=200, stream=True))
+    deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or ()]
+    assert deltas and deltas[0].function.name == "get_weather" and chunks[-1].choices[0].finish_reason == "tool_calls"
+    jsonschema.validate(json.loads("".join(d.function.arguments for d in deltas)), WEATHER["function"]["parameters"])
+    # the call and its result go back into the conversation; "none" answers in text
+    history = ask + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                     {"role": "tool", "tool_call_id": call.id, "content": "21 C and sunny"}]
+    out = client.chat.completions.create(model="m", messages=history, tools=[WEATHER, CLOCK], tool_choice="none",
+                                         max_tokens=5)
+    assert out.choices[0].message.tool_calls is None and out.choices[0].finish_reason == "length"
+
+
+def test_bad_tool_requests_are_400s(server):
+    for body, field in (({"tool_choice": "required"}, "tool_choice"),
+                        ({"tools": [{"type": "function"}]}, "tools"),
+                        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+                         "tool_choice"),
+                        ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}},
+                         "response_format")):
+        r = post(server, "/v1/chat/completions", {"messages": ASK, "max_tokens": 5, **body})
+        assert r.status_code == 400 and field in r.json()["error"]["message"] + str(r.json()["error"]["param"]), \
+            (body, r.text)
