@@ -18,13 +18,13 @@ import time
 import torch
 
 from nanochat import cuda_runtime
-from nanochat.common import autodetect_device_type
+from nanochat.common import autodetect_device_type, get_base_dir
 from nanochat.dataloader import StreamCursor
 from nanochat.dataloader import tokenizing_distributed_data_loader_with_state_bos_bestfit as plain_loader
 from nanochat.dataset import resolve_source
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.tokenizer import RustBPETokenizer, get_tokenizer
-from ray_jobs.common import init_ray, storage_root
+from ray_jobs.common import init_ray
 from ray_jobs.data_stream import ray_data_loader_with_state, ray_document_batches
 
 
@@ -97,7 +97,7 @@ def main():
     parser.add_argument("--device", default=autodetect_device_type())
     args = parser.parse_args()
 
-    root = storage_root(args.storage)
+    root = get_base_dir(args.storage)
     source = resolve_source("fallback")
     tokenizer, tok_origin = load_or_train_tokenizer(root, args.vocab_size, source)
     docs = [d for u in source.units("train") for d in source.read_unit(u)]

@@ -36,8 +36,7 @@ def main():
     args = parser.parse_args()
     opts = dict(batch_size=8, num_samples=1, max_new_tokens=args.max_new_tokens, temperature=0.0, top_k=50)
 
-    root = tempfile.mkdtemp(prefix="bench_eval_")
-    os.environ["NANOCHAT_BASE_DIR"] = root
+    root = tempfile.mkdtemp(prefix="bench_eval_")  # passed to the loads and the pool
     text = list(pydoc_data.topics.topics.values())
     tokenizer = RustBPETokenizer.train_from_iterator(iter(text), 4096)
     tokenizer.save(os.path.join(root, "tokenizer"))

@@ -36,8 +36,7 @@ def main():
     except Exception as e:
         raise SystemExit(f"no CORE eval bundle ({e}): pass --core-bundle DIR")
 
-    root = tempfile.mkdtemp(prefix="bench_eval_async_")
-    os.environ["NANOCHAT_BASE_DIR"] = root
+    root = tempfile.mkdtemp(prefix="bench_eval_async_")  # run_trainer hands it to the workers and evaluations
     src = resolve_source("fallback")
     tokenizer = RustBPETokenizer.train_from_iterator((d for u in src.units("train")[:40] for d in src.read_unit(u)),
                                                      4096)

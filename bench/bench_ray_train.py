@@ -44,7 +44,6 @@ def main():
     args = parser.parse_args()
 
     root = tempfile.mkdtemp(prefix="bench_ray_train_")
-    os.environ["NANOCHAT_BASE_DIR"] = root
     src = resolve_source("fallback")
     tokenizer = RustBPETokenizer.train_from_iterator((d for u in src.units("train")[:40] for d in src.read_unit(u)),
                                                      4096)
@@ -62,7 +61,7 @@ def main():
         return time.perf_counter() - t0, wall_per_step(ckpt)
 
     def plain(c, ckpt):
-        base_train_worker(c, WorkerContext(checkpoint_dir=ckpt, metrics_path=ckpt + "/metrics.jsonl"))
+        base_train_worker(c, WorkerContext(checkpoint_dir=ckpt, base_dir=root, metrics_path=ckpt + "/metrics.jsonl"))
 
     cpus = args.cpus_per_worker or max(1, (os.cpu_count() or 1) // W)
     torch.set_num_threads(cpus * W)  # the plain process gets the cores the Ray workers get, no more

@@ -24,6 +24,7 @@ import torch
 from nanochat.chat_rl import RLConfig, chat_rl_worker
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.common import autodetect_device_type
+from nanochat.flags import task_data_dir
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.tokenizer import RustBPETokenizer
 from nanochat.train import WorkerContext
@@ -31,8 +32,10 @@ from nanochat.train import WorkerContext
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def task_data_dir(arg, root):
-    for d in (arg, os.environ.get("NANOCHAT_TASK_DATA"), os.path.join(REPO_ROOT, "..", "shared", "data")):
+def gsm8k_task_data(task_data, root):
+    """task_data (--task-data, else $NANOCHAT_TASK_DATA) if it holds GSM8K, else ../shared/data next to the repo, else
+    a few synthetic problems written under root."""
+    for d in (task_data, os.path.join(REPO_ROOT, "..", "shared", "data")):
         if d and os.path.exists(os.path.join(d, "gsm8k")):
             return d
     d = os.path.join(root, "task_data")  # offline and no copies: a few problems in the same layout
@@ -55,7 +58,7 @@ def main():
     parser.add_argument("--num-samples", type=int, default=16)
     parser.add_argument("--device-batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--task-data", default="")
+    parser.add_argument("--task-data", default=None)
     parser.add_argument("--device", default=autodetect_device_type())
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); 1 is "
                         "steadier on a shared machine, where spinning thread pools lose badly")
@@ -65,7 +68,6 @@ def main():
 
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as root:
-        os.environ["NANOCHAT_BASE_DIR"] = root
         tokenizer = RustBPETokenizer.train_from_iterator(iter(pydoc_data.topics.topics.values()), args.vocab_size)
         tokenizer.save(os.path.join(root, "tokenizer"))
         config = GPTConfig(sequence_len=512, vocab_size=tokenizer.get_vocab_size(), n_layer=args.depth,
@@ -80,10 +82,11 @@ def main():
         cfg = RLConfig(model_tag="bench", num_iterations=args.steps, device_batch_size=args.device_batch_size,
                        examples_per_step=args.examples_per_step, num_samples=args.num_samples,
                        max_new_tokens=args.max_new_tokens, eval_every=-1, eval_examples=0, save_every=-1,
-                       task_data=task_data_dir(args.task_data, root))
+                       task_data=gsm8k_task_data(task_data_dir(args.task_data), root))
         ckpt = os.path.join(root, "chatrl_checkpoints", "bench")
         os.makedirs(ckpt)
-        ctx = WorkerContext(device=device, checkpoint_dir=ckpt, metrics_path=os.path.join(ckpt, "metrics.jsonl"))
+        ctx = WorkerContext(device=device, checkpoint_dir=ckpt, base_dir=root,
+                            metrics_path=os.path.join(ckpt, "metrics.jsonl"))
         chat_rl_worker(cfg, ctx, run_id="bench", tokenizer=tokenizer)
         steps = [json.loads(line) for line in open(ctx.metrics_path)]
         steps = [s for s in steps if "reward" in s][1:] or steps[-1:]  # drop the warm-up step

@@ -112,12 +112,13 @@ def checkpoint_dir(cfg, base_dir=None):
 
 class BatchSource:
     """Makes this worker's micro-batch iterators. The default reads the pretraining data with the plain loader;
-    launchers may swap in the Ray Data stream (same state format), tests a fixed list of batches."""
+    launchers may swap in the Ray Data stream (same state format), tests a fixed list of batches. base_dir: the
+    storage root the downloaded hub shards are under."""
 
-    def __init__(self, cfg, tokenizer):
+    def __init__(self, cfg, tokenizer, base_dir=None):
         self.cfg, self.tokenizer = cfg, tokenizer
         from nanochat.dataset import resolve_source
-        self.source = resolve_source(cfg.data)
+        self.source = resolve_source(cfg.data, base_dir=base_dir)
 
     def train(self, rank, world_size, device, resume_state):
         from nanochat.dataloader import tokenizing_distributed_data_loader_with_state_bos_bestfit as loader
@@ -131,11 +132,12 @@ class BatchSource:
                       source=self.source, rank=rank, world_size=world_size, buffer_size=self.cfg.buffer_size)
 
 
-def base_evals(cfg, model, tokenizer, batch_source, rank, world_size, device):
+def base_evals(cfg, model, tokenizer, batch_source, rank, world_size, device, base_dir=None):
     """Base training's periodic evaluations of `model`: validation bits per byte every eval_every steps and CORE
-    every core_metric_every, both offloadable (see evaluate_checkpoint)."""
+    every core_metric_every, both offloadable (see evaluate_checkpoint). base_dir: the storage root (token bytes,
+    the CORE bundle's default place)."""
     from nanochat.tokenizer import get_token_bytes
-    token_bytes = get_token_bytes(device=device)
+    token_bytes = get_token_bytes(device=device, base_dir=base_dir)
     eval_steps = max(1, cfg.eval_tokens // (cfg.device_batch_size * cfg.max_seq_len * world_size))
 
     def val_bpb(step):
@@ -146,7 +148,7 @@ def base_evals(cfg, model, tokenizer, batch_source, rank, world_size, device):
     def core(step):
         from nanochat.core_eval import download_eval_bundle, evaluate_model
         try:
-            bundle = cfg.core_bundle or download_eval_bundle()
+            bundle = cfg.core_bundle or download_eval_bundle(base_dir)
         except Exception as e:  # offline: an eval must never cost the run its final checkpoint
             print0(f"CORE skipped at step {step}: no eval bundle ({str(e).splitlines()[0][:200]})")
             return {}
@@ -159,9 +161,10 @@ def base_evals(cfg, model, tokenizer, batch_source, rank, world_size, device):
     return evals
 
 
-def evaluate_checkpoint(cfg, checkpoint_dir, step, names, device="cpu", batch_source=None, tokenizer=None):
+def evaluate_checkpoint(cfg, checkpoint_dir, step, names, device="cpu", base_dir=None, batch_source=None,
+                        tokenizer=None):
     """The named evals of base_evals on checkpoint `step`, in this process alone (evaluation off the training
-    workers, while they train on): {metric: value}."""
+    workers, while they train on): {metric: value}. base_dir: the storage root, as for base_evals."""
     from nanochat.checkpoint_manager import load_checkpoint
     from nanochat.tokenizer import get_tokenizer
     model_data, _, meta = load_checkpoint(checkpoint_dir, step, device)
@@ -169,10 +172,10 @@ def evaluate_checkpoint(cfg, checkpoint_dir, step, names, device="cpu", batch_so
     model = build_model(GPTConfig.from_dict(meta["model_config"]), device)
     model.load_state_dict(model_data)
     model.eval()
-    tokenizer = tokenizer or get_tokenizer()
-    batch_source = batch_source or BatchSource(cfg, tokenizer)
+    tokenizer = tokenizer or get_tokenizer(base_dir)
+    batch_source = batch_source or BatchSource(cfg, tokenizer, base_dir)
     results = {}
-    for ev in base_evals(cfg, model, tokenizer, batch_source, 0, 1, device):
+    for ev in base_evals(cfg, model, tokenizer, batch_source, 0, 1, device, base_dir):
         if ev.name in names:
             results.update(ev.fn(step))
     return results
@@ -186,8 +189,8 @@ def base_train_worker(cfg, ctx=None, batch_source=None, tokenizer=None, run_id=N
     ctx.wandb = init_wandb(cfg.run, "nanochat", asdict(cfg), ctx.rank)
     device = ctx.device
     torch.manual_seed(cfg.seed)
-    tokenizer = tokenizer or get_tokenizer()
-    batch_source = batch_source or BatchSource(cfg, tokenizer)
+    tokenizer = tokenizer or get_tokenizer(ctx.base_dir)
+    batch_source = batch_source or BatchSource(cfg, tokenizer, ctx.base_dir)
 
     config = model_config(cfg, tokenizer.get_vocab_size())
     T, W = cfg.max_seq_len, ctx.world_size
@@ -234,7 +237,7 @@ def base_train_worker(cfg, ctx=None, batch_source=None, tokenizer=None, run_id=N
 
     meta = dict(model_config=asdict(config), user_config=asdict(cfg), device_batch_size=B, max_seq_len=T,
                 total_batch_size=total_batch, num_iterations=num_iterations, run_id=run_id)
-    evals = base_evals(cfg, model, tokenizer, batch_source, ctx.rank, W, device)
+    evals = base_evals(cfg, model, tokenizer, batch_source, ctx.rank, W, device, ctx.base_dir)
     t0 = time.time()
     state = train_loop(model, optimizer, train_batches, num_iterations=num_iterations, grad_accum_steps=accum,
                        schedule=schedule, ctx=ctx, tokens_per_step=total_batch, flops_per_token=flops_per_token,
@@ -249,14 +252,16 @@ def base_train_worker(cfg, ctx=None, batch_source=None, tokenizer=None, run_id=N
                    resizes="; ".join(state.resizes) or None)
     print0(f"done: {summary}")
     from nanochat.report import get_report
-    get_report().log("Base model training", {**asdict(cfg), **{k: v for k, v in summary.items() if v is not None},
-                                             "num_iterations": num_iterations, "world_size": W})
+    get_report(ctx.base_dir).log("Base model training", {
+        **asdict(cfg), **{k: v for k, v in summary.items() if v is not None}, "num_iterations": num_iterations,
+        "world_size": W})
     return summary
 
 
 def main(argv=None):
     cfg = BaseTrainConfig.parse(argv, "base pretraining in one process")
-    ctx = local_context(checkpoint_dir(cfg), cfg.device_type, cfg.seed)
+    root = get_base_dir()
+    ctx = local_context(checkpoint_dir(cfg, root), cfg.device_type, cfg.seed, base_dir=root)
     resume_step = find_resume_step(ctx.checkpoint_dir) if cfg.resume else None
     return base_train_worker(cfg, ctx, run_id=uuid.uuid4().hex, resume_step=resume_step)
 

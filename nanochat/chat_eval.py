@@ -18,7 +18,6 @@ import os
 
 import torch
 
-from nanochat.flags import task_data_dir
 
 # name -> random-guess baseline (for centering)
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0,
@@ -31,14 +30,13 @@ TASK_NAMES = tuple(BASELINES)
 
 def build_task(name, task_data=None):
     """The eval split of a chat task. task_data: a directory laid out like nanochat/data/tasks/ (arc/ARC-Easy/,
-    mmlu/, gsm8k/, humaneval/, words/words_alpha.zip); default $NANOCHAT_TASK_DATA; None loads from the Hub
-    (HumanEval and the spelling words ship with their PyPI packages)."""
+    mmlu/, gsm8k/, humaneval/, words/words_alpha.zip), as nanochat.flags.task_data_dir decides it at the entry
+    point; None (or "") loads from the Hub (HumanEval and the spelling words ship with their PyPI packages)."""
     from tasks.arc import ARC
     from tasks.gsm8k import GSM8K
     from tasks.humaneval import HumanEval
     from tasks.mmlu import MMLU
     from tasks.spellingbee import SpellingBee
-    task_data = task_data_dir(task_data or "") or None
 
     def sub(*parts):
         return os.path.join(task_data, *parts) if task_data else None

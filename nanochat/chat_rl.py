@@ -25,7 +25,7 @@ from nanochat import storage
 from nanochat.chat_train import rendered_conversations
 from nanochat.checkpoint_manager import SOURCE_DIRS, load_model, pin_source, source_tag
 from nanochat.common import get_base_dir, init_wandb, is_distributed, print0
-from nanochat.flags import ArgsMixin, flag, task_data_dir
+from nanochat.flags import ArgsMixin, flag, task_data_dir, task_data_flag
 from nanochat.train import Eval, StepResult, WorkerContext, restore, run_loop
 
 EVAL_TEMPERATURE, EVAL_TOP_K = 1.0, 50  # pass@k samples like the rollouts
@@ -55,14 +55,14 @@ class RLConfig(ArgsMixin):
     eval_every: int = flag(60, "steps between pass@k evals on the test slice (<= 0: last step only)")
     eval_examples: int = flag(400, "first N GSM8K test problems")
     save_every: int = flag(60, "steps between checkpoints (<= 0: last step only)")
-    task_data: str = flag("", "offline task files laid out like the shipped pack nanochat/data/tasks/ "
-                               "(default $NANOCHAT_TASK_DATA)")
+    task_data: str | None = task_data_flag()
     resume: bool = flag(False, "continue from the newest checkpoint in the output directory")
     run: str = flag("dummy", "wandb run name ('dummy': no wandb)")
     device_type: str = flag("", "cuda | cpu | mps (default: autodetect)")
     seed: int = flag(42, "random seed")
 
     def resolved(self):
+        """The source pinned and the task files decided (once: a resolved config keeps its choice)."""
         return RLConfig(**{**asdict(self), "source": pin_source(self.source),
                            "task_data": task_data_dir(self.task_data)})
 
@@ -234,7 +234,8 @@ def chat_rl_worker(cfg, ctx=None, run_id=None, resume_step=None, tokenizer=None,
 
     tag = cfg.model_tag or storage.basename(ctx.checkpoint_dir)
     model, loaded_tokenizer, source_meta = load_model(cfg.source, device, "train", model_tag=tag,
-                                                      step=cfg.model_step if cfg.model_step >= 0 else None)
+                                                      step=cfg.model_step if cfg.model_step >= 0 else None,
+                                                      base_dir=ctx.base_dir)
     tokenizer = tokenizer or loaded_tokenizer
     engine = Engine(model, tokenizer)  # same module as the one being trained: rollouts are always on-policy
     optimizer = model.setup_optimizer(unembedding_lr=cfg.unembedding_lr, embedding_lr=cfg.embedding_lr,
@@ -332,10 +333,11 @@ def main(argv=None):
     from nanochat.checkpoint_manager import find_resume_step
     from nanochat.train import local_context
     cfg = RLConfig.parse(argv, "RL on GSM8K in one process").resolved()
-    ctx = local_context(output_dir(cfg), cfg.device_type, cfg.seed)
+    root = get_base_dir()
+    ctx = local_context(output_dir(cfg, root), cfg.device_type, cfg.seed, base_dir=root)
     resume_step = find_resume_step(ctx.checkpoint_dir) if cfg.resume else None
     summary = chat_rl_worker(cfg, ctx, run_id=uuid.uuid4().hex, resume_step=resume_step)
-    log_report(cfg, summary)
+    log_report(cfg, summary, root)
     return summary
 
 

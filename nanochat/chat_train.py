@@ -18,7 +18,7 @@ from nanochat import storage
 from nanochat.checkpoint_manager import SOURCE_DIRS, load_model, pin_source, source_tag
 from nanochat.common import get_base_dir, init_wandb, is_distributed, print0
 from nanochat.dataloader import BestFitPacker
-from nanochat.flags import AUTO, ArgsMixin, flag, int_or_auto, task_data_dir
+from nanochat.flags import AUTO, ArgsMixin, flag, int_or_auto, task_data_dir, task_data_flag
 from nanochat.memory_plan import resolve_device_batch
 from nanochat.train import Eval, WorkerContext, all_reduce_max, local_context, restore, train_loop
 
@@ -53,8 +53,7 @@ class ChatTrainConfig(ArgsMixin):
     eval_metrics_every: int = flag(200, "sft: steps between MMLU / ARC-Easy accuracy evals (-1: never)")
     eval_metrics_max_problems: int = flag(1024, "problems per accuracy eval")
     save_every: int = flag(-1, "steps between checkpoints (-1: last step only)")
-    task_data: str = flag("", "offline task files laid out like the shipped pack nanochat/data/tasks/ "
-                               "(default $NANOCHAT_TASK_DATA)")
+    task_data: str | None = task_data_flag()
     identity: str = flag("", "identity conversations JSONL (default <storage>/identity_conversations.jsonl if present)")
     mixture_scale: float = flag(1.0, "shrink the synthetic spelling tasks for small runs")
     buffer_size: int = flag(100, "documents buffered for best-fit packing")
@@ -64,14 +63,13 @@ class ChatTrainConfig(ArgsMixin):
     seed: int = flag(42, "random seed")
 
     def resolved(self):
-        """Fill the stage-dependent defaults."""
+        """Fill the stage-dependent defaults, and the task files' (once: a resolved config keeps its choice)."""
         defaults = STAGE_DEFAULTS[self.stage]
         out = dict(source=pin_source(self.source or defaults["source"]),
                    device_batch_size=self.resolved_batch().device_batch_size,
                    init_lr_frac=self.init_lr_frac if self.init_lr_frac >= 0 else defaults["init_lr_frac"],
                    eval_every=self.eval_every if self.eval_every >= 0 else defaults["eval_every"],
-                   task_data=task_data_dir(self.task_data),
-                   identity=self.identity or storage.join(get_base_dir(), "identity_conversations.jsonl"))
+                   task_data=task_data_dir(self.task_data))
         return ChatTrainConfig(**{**asdict(self), **out})
 
     def resolved_batch(self):
@@ -310,14 +308,17 @@ STAGES = {"mid": mid_stage, "sft": sft_stage}
 def chat_train_worker(cfg, ctx=None, run_id=None, resume_step=None, tokenizer=None, render=rendered_conversations):
     """Midtrain or SFT on this worker; returns a summary dict. resume_step: continue this stage's checkpoint.
     render: where the training conversations are rendered (rendered_conversations, or the Ray Data stream)."""
-    cfg = cfg.resolved()
     ctx = ctx or WorkerContext()
+    cfg = cfg.resolved()
+    if not cfg.identity:  # nanochat's place for them, under the run's storage root
+        cfg = replace(cfg, identity=storage.join(get_base_dir(ctx.base_dir), "identity_conversations.jsonl"))
     ctx.wandb = init_wandb(cfg.run, f"nanochat-{cfg.stage}", asdict(cfg), ctx.rank)
     device, W = ctx.device, ctx.world_size
     torch.manual_seed(cfg.seed)
     tag = storage.basename(ctx.checkpoint_dir)
     model, loaded_tokenizer, source_meta = load_model(cfg.source, device, "train", model_tag=tag,
-                                                      step=cfg.model_step if cfg.model_step >= 0 else None)
+                                                      step=cfg.model_step if cfg.model_step >= 0 else None,
+                                                      base_dir=ctx.base_dir)
     tokenizer = tokenizer or loaded_tokenizer
     config = model.config
     T = min(cfg.max_seq_len, config.sequence_len)
@@ -351,7 +352,7 @@ def chat_train_worker(cfg, ctx=None, run_id=None, resume_step=None, tokenizer=No
                    **state.best_eval, **({"resizes": "; ".join(state.resizes)} if state.resizes else {}))
     print0(f"done: {summary}")
     from nanochat.report import get_report
-    get_report().log(plan.report_title, {**asdict(cfg), **summary, "world_size": W})
+    get_report(ctx.base_dir).log(plan.report_title, {**asdict(cfg), **summary, "world_size": W})
     return summary
 
 
@@ -359,7 +360,8 @@ def main(argv=None):
     """One process (or one torchrun rank)."""
     from nanochat.checkpoint_manager import find_resume_step
     cfg = ChatTrainConfig.parse(argv, "midtraining / SFT in one process").resolved()
-    ctx = local_context(output_dir(cfg), cfg.device_type, cfg.seed)
+    root = get_base_dir()
+    ctx = local_context(output_dir(cfg, root), cfg.device_type, cfg.seed, base_dir=root)
     resume_step = find_resume_step(ctx.checkpoint_dir) if cfg.resume else None
     return chat_train_worker(cfg, ctx, run_id=uuid.uuid4().hex, resume_step=resume_step)
 

@@ -83,13 +83,18 @@ def compute_init(device_type=None, seed=42):
 # -----------------------------------------------------------------------------
 # Paths
 
-def get_base_dir():
-    """Root of all artifacts: $NANOCHAT_BASE_DIR or ~/.cache/nanochat. A local root is created on demand; a URI
-    root (s3://, gs://, ...) is checked to be usable (nanochat.storage)."""
-    base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
-    storage.check_root(base)
-    storage.makedirs(base)
-    return base
+def get_base_dir(root=None):
+    """The storage root of all artifacts: `root` (a --storage flag) when given, else the user's default,
+    $NANOCHAT_BASE_DIR or ~/.cache/nanochat. Entry points call this once and pass the result down (configs,
+    arguments, worker contexts), never through the environment. A local root comes back absolute (workers run in
+    other directories) and created; a URI root (s3://, gs://, ...) as given, checked to be usable (nanochat.storage:
+    a missing filesystem package fails here, naming the extra to install)."""
+    root = root or os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    if not storage.is_uri(root):
+        root = storage.local_path(root)
+    storage.check_root(root)
+    storage.makedirs(root)
+    return root
 
 
 # -----------------------------------------------------------------------------

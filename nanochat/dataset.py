@@ -535,31 +535,35 @@ def local_source(spec, val=None, val_fraction=DEFAULT_VAL_FRACTION, block_docs=D
                       description=f"local files {spec} ({len(train)} files, {split})")
 
 
-def resolve_source(spec="auto", *, data_dir=None, val=None, val_fraction=DEFAULT_VAL_FRACTION,
+def resolve_source(spec="auto", *, data_dir=None, base_dir=None, val=None, val_fraction=DEFAULT_VAL_FRACTION,
                    block_docs=DEFAULT_BLOCK_DOCS):
     """Turn a source spec into a validated DataSource (errors surface here, naming the bad file).
 
     spec: a DataSource (returned as is); 'climbmix' / 'fineweb' / 'fineweb-edu': downloaded hub shards (in
-    `data_dir` or the base dir); 'hub': climbmix shards if present, else fineweb; 'fallback': the shipped corpus;
-    'auto' (or None): hub shards if present, else the fallback corpus; anything else: local path / dir / glob / URI.
+    `data_dir`, else their directory under the storage root `base_dir`); 'hub': climbmix shards if present, else
+    fineweb; 'fallback': the shipped corpus; 'auto' (or None): hub shards if present, else the fallback corpus;
+    anything else: local path / dir / glob / URI.
     """
     if isinstance(spec, DataSource):
         return spec
     spec = os.fspath(spec) if spec else "auto"
+
+    def shard_dir(name):
+        return data_dir or hub_data_dir(name, base_dir)
     if spec in ("auto", "hub"):
         for name in (DEFAULT_HUB, "fineweb"):
-            if hub_shards_present(name, data_dir):
-                src = hub_source(name, data_dir)
+            if hub_shards_present(name, shard_dir(name)):
+                src = hub_source(name, shard_dir(name))
                 break
         else:
             if spec == "hub":
-                raise FileNotFoundError(f"no downloaded hub shards in {hub_data_dir(DEFAULT_HUB)} or "
-                                        f"{hub_data_dir('fineweb')}; run: python -m nanochat.dataset -n N")
+                raise FileNotFoundError(f"no downloaded hub shards in {shard_dir(DEFAULT_HUB)} or "
+                                        f"{shard_dir('fineweb')}; run: python -m nanochat.dataset -n N")
             src = fallback_source().validate()
             logger.warning("pretraining data: no downloaded hub shards found; using the %s", src.description)
             return src
     elif spec in HUB_SOURCES or spec in HUB_ALIASES:
-        src = hub_source(spec, data_dir)
+        src = hub_source(spec, shard_dir(hub_spec(spec).name))
     elif spec == "fallback":
         src = fallback_source()
     else:
@@ -619,8 +623,7 @@ def main(argv=None, download=download_shards, description=None):
     args = DownloadConfig.parse(argv, description or __doc__)
     setup_default_logging()
     try:
-        root = args.storage or get_base_dir()
-        storage.check_root(root)  # a URI root whose filesystem package is missing fails now, naming it
+        root = get_base_dir(args.storage)  # a URI root whose filesystem package is missing fails now, naming it
         paths = download(args.num_files, source=args.source, workers=args.num_workers, base_url=args.base_url,
                          data_dir=args.data_dir or hub_data_dir(args.source, root), max_attempts=args.max_attempts,
                          backoff=args.backoff)

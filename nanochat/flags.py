@@ -33,6 +33,11 @@ def storage_flag():
                       "default $NANOCHAT_BASE_DIR or ~/.cache/nanochat")
 
 
+def task_data_flag():
+    return flag(None, f"offline task files laid out like the shipped pack nanochat/data/tasks/ "
+                      f"(default ${TASK_DATA_ENV}; else the Hugging Face Hub)")
+
+
 class ArgsMixin:
     """argparse for dataclass configs declared with flag(): one --flag per field (dashes), its help and default."""
 
@@ -93,7 +98,15 @@ def int_or_auto(text):
     return AUTO if str(text).strip().lower() == "auto" else int(text)
 
 
-def task_data_dir(explicit=""):
-    """Where the offline task files are (laid out like nanochat's data directory): the explicit value, else
-    $NANOCHAT_TASK_DATA, else "" (load from the Hugging Face Hub)."""
-    return explicit or os.environ.get(TASK_DATA_ENV, "")
+def task_data_dir(explicit=None, shipped_pack=False):
+    """Where the offline task files are (a directory laid out like the pack shipped in nanochat/data/tasks/), or ""
+    for the Hugging Face Hub: `explicit` (--task-data) when given, else the user's default $NANOCHAT_TASK_DATA, else
+    the shipped pack when `shipped_pack` (the demo), else "". The one place this is decided: an entry point calls it
+    once and passes the result down (configs, arguments), never through the environment. A directory comes back
+    absolute, since workers run in other directories."""
+    if explicit is None:
+        explicit = os.environ.get(TASK_DATA_ENV, "")
+        if not explicit and shipped_pack:
+            from nanochat.dataset import PACKAGE_TASK_DATA  # here: nanochat.dataset imports this module
+            explicit = PACKAGE_TASK_DATA
+    return os.path.abspath(explicit) if explicit else ""

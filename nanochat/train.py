@@ -55,6 +55,7 @@ class WorkerContext:
     world_size: int = 1
     device: torch.device = torch.device("cpu")
     checkpoint_dir: str = None  # nanochat layout: model_*.pt, optim_*_rank*.pt, meta_*.json
+    base_dir: str = None  # the run's storage root (tokenizer, source checkpoints, data, report); None: user default
     metrics_path: str = None  # JSONL written by rank 0
     peak_flops: float = float("inf")  # per worker, for MFU
     wandb: object = None  # rank 0's wandb run (or None): gets every logged line
@@ -87,12 +88,13 @@ class WorkerContext:
         on)."""
 
 
-def local_context(checkpoint_dir, device_type="", seed=42):
-    """WorkerContext for a plain process or one torchrun rank, writing into checkpoint_dir (created)."""
+def local_context(checkpoint_dir, device_type="", seed=42, base_dir=None):
+    """WorkerContext for a plain process or one torchrun rank, writing into checkpoint_dir (created), reading from
+    the storage root base_dir."""
     from nanochat.common import autodetect_device_type, compute_init, device_peak_flops
     _, rank, _, world, device = compute_init(device_type or autodetect_device_type(), seed=seed)
     storage.makedirs(checkpoint_dir)
-    return WorkerContext(rank=rank, world_size=world, device=device, checkpoint_dir=checkpoint_dir,
+    return WorkerContext(rank=rank, world_size=world, device=device, checkpoint_dir=checkpoint_dir, base_dir=base_dir,
                          metrics_path=storage.join(checkpoint_dir, "metrics.jsonl"),
                          peak_flops=device_peak_flops(device))
 

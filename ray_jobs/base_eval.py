@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from nanochat.core_eval import (EVAL_BUNDLE_URL, centered, core_metric, download_eval_bundle,
                                 load_bundle, load_task_data, write_results_csv)
 from nanochat import storage
+from nanochat.common import get_base_dir
 from nanochat.flags import ArgsMixin, flag, storage_flag
-from ray_jobs.common import init_ray, storage_root
+from ray_jobs.common import init_ray
 from ray_jobs.eval_pool import bpb_work, core_work, open_pool, resolve_checkpoint, sample_work, shards_for
 
 SAMPLE_PROMPTS = [
@@ -108,7 +109,7 @@ def main(argv=None, pool=None):
     """Run the job; `pool` (optional) is a warm EvalPool to reuse: it is pointed at this checkpoint and left open."""
     args = BaseEvalConfig.from_args(parser().parse_args(argv))
     evals = parse_evals(args.eval)
-    base_dir = storage_root(args.storage)
+    base_dir = get_base_dir(args.storage)
     init_ray()
     source, tag, step = resolve_checkpoint(args.source, args.model_tag, args.step, base_dir)
     bundle_dir = None

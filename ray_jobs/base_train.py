@@ -19,8 +19,8 @@ class RayDataBatches(BatchSource):
     """Training batches from a Ray Data pipeline per worker (read -> tokenize in an actor pool -> pack on the
     worker): the same batches and loader states as the plain loader, with tokenization off the training process."""
 
-    def __init__(self, cfg, tokenizer, num_actors=2):
-        super().__init__(cfg, tokenizer)
+    def __init__(self, cfg, tokenizer, base_dir=None, num_actors=2):
+        super().__init__(cfg, tokenizer, base_dir)
         self.num_actors = num_actors
 
     def train(self, rank, world_size, device, resume_state):
@@ -34,7 +34,7 @@ class RayDataBatches(BatchSource):
 def data_source(run, cfg, root, num_workers):
     if pick_loader(run.loader, num_workers, run.cpus_per_worker) != "ray":
         return {}
-    return {"batch_source": RayDataBatches(cfg, get_tokenizer(root), run.data_actors)}
+    return {"batch_source": RayDataBatches(cfg, get_tokenizer(root), root, run.data_actors)}
 
 
 def base_world_size_error(cfg, root, world_size, batch_world_size):

@@ -9,13 +9,13 @@ Every task's problems are cut into shards (whole categorical batches; single pro
 shards of all tasks go to the pool at once, and the per-problem results come back in order, so the numbers are
 exactly those of a single-process run. Prints a per-task table and ChatCORE, and logs a report section.
 """
-import os
 import time
 from dataclasses import dataclass
 
 from nanochat.chat_eval import TASK_NAMES, accuracy, build_task, chatcore, num_problems, parse_task_names
-from nanochat.flags import TASK_DATA_ENV, ArgsMixin, flag, storage_flag, task_data_dir
-from ray_jobs.common import init_ray, storage_root
+from nanochat.common import get_base_dir
+from nanochat.flags import ArgsMixin, flag, storage_flag, task_data_dir, task_data_flag
+from ray_jobs.common import init_ray
 from ray_jobs.eval_pool import chat_work, open_pool, resolve_checkpoint, shards_for
 
 
@@ -36,8 +36,7 @@ class ChatEvalConfig(ArgsMixin):
     step: int | None = flag(None, "checkpoint step (default: the last)", aliases=["-s"])
     max_problems: int | None = flag(None, "first N problems of each task (default: all)", aliases=["-x"])
     num_actors: int | None = flag(None, "model replicas (default: one per GPU in the cluster, else a few CPU ones)")
-    task_data: str | None = flag(None, f"offline task files laid out like the shipped pack nanochat/data/tasks/ "
-                                       f"(default ${TASK_DATA_ENV}; else the Hugging Face Hub)")
+    task_data: str | None = task_data_flag()
     storage: str | None = storage_flag()
 
 
@@ -52,7 +51,8 @@ def chat_jobs(task_sizes, task_data, num_actors, opts):
 
 
 def evaluate_on_pool(pool, names, task_data=None, max_problems=None, opts=None, progress=True):
-    """{task name: per-problem records (in problem order)} for the first max_problems problems of each task."""
+    """{task name: per-problem records (in problem order)} for the first max_problems problems of each task.
+    task_data: the offline task files (None: the Hugging Face Hub), handed to every actor with its jobs."""
     opts = opts or {}
     tasks = {n: build_task(n, task_data) for n in names}  # also fails fast on missing data, before any actor work
     sizes = {n: (t.eval_type, num_problems(t, max_problems)) for n, t in tasks.items()}
@@ -70,11 +70,8 @@ def parser():
 def main(argv=None, pool=None):
     """Run the job; `pool` (optional) is a warm EvalPool to reuse: it is pointed at this checkpoint and left open."""
     args = ChatEvalConfig.from_args(parser().parse_args(argv))
-    base_dir = storage_root(args.storage)
-    task_data = task_data_dir(args.task_data or "")
-    if task_data:  # exported so init_ray hands it to the workers too
-        task_data = os.path.abspath(task_data)
-        os.environ[TASK_DATA_ENV] = task_data
+    base_dir = get_base_dir(args.storage)
+    task_data = task_data_dir(args.task_data) or None  # decided here, once; the actors get it with their jobs
     names = parse_task_names(args.task_name)
     init_ray()
     source, tag, step = resolve_checkpoint(args.source, args.model_tag, args.step, base_dir)

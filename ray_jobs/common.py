@@ -1,34 +1,26 @@
 """
-Shared glue for the Ray entry points: connecting to (or starting) Ray, the storage root, the launchers' flags.
+Shared glue for the Ray entry points: connecting to (or starting) Ray, the launchers' flags.
 
 Every job connects to a running cluster when RAY_ADDRESS is set (as under `ray job submit`) and starts a local
-Ray otherwise. The storage root (--storage, else $NANOCHAT_BASE_DIR, else ~/.cache/nanochat) is exported as
-NANOCHAT_BASE_DIR to every worker, so nanochat code on any node resolves the same paths.
+Ray otherwise. The storage root (--storage, else $NANOCHAT_BASE_DIR, else ~/.cache/nanochat: nanochat.common.
+get_base_dir) is resolved once by the entry point and handed to every worker as an argument (the train loop's
+config, an actor's constructor), so a worker uses the run's root whatever its own node's environment says.
 """
 import logging
 import os
 from dataclasses import dataclass
 
-from nanochat.common import get_base_dir
 from nanochat.flags import ArgsMixin, flag, storage_flag
-from nanochat.storage import is_uri
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-# environment that every worker must see as the driver does: the storage root and run settings, and the object
-# store's endpoint and credentials when they come from the environment (as with an S3-compatible store)
-PROPAGATED_ENV = ("NANOCHAT_BASE_DIR", "NANOCHAT_DTYPE", "NANOCHAT_TASK_DATA", "NANOCHAT_DATA_URL",
-                  "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                  "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "GOOGLE_APPLICATION_CREDENTIALS")
-
-
-def storage_root(storage=None):
-    """Resolve the storage root and export it so every process (driver and workers) sees the same one. A URI root
-    whose filesystem package is missing fails here, naming the extra to install."""
-    if storage:
-        os.environ["NANOCHAT_BASE_DIR"] = storage if is_uri(storage) else os.path.abspath(storage)
-    return get_base_dir()
+# environment that every worker must see as the driver does: run settings, and the object store's endpoint and
+# credentials when they come from the environment (as with an S3-compatible store). The storage root and the task
+# files are not among them: they travel as arguments.
+PROPAGATED_ENV = ("NANOCHAT_DTYPE", "NANOCHAT_DATA_URL", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+                  "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
+                  "GOOGLE_APPLICATION_CREDENTIALS")
 
 
 # logical CPUs one worker's Ray Data stream reserves (tokenizer / render actors and read tasks, fractional)

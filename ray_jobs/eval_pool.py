@@ -56,7 +56,6 @@ class EvalActor:
     def load(self, source, model_tag, step, base_dir):
         """(Re)load the replica from a checkpoint: a warm pool can move on to the next stage's model."""
         from nanochat.checkpoint_manager import load_model
-        os.environ["NANOCHAT_BASE_DIR"] = base_dir  # nanochat code in this process resolves the same storage
         self.ctx = None  # free the old replica first
         model, tokenizer, meta = load_model(source, self.device, "eval", model_tag, step, base_dir=base_dir)
         if tokenizer is None:
@@ -242,7 +241,9 @@ def bpb_work(ctx, split, source, batch_size, split_tokens, rank, world_size):
     all-reduce does (bpb = total nats / (ln 2 * total bytes))."""
     import itertools
     from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
+    from nanochat.dataset import resolve_source
     from nanochat.loss_eval import evaluate_bpb
+    source = resolve_source(source, base_dir=ctx.base_dir)  # 'auto' / 'hub': the shards under the pool's root
     T = ctx.model.config.sequence_len
     steps = split_tokens // (batch_size * T * world_size)
     token_bytes = ctx.tokenizer.compute_token_bytes().to(ctx.device)  # the model's own (not the storage root's)

@@ -25,6 +25,7 @@ from ray.train import (CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
 
 from nanochat import cuda_runtime, storage
 from nanochat.checkpoint_manager import find_resume_step, read_meta
+from nanochat.common import get_base_dir
 from nanochat.storage import join, pyarrow_filesystem
 from nanochat.train import WorkerContext, all_reduce_max
 from ray_jobs import common
@@ -109,15 +110,14 @@ def offloaded_result_path(checkpoint_dir, step):
 
 
 def validate_checkpoint(checkpoint, evals, evaluate_fn, cfg, base_dir, use_gpu, worker_kwargs):
-    """Ray Train's validation task: evaluate_fn(cfg, checkpoint_dir, step, evals, device, **worker_kwargs) on the
-    checkpoint the pointer names, its result (or error) written beside the checkpoint for the training loop."""
-    os.environ["NANOCHAT_BASE_DIR"] = base_dir
+    """Ray Train's validation task: evaluate_fn(cfg, checkpoint_dir, step, evals, device, base_dir=, **worker_kwargs)
+    on the checkpoint the pointer names, its result (or error) written beside the checkpoint for the training loop."""
     with checkpoint.as_directory() as d, open(os.path.join(d, "pointer.json")) as f:
         pointer = json.load(f)
     step, ckpt_dir = pointer["step"], pointer["checkpoint_dir"]
     device = torch.device("cuda" if use_gpu else "cpu")
     try:
-        result = {"metrics": evaluate_fn(cfg, ckpt_dir, step, evals, device, **worker_kwargs)}
+        result = {"metrics": evaluate_fn(cfg, ckpt_dir, step, evals, device, base_dir=base_dir, **worker_kwargs)}
     except Exception as e:  # the loop must hear of it, or it would wait for this result at the end
         result = {"error": f"{type(e).__name__}: {e}"}
     storage.write_text(offloaded_result_path(ckpt_dir, step), json.dumps(result))
@@ -132,7 +132,6 @@ def worker_entry(train_config):
     """Runs in every Ray Train worker: build the context, work out where to resume, call the nanochat worker."""
     from nanochat.common import device_peak_flops
     tc = dict(train_config)
-    os.environ["NANOCHAT_BASE_DIR"] = tc["base_dir"]  # the storage root, whatever this node's environment says
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     if tc["use_gpu"]:
@@ -151,8 +150,9 @@ def worker_entry(train_config):
             # a group replaced after a handover knows why; one restarted without a handover lost a worker or node
             restart_reason = (handover is not None and ray.get(handover.take.remote())) or "node lost"
             print(f"restarted with {world} workers: resuming run {run_id[:8]} from step {resume_step}", flush=True)
+    # the storage root comes in the config, whatever this node's environment says
     ctx = RayWorkerContext(run_id, handover, rank=rank, world_size=world, device=device, checkpoint_dir=ckpt_dir,
-                           metrics_path=tc.get("metrics_path") if rank == 0 else None,
+                           base_dir=tc["base_dir"], metrics_path=tc.get("metrics_path") if rank == 0 else None,
                            peak_flops=device_peak_flops(device), batch_world_size=tc["batch_world_size"],
                            restart_reason=restart_reason, offload_evals=tc["offload_evals"])
     return tc["worker_fn"](tc["cfg"], ctx, run_id=run_id, resume_step=resume_step, **tc.get("worker_kwargs", {}))
@@ -167,8 +167,9 @@ def run_trainer(worker_fn, cfg, *, name, checkpoint_dir, storage, num_workers, u
     grow every resize_check_s. Each call is a new Ray run (fresh name); resuming a previous run is explicit
     (resume_step), restarts after failures (max_failures) and preemptions (unlimited) are automatic. Rank 0 logs to
     metrics_path (default: metrics.jsonl in the checkpoint dir). evaluate_fn(cfg, checkpoint_dir, step, names, device,
-    **worker_kwargs) -> metrics: run the offloadable evals on their step's checkpoint in a Ray task of their own
-    (one worker's resources) while training goes on; None: every eval on the training workers."""
+    base_dir=, **worker_kwargs) -> metrics: run the offloadable evals on their step's checkpoint in a Ray task of
+    their own (one worker's resources) while training goes on; None: every eval on the training workers. storage: the
+    run's root, handed to every worker and evaluation (their own environments are not consulted)."""
     lo, hi = (num_workers, num_workers) if isinstance(num_workers, int) else num_workers
     run_id = uuid.uuid4().hex
     resources = {"CPU": cpus_per_worker}
@@ -258,7 +259,7 @@ def launch(argv, *, parser, stage, config_cls, worker_fn, output_dir, world_size
     the training workers (--eval-mode). Returns the final metrics."""
     args = parser.parse_args(argv)
     run = common.LaunchConfig.from_args(args)
-    root = common.storage_root(run.storage)
+    root = get_base_dir(run.storage)
     cfg = config_cls.from_args(args).resolved()
     def usable_sizes(lo, hi):
         return check_world_sizes(lo, hi, lambda w: world_size_error(cfg, root, w, lo))

@@ -8,9 +8,9 @@ end) stitches the sections every stage logged into report.md. The work is done b
 import os
 from dataclasses import dataclass
 
+from nanochat.common import get_base_dir
 from nanochat.flags import ArgsMixin, flag, storage_flag
 from nanochat.report import Report
-from ray_jobs.common import storage_root
 
 
 def cluster_info():
@@ -34,7 +34,7 @@ class ReportConfig(ArgsMixin):
 
 def main(argv=None):
     args = ReportConfig.parse(argv, __doc__)
-    report = Report(os.path.join(storage_root(args.storage), "report"))
+    report = Report(os.path.join(get_base_dir(args.storage), "report"))
     if args.command == "reset":
         cluster = None
         if args.ray or os.environ.get("RAY_ADDRESS"):

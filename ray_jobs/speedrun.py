@@ -15,28 +15,18 @@ the path of the report.
 import argparse
 import difflib
 import importlib
-import os
 import time
 from dataclasses import dataclass
 
 from nanochat import storage
-from nanochat.flags import TASK_DATA_ENV, ArgsMixin, flag, storage_flag, task_data_dir
+from nanochat.common import get_base_dir
+from nanochat.flags import ArgsMixin, flag, storage_flag, task_data_dir
 from nanochat.presets import PRESETS, to_argv
 from ray_jobs import common
 
 STAGES = ["data", "tok_train", "tok_eval", "base_train", "base_eval", "mid_train", "chat_eval_mid", "chat_sft",
           "chat_eval_sft", "chat_rl", "chat_eval_rl", "report"]
 TRAINING = {"base_train", "mid_train", "chat_sft", "chat_rl"}
-
-
-
-def default_task_data(preset):
-    """The demo reads the small task pack shipped in the package (offline, same everywhere); the real presets load
-    the tasks from the HuggingFace Hub (None) unless --task-data / NANOCHAT_TASK_DATA say otherwise."""
-    if preset != "demo":
-        return None
-    from nanochat.dataset import PACKAGE_TASK_DATA
-    return PACKAGE_TASK_DATA
 
 
 class StageLog:
@@ -112,15 +102,16 @@ def check_stage_flags(stages, stage_flags, args, task_data):
 def run_stage(stage, flags, args, task_data):
     """Run one stage in this driver (sharing its Ray connection) and return its result."""
     if stage == "data":
-        from nanochat.dataset import DEFAULT_HUB, download_or_fallback, resolve_source
+        from nanochat.dataset import DEFAULT_HUB, download_or_fallback, hub_data_dir, resolve_source
         from ray_jobs.download import download
         n = int(flags.get("num-shards", 0))
         if n <= 0:
             return {"source": "auto (downloaded shards if present, else the shipped corpus)"}
+        data_dir = hub_data_dir(DEFAULT_HUB, args.storage)
         if flags.get("allow-fallback"):  # the demo: offline, the shipped corpus stands in (a log line says so)
-            return {"source": download_or_fallback(n, download=download).description}
-        download(n)  # real runs: a failed or partial download fails the stage, naming every missing shard
-        return {"source": resolve_source(DEFAULT_HUB).description}
+            return {"source": download_or_fallback(n, data_dir=data_dir, download=download).description}
+        download(n, data_dir=data_dir)  # real runs: a failed or partial download fails the stage, naming each missing
+        return {"source": resolve_source(DEFAULT_HUB, data_dir=data_dir).description}
     return stage_module(stage).main(stage_argv(stage, flags, args, task_data))
 
 
@@ -149,17 +140,17 @@ class SpeedrunConfig(ArgsMixin):
                               "returns on a cluster joined via RAY_ADDRESS (as under `ray job submit`)")
     set: list[str] = flag([], "override a stage's flag (repeatable)", action="append", metavar="STAGE.FLAG=VALUE")
     skip: list[str] = flag([], "leave a stage out (repeatable)", action="append", choices=STAGES)
-    task_data: str | None = flag(None, "offline task files laid out like nanochat/data/tasks/ (demo default: that "
-                                       "shipped pack)")
+    task_data: str | None = flag(None, "offline task files laid out like nanochat/data/tasks/ (default "
+                                       "$NANOCHAT_TASK_DATA; else that shipped pack for the demo, the Hugging Face "
+                                       "Hub for the others)")
 
 
 def main(argv=None):
     args = SpeedrunConfig.parse(argv, __doc__)
-    root = common.storage_root(args.storage)
+    root = get_base_dir(args.storage)
     args.storage = root
-    task_data = task_data_dir(args.task_data or "") or default_task_data(args.preset)
-    if task_data:
-        os.environ[TASK_DATA_ENV] = task_data
+    # decided once, here; every stage gets it on its command line ("": the Hub)
+    task_data = task_data_dir(args.task_data, shipped_pack=args.preset == "demo")
     overrides = parse_overrides(args.set)
 
     def stage_flags(stage):

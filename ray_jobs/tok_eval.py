@@ -10,8 +10,8 @@ A few documents and three tokenizers: this runs in the job's driver process, the
 import threading
 from dataclasses import dataclass
 
+from nanochat.common import get_base_dir
 from nanochat.flags import ArgsMixin, flag, storage_flag
-from ray_jobs.common import storage_root
 
 # Short texts in the spirit of nanochat's tok_eval, written for this project.
 NEWS = """\
@@ -80,10 +80,11 @@ def load_tiktoken(name, timeout=20):
     return result.get("enc"), result.get("error", f"timed out after {timeout}s")
 
 
-def source_samples(spec):
-    """The first train and val unit of the source, each joined into one text (like nanochat's fineweb rows)."""
+def source_samples(spec, root):
+    """The first train and val unit of the source ('hub': the shards under the storage root `root`), each joined
+    into one text (like nanochat's fineweb rows)."""
     from nanochat.dataset import resolve_source
-    src = resolve_source(spec)
+    src = resolve_source(spec, base_dir=root)
     return {f"{split}-docs": "\n".join(src.read_unit(src.units(split)[0])) for split in ("train", "val")}, src
 
 
@@ -99,7 +100,7 @@ def parser():
 
 def main(argv=None):
     args = TokEvalConfig.from_args(parser().parse_args(argv))
-    root = storage_root(args.storage)
+    root = get_base_dir(args.storage)
 
     from nanochat.tokenizer import get_tokenizer
     encoders = {"ours": get_tokenizer(root).enc}
@@ -110,7 +111,7 @@ def main(argv=None):
             notes.append(f"{label} ({name}) skipped: tiktoken cannot load it here ({error})")
         else:
             encoders[label] = enc
-    docs, src = source_samples(args.data)
+    docs, src = source_samples(args.data, root)
     texts = {**SAMPLES, **docs}
 
     results = {label: {} for label in encoders}

@@ -17,8 +17,9 @@ import time
 from dataclasses import dataclass
 
 from nanochat import storage
+from nanochat.common import get_base_dir
 from nanochat.flags import ArgsMixin, flag, storage_flag
-from ray_jobs.common import init_ray, storage_root
+from ray_jobs.common import init_ray
 
 logger = logging.getLogger("tok_train")
 
@@ -64,10 +65,10 @@ def main(argv=None):
     args = TokTrainConfig.from_args(parser().parse_args(argv))
     max_chars = int(args.max_chars)
 
-    root = storage_root(args.storage)  # exported first: 'hub' resolves its shard directory under the root
+    root = get_base_dir(args.storage)
     from nanochat.dataset import resolve_source
     try:
-        source = resolve_source(args.data)
+        source = resolve_source(args.data, base_dir=root)  # 'hub': the shards under this root
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{e}\nhint: or train on the shipped corpus with --data fallback") from None
     logger.info("training a %d-token vocabulary on up to %s chars of %s (docs cropped to %d chars)",

@@ -285,8 +285,9 @@ def parser():
 def main(argv=None):
     args = ServeConfig.from_args(parser().parse_args(argv))
 
-    from ray_jobs.common import init_ray, storage_root
-    args.storage = storage_root(args.storage)  # resolved and exported before Ray starts, so replicas see it
+    from nanochat.common import get_base_dir
+    from ray_jobs.common import init_ray
+    args.storage = get_base_dir(args.storage)  # resolved here, once: the replicas get it in their config
     init_ray()
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_app(asdict(args)), name="nanochat", route_prefix="/")

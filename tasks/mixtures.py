@@ -2,8 +2,9 @@
 The conversation mixtures of midtraining and chat SFT (the OLD recipe).
 
 With task_data=None every task loads from the HuggingFace Hub (nanochat's recipe). With task_data=DIR the tasks
-read local files laid out like the shipped pack nanochat/data/tasks/ (env NANOCHAT_TASK_DATA sets the default),
-which holds no SmolTalk and no MMLU auxiliary_train; offline, the substitutes are (logged):
+read local files laid out like the shipped pack nanochat/data/tasks/ (the entry point decides which, see
+nanochat.flags.task_data_dir), which holds no SmolTalk and no MMLU auxiliary_train; offline, the substitutes are
+(logged):
 - SmolTalk -> DIR/chat/chatterbot_english_conversations.jsonl.gz (train), fastchat_reference_conversations (val)
 - MMLU auxiliary_train (multiple-choice practice) -> ARC-Easy + ARC-Challenge train
 Identity conversations (CustomJSON) are used when `identity` (a JSONL path) exists, else left out.
@@ -13,7 +14,6 @@ import logging
 import os
 
 from nanochat import storage
-from nanochat.flags import task_data_dir
 from tasks.arc import ARC
 from tasks.common import TaskMixture
 from tasks.customjson import CustomJSON
@@ -23,10 +23,6 @@ from tasks.smoltalk import SmolTalk
 from tasks.spellingbee import SimpleSpelling, SpellingBee
 
 logger = logging.getLogger("nanochat")
-
-
-def default_task_data():
-    return task_data_dir() or None
 
 
 def _chat(split, task_data):

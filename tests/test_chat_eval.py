@@ -163,10 +163,18 @@ def test_parse_task_names():
         ch.build_task("Nope")
 
 
+def test_tasks_come_from_the_directory_given_not_the_environment(monkeypatch):
+    """The entry point decides the task files and passes them down (to chat_eval's actors with their jobs): a
+    process's own NANOCHAT_TASK_DATA is not consulted."""
+    from nanochat.dataset import PACKAGE_TASK_DATA
+    monkeypatch.setenv("NANOCHAT_TASK_DATA", "/nonexistent/task/data")
+    task = ch.build_task("GSM8K", PACKAGE_TASK_DATA)
+    assert task.split == "test" and len(task) > 0 and task[0]["messages"]
+
+
 @needs_shared
-def test_registry_on_shared_data(monkeypatch, model, tiny_tokenizer):
-    monkeypatch.setenv("NANOCHAT_TASK_DATA", str(SHARED_DATA))  # the env var is the default task-data dir
-    tasks = {n: ch.build_task(n) for n in ch.TASK_NAMES}
+def test_registry_on_shared_data(model, tiny_tokenizer):
+    tasks = {n: ch.build_task(n, str(SHARED_DATA)) for n in ch.TASK_NAMES}
     assert {n: t.eval_type for n, t in tasks.items()} == {
         "ARC-Easy": "categorical", "ARC-Challenge": "categorical", "MMLU": "categorical", "GSM8K": "generative",
         "HumanEval": "generative", "SpellingBee": "generative"}
@@ -176,5 +184,3 @@ def test_registry_on_shared_data(monkeypatch, model, tiny_tokenizer):
     for name in ("ARC-Easy", "MMLU"):  # real letters are single tokens; predictions come from them
         recs = ch.evaluate_problems(tasks[name], model, tiny_tokenizer, range(4), batch_size=2)
         assert all(r["prediction"] in tasks[name][r["index"]]["letters"] for r in recs)
-    explicit = ch.build_task("ARC-Challenge", str(SHARED_DATA))
-    assert explicit[0] == tasks["ARC-Challenge"][0]

@@ -195,14 +195,16 @@ TINY = RLConfig(model_tag="plain", num_iterations=4, device_batch_size=2, exampl
 
 
 def plain_run(cfg, storage, tokenizer, monkeypatch, resume_step=None):
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", storage)
+    elsewhere = storage + "_elsewhere"  # the root comes in the worker's context, not from the environment
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", elsewhere)
     cfg = replace(cfg, task_data=os.path.join(storage, "task_data")).resolved()
     ckpt = output_dir(cfg, storage)
     os.makedirs(ckpt, exist_ok=True)
-    ctx = WorkerContext(checkpoint_dir=ckpt, metrics_path=ckpt + "/metrics.jsonl")
+    ctx = WorkerContext(checkpoint_dir=ckpt, base_dir=storage, metrics_path=ckpt + "/metrics.jsonl")
     train = ParityReward(split="train", data_path=os.path.join(cfg.task_data, "gsm8k"))
-    return chat_rl_worker(cfg, ctx, run_id="plain", tokenizer=tokenizer, train_task=train,
-                          resume_step=resume_step), ckpt
+    summary = chat_rl_worker(cfg, ctx, run_id="plain", tokenizer=tokenizer, train_task=train, resume_step=resume_step)
+    assert not os.path.exists(elsewhere)
+    return summary, ckpt
 
 
 def test_plain_process_trains_saves_and_resumes_exactly(rl_storage, tiny_tokenizer, monkeypatch):

@@ -93,7 +93,8 @@ def make_stage_storage(root, tiny_tokenizer):
 
 
 def run_stage(stage, storage, monkeypatch, tokenizer, **overrides):
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", storage)
+    elsewhere = storage + "_elsewhere"  # the root comes in the worker's context, not from the environment
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", elsewhere)
     settings = dict(max_seq_len=64, device_batch_size=2, total_batch_size=256, target_examples_per_step=4,
                     num_iterations=6, eval_every=3, eval_tokens=256, eval_steps=2, save_every=3,
                     task_data=os.path.join(storage, "task_data"), mixture_scale=0.0005, eval_metrics_every=6,
@@ -101,8 +102,10 @@ def run_stage(stage, storage, monkeypatch, tokenizer, **overrides):
     cfg = ChatTrainConfig(stage=stage, **{**settings, **overrides}).resolved()
     ckpt = output_dir(cfg, storage)
     os.makedirs(ckpt, exist_ok=True)
-    ctx = WorkerContext(checkpoint_dir=ckpt, metrics_path=ckpt + "/metrics.jsonl")
-    return chat_train_worker(cfg, ctx, run_id="test", tokenizer=tokenizer), ckpt
+    ctx = WorkerContext(checkpoint_dir=ckpt, base_dir=storage, metrics_path=ckpt + "/metrics.jsonl")
+    summary = chat_train_worker(cfg, ctx, run_id="test", tokenizer=tokenizer)
+    assert not os.path.exists(elsewhere)
+    return summary, ckpt
 
 
 def test_mid_then_sft_plain_process(stage_storage, tiny_tokenizer, monkeypatch):

@@ -15,6 +15,17 @@ def test_base_dir_from_env(tmp_path, monkeypatch):
     assert target.is_dir()  # created on demand
 
 
+def test_base_dir_given_wins_over_env_and_comes_back_absolute(tmp_path, monkeypatch):
+    """An entry point's --storage is resolved once: absolute (workers run in other directories), created, and the
+    environment only a default (never written back)."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "elsewhere"))
+    monkeypatch.chdir(tmp_path)
+    assert common.get_base_dir("run") == str(tmp_path / "run") and (tmp_path / "run").is_dir()
+    assert common.get_base_dir("file://" + str(tmp_path / "f")) == str(tmp_path / "f")
+    assert common.get_base_dir("memory://bucket/run") == "memory://bucket/run"  # a URI root as given
+    assert not (tmp_path / "elsewhere").exists() and os.environ["NANOCHAT_BASE_DIR"] == str(tmp_path / "elsewhere")
+
+
 def test_base_dir_default(tmp_path, monkeypatch):
     monkeypatch.delenv("NANOCHAT_BASE_DIR", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))

@@ -171,11 +171,14 @@ def test_actor_death_redoes_shard_and_errors_name_the_shard(ray_local, pools, tm
         pool.map([("shard-7", broken_job, (), 1)], progress=False)
 
 
-def test_entry_points_end_to_end(ray_local, pools, storage, task_data, tmp_path, capsys):
+def test_entry_points_end_to_end(ray_local, pools, storage, task_data, tmp_path, capsys, monkeypatch):
     """base_eval (CORE on a mini bundle + bpb on the shipped corpus + samples), chat_eval, then the report card.
-    The jobs reuse the warm pools (pointed at the base, then the sft checkpoint); bpb is striped over 3 replicas."""
+    The jobs reuse the warm pools (pointed at the base, then the sft checkpoint); bpb is striped over 3 replicas.
+    The root and the task files reach the replicas as arguments: the jobs leave the environment as it was."""
     from ray_jobs import base_eval, chat_eval, report
     root = str(storage)
+    monkeypatch.delenv("NANOCHAT_TASK_DATA", raising=False)
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "elsewhere"))
     bundle = mini_bundle(tmp_path / "bundle")
     report.main(["reset", "--storage", root])
     out = base_eval.main(["--storage", root, "--core-bundle", bundle, "--max-per-task", "4",
@@ -193,6 +196,7 @@ def test_entry_points_end_to_end(ray_local, pools, storage, task_data, tmp_path,
     printed = capsys.readouterr().out
     assert "ARC-Easy" in printed and "ChatCORE (partial, 2 of 6 tasks)" in printed
     assert set(res["accuracies"]) == {"ARC-Easy", "GSM8K"}
+    assert "NANOCHAT_TASK_DATA" not in os.environ and os.environ["NANOCHAT_BASE_DIR"] == str(tmp_path / "elsewhere")
 
     path = report.main(["generate", "--storage", root])
     text = Path(path).read_text()
@@ -203,3 +207,29 @@ def test_entry_points_end_to_end(ray_local, pools, storage, task_data, tmp_path,
     arc_row = next(line for line in text.splitlines() if line.startswith("| ARC-Easy |"))
     assert arc_row.split("|")[4].strip() == f"{res['accuracies']['ARC-Easy']:.4f}"  # the SFT column
     assert "Total wall clock time:" in text
+    assert not (tmp_path / "elsewhere").exists()  # nothing fell back to the environment's root
+
+
+def test_a_replica_uses_the_root_and_task_files_it_is_given_not_its_environment(ray_local, storage, task_data,
+                                                                                 tmp_path, tiny_tokenizer):
+    """A replica whose own environment names another storage root and other task files (as on a node set up for
+    another run) loads the checkpoint, reads the pretraining data ('auto': hub shards under the root, else the
+    shipped corpus) and builds the tasks from what the job passed it: the root to its constructor, the task files
+    with each job. The root its environment names is never touched."""
+    import ray
+
+    from ray_jobs.eval_pool import EvalActor, bpb_work, chat_work
+    elsewhere = tmp_path / "elsewhere"
+    env = {"NANOCHAT_BASE_DIR": str(elsewhere), "NANOCHAT_TASK_DATA": str(tmp_path / "no_tasks")}
+    actor = EvalActor.options(num_cpus=1, runtime_env={"env_vars": env}).remote("sft", "d2", 3, str(storage), False)
+    try:
+        seen = ray.get(actor.run.remote(lambda ctx: (os.environ.get("NANOCHAT_BASE_DIR"), ctx.base_dir)))
+        assert seen == (str(elsewhere), str(storage))
+        records = ray.get(actor.run.remote(chat_work, "ARC-Easy", task_data, [0, 1, 2], CHAT_OPTS))
+        nats, nbytes = ray.get(actor.run.remote(bpb_work, "val", "auto", 2, 1024, 0, 1))
+    finally:
+        ray.kill(actor)
+    single = evaluate_problems(build_task("ARC-Easy", task_data), tiny_model(), tiny_tokenizer, range(3), **CHAT_OPTS)
+    assert records == single
+    assert nbytes > 0 and nats > 0
+    assert not elsewhere.exists()

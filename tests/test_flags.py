@@ -1,6 +1,7 @@
 """nanochat/flags.py, and the --help of every entry point: each flag says what it does."""
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -65,11 +66,29 @@ def test_a_field_without_help_is_refused():
         Bare.add_args(argparse.ArgumentParser())
 
 
-def test_task_data_dir(monkeypatch):
+def test_task_data_dir(monkeypatch, tmp_path):
+    from nanochat.dataset import PACKAGE_TASK_DATA
     monkeypatch.delenv("NANOCHAT_TASK_DATA", raising=False)
     assert task_data_dir() == "" and task_data_dir("/x") == "/x"
-    monkeypatch.setenv("NANOCHAT_TASK_DATA", "/env")
-    assert task_data_dir() == "/env" and task_data_dir("/x") == "/x"
+    assert task_data_dir(shipped_pack=True) == PACKAGE_TASK_DATA  # the demo's default
+    monkeypatch.setenv("NANOCHAT_TASK_DATA", "/env")  # the user's default beats the demo's
+    assert task_data_dir() == "/env" and task_data_dir("/x") == "/x" and task_data_dir(shipped_pack=True) == "/env"
+    assert task_data_dir("") == ""  # decided: the Hub, whatever the environment says (a resolved config keeps it)
+    monkeypatch.chdir(tmp_path)  # workers run in other directories: a relative directory comes back absolute
+    assert task_data_dir("tasks") == os.path.join(str(tmp_path), "tasks")
+
+
+def test_a_resolved_config_keeps_its_task_data_wherever_it_is_resolved_again(monkeypatch):
+    """A training worker resolves the config it was sent again: it must not pick the task files up from its own
+    environment (the entry point decided them, possibly as "": the Hub)."""
+    from nanochat.chat_rl import RLConfig
+    from nanochat.chat_train import ChatTrainConfig
+    for config in (ChatTrainConfig(stage="sft"), RLConfig()):
+        monkeypatch.delenv("NANOCHAT_TASK_DATA", raising=False)
+        at_entry = config.resolved()
+        monkeypatch.setenv("NANOCHAT_TASK_DATA", "/the/worker/node's/own")
+        assert at_entry.task_data == "" and at_entry.resolved().task_data == ""
+        assert config.resolved().task_data == "/the/worker/node's/own"  # (unresolved: the user's default)
 
 
 # `python -m MODULE --help` for every entry point, in one interpreter (each module's __main__ run by runpy, as -m

@@ -22,9 +22,13 @@ def test_loader_auto_takes_ray_data_only_with_cpus_to_spare(ray_local, capsys):
 
 def test_a_stage_on_a_local_ray_prints_its_own_lines_not_rays(tmp_path, tiny_tokenizer):
     """A user's run of a training stage, as a process of its own that starts a local Ray (no dashboard): the
-    console has the stage's lines and at most a couple from Ray (its token notice, an actor's exit)."""
+    console has the stage's lines and at most a couple from Ray (its token notice, an actor's exit). The workers
+    (and the evaluations beside them) use the --storage root they are handed, though the environment they inherit
+    names another."""
     tiny_tokenizer.save(str(tmp_path / "tokenizer"))
+    elsewhere = tmp_path / "elsewhere"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["NANOCHAT_BASE_DIR"] = str(elsewhere)
     out = subprocess.run(
         [sys.executable, "-m", "ray_jobs.base_train", "--storage", str(tmp_path), "--depth", "2", "--aspect-ratio",
          "32", "--head-dim", "32", "--max-seq-len", "32", "--device-batch-size", "2", "--total-batch-size", "64",
@@ -36,3 +40,6 @@ def test_a_stage_on_a_local_ray_prints_its_own_lines_not_rays(tmp_path, tiny_tok
     assert any("step 00016/00016" in line for line in lines) and any("base finished" in line for line in lines)
     from_ray = [line for line in lines if RAY_LINE.search(line)]
     assert len(from_ray) <= 3, "\n".join(from_ray)
+    assert (tmp_path / "base_checkpoints" / "d2" / "model_000016.pt").is_file()
+    assert (tmp_path / "report" / "base-model-training.md").is_file()
+    assert not elsewhere.exists()

@@ -29,13 +29,14 @@ def test_loop_reports_to_ray_only_with_checkpoints(tmp_path, tiny_tokenizer, mon
 
     monkeypatch.setattr(ray.train, "report", record)
     monkeypatch.setattr(ray.train, "get_preemption_info", lambda: None)  # no node of this group is being drained
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "elsewhere"))  # the root comes in the context
     tiny_tokenizer.save(str(tmp_path / "tokenizer"))
     cfg = replace(TINY, model_tag="ray_ctx")
     ckpt = checkpoint_dir(cfg, str(tmp_path))
     os.makedirs(ckpt)
-    ctx = RayWorkerContext("run-1", checkpoint_dir=ckpt, metrics_path=ckpt + "/metrics.jsonl")
+    ctx = RayWorkerContext("run-1", checkpoint_dir=ckpt, base_dir=str(tmp_path), metrics_path=ckpt + "/metrics.jsonl")
     base_train_worker(cfg, ctx, tokenizer=tiny_tokenizer, run_id="run-1")
+    assert (tmp_path / "report" / "base-model-training.md").is_file() and not (tmp_path / "elsewhere").exists()
 
     assert [m["step"] for m, _ in reports] == [10, 20, 25]  # save_every=10, and the final step
     assert [p["step"] for _, p in reports] == [10, 20, 25]

@@ -79,7 +79,7 @@ def test_every_stage_flag_is_checked_before_anything_runs(tmp_path, capsys):
 
 def test_data_stage_falls_back_only_for_the_demo(tmp_path, monkeypatch, ray_local):
     """d20/d24 download their shards (Ray tasks) and fail naming every missing one; the demo falls back to the
-    shipped corpus when the mirror cannot serve them."""
+    shipped corpus when the mirror cannot serve them. The shards go under the run's root, not $NANOCHAT_BASE_DIR."""
     from argparse import Namespace
 
     from nanochat.dataset import DownloadError, shard_name
@@ -91,7 +91,7 @@ def test_data_stage_falls_back_only_for_the_demo(tmp_path, monkeypatch, ray_loca
         write_parquet(hub / shard_name(i), shard_texts(i))
     server = ShardServer(str(hub))
     try:
-        monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "root"))
+        monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "elsewhere"))
         monkeypatch.setenv("NANOCHAT_DATA_URL", server.url)
         args = Namespace(storage=str(tmp_path / "root"))
         with pytest.raises(DownloadError, match=shard_name(1)):
@@ -101,6 +101,8 @@ def test_data_stage_falls_back_only_for_the_demo(tmp_path, monkeypatch, ray_loca
         assert demo["source"].startswith("offline fallback corpus")
         assert run_stage("data", {**PRESETS["d20"]["data"], "num-shards": 1}, args, None)["source"].startswith(
             "climbmix hub shards (1 train")  # what is there is enough for a smaller run
+        assert {shard_name(0), shard_name(6542)} <= set(os.listdir(tmp_path / "root" / "base_data_climbmix"))
+        assert not (tmp_path / "elsewhere").exists()
     finally:
         server.close()
 

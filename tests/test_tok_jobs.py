@@ -9,8 +9,10 @@ from ray_jobs import tok_eval, tok_train
 
 @pytest.fixture
 def root(tmp_path, monkeypatch):
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))  # the jobs export the root; undo it after the test
-    return tmp_path
+    """The jobs' --storage root; the environment names another, which they must leave alone."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "elsewhere"))
+    yield tmp_path / "root"
+    assert not (tmp_path / "elsewhere").exists()
 
 
 def test_tok_train_then_eval(ray_local, root, capsys):
