@@ -17,7 +17,8 @@ from nanochat.schedules import derive_hyperparameters, grad_accum_steps, lr_mult
     muon_weight_decay
 from nanochat.flags import ArgsMixin, flag, int_or_auto
 from nanochat.memory_plan import resolve_device_batch
-from nanochat.train import Eval, WorkerContext, all_reduce_max, local_context, restore, train_loop
+from nanochat.train import Eval, WorkerContext, all_reduce_max, local_context, restore, run_loop, \
+    supervised_step
 
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
                   "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
@@ -239,11 +240,11 @@ def base_train_worker(cfg, ctx=None, batch_source=None, tokenizer=None, run_id=N
                 total_batch_size=total_batch, num_iterations=num_iterations, run_id=run_id)
     evals = base_evals(cfg, model, tokenizer, batch_source, ctx.rank, W, device, ctx.base_dir)
     t0 = time.time()
-    state = train_loop(model, optimizer, train_batches, num_iterations=num_iterations, grad_accum_steps=accum,
-                       schedule=schedule, ctx=ctx, tokens_per_step=total_batch, flops_per_token=flops_per_token,
-                       evals=evals, sample_fn=sample, sample_every=cfg.sample_every, save_every=cfg.save_every,
-                       meta=meta, loop_state=loop_state, loader_state=loader_state,
-                       compiled_model=compiled)
+    step_fn = supervised_step(model, optimizer, train_batches, grad_accum_steps=accum, schedule=schedule, ctx=ctx,
+                              tokens_per_step=total_batch, flops_per_token=flops_per_token, compiled_model=compiled)
+    state = run_loop(model, optimizer, step_fn, num_iterations=num_iterations, ctx=ctx, evals=evals, sample_fn=sample,
+                     sample_every=cfg.sample_every, save_every=cfg.save_every, meta=meta, loop_state=loop_state,
+                     loader_state=loader_state)
     summary = dict(step=state.step, num_iterations=num_iterations, val_bpb=state.best_eval.get("val_bpb"),
                    smooth_train_loss=state.smooth_train_loss / (1 - 0.9 ** max(state.step, 1)),
                    total_training_time=state.total_training_time, wall_time=time.time() - t0,

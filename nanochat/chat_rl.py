@@ -9,7 +9,7 @@ the samples are on-policy and used for exactly one update. Tokens the model did 
 calculator output, padding) get no gradient. Then one optimizer step; gradients are averaged across ranks inside
 MuonAdamW, as in every other stage (no DDP).
 
-The checkpoint / metrics contract is train_loop's (nanochat/train.py): num_iterations + 1 iterations so the final
+The checkpoint / metrics contract is run_loop's (nanochat/train.py): num_iterations + 1 iterations so the final
 eval and save see step N; checkpoints via save_training_checkpoint (loader state = the example cursor), so a
 restarted Ray Train worker group resumes exactly like the other stages.
 """

@@ -6,10 +6,12 @@ checkpoint contract as base training (nanochat/train.py); what differs is the da
 - sft: one conversation per row, padded; loss only on what the assistant writes (render_conversation's mask);
   lr linear to 0 from init_lr_frac.
 """
+import argparse
 import math
 import random
 import uuid
 from dataclasses import asdict, dataclass, replace
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -20,67 +22,76 @@ from nanochat.common import get_base_dir, init_wandb, is_distributed, print0
 from nanochat.dataloader import BestFitPacker
 from nanochat.flags import AUTO, ArgsMixin, flag, int_or_auto, task_data_dir, task_data_flag
 from nanochat.memory_plan import resolve_device_batch
-from nanochat.train import Eval, WorkerContext, all_reduce_max, local_context, restore, train_loop
+from nanochat.train import Eval, WorkerContext, all_reduce_max, local_context, restore, run_loop, supervised_step
 
 
 @dataclass
 class ChatTrainConfig(ArgsMixin):
-    stage: str = flag("mid", "mid | sft (set by the entry point)")
-    source: str = flag("", "model to start from: base|mid under the storage root (default: base for mid, mid for "
-                           "sft), a model directory (Hugging Face export or nanochat layout) or a Hugging Face Hub "
-                           "repo id owner/name[@revision]")
+    """The flags midtraining and SFT share; each stage's config (MidTrainConfig, SFTConfig) adds its own, --source
+    among them, with its defaults (nanochat's)."""
     model_tag: str = flag("", "the source checkpoint's tag (default: its largest d<N>), also the output's; for a "
                               "directory or Hub source only the output's (default: the directory's or repo's name)")
     model_step: int = flag(-1, "the source checkpoint's step (default: its last)")
     max_seq_len: int = flag(2048, "tokens per training row (the model's sequence_len)")
-    device_batch_size: int = flag(-1, "rows (mid) or conversations (sft) per micro-batch; auto: on a GPU the largest "
-                                      "whose planned memory peak fits, elsewhere the largest up to 32 (-1: the "
-                                      "stage's default, mid auto, sft 4)", type=int_or_auto)
-    total_batch_size: int = flag(524288, "mid: tokens per optimizer step over all workers")
-    target_examples_per_step: int = flag(32, "sft: conversations per optimizer step over all workers")
-    num_epochs: int = flag(1, "passes over the training data (sft)")
-    num_iterations: int = flag(-1, "optimizer steps (-1: one epoch for mid, num_epochs for sft)")
     unembedding_lr: float = flag(0.004, "AdamW learning rate of the lm_head")
     embedding_lr: float = flag(0.2, "AdamW learning rate of the token embedding")
     matrix_lr: float = flag(0.02, "Muon learning rate of the transformer matrices")
     scalar_lr: float = flag(0.5, "AdamW learning rate of the per-layer scalars")
-    weight_decay: float = flag(0.0, "weight decay")
-    init_lr_frac: float = flag(-1.0, "learning rates start at this fraction of the base ones "
-                                     "(-1: 1.0 for mid, 0.02 for sft)")
-    eval_every: int = flag(-1, "steps between validation evals (-1: 150 (mid) / 100 (sft))")
-    eval_tokens: int = flag(20 * 524288, "mid: validation tokens per bits-per-byte eval")
-    eval_steps: int = flag(100, "sft: validation batches per loss eval")
-    eval_metrics_every: int = flag(200, "sft: steps between MMLU / ARC-Easy accuracy evals (-1: never)")
-    eval_metrics_max_problems: int = flag(1024, "problems per accuracy eval")
+    weight_decay: float = flag(0.0, "weight decay (default: 0)")
     save_every: int = flag(-1, "steps between checkpoints (-1: last step only)")
     task_data: str | None = task_data_flag()
     identity: str = flag("", "identity conversations JSONL (default <storage>/identity_conversations.jsonl if present)")
     mixture_scale: float = flag(1.0, "shrink the synthetic spelling tasks for small runs")
-    buffer_size: int = flag(100, "documents buffered for best-fit packing")
     resume: bool = flag(False, "continue from the newest checkpoint in the output directory")
     run: str = flag("dummy", "wandb run name ('dummy': no wandb)")
     device_type: str = flag("", "cuda | cpu | mps (default: autodetect)")
     seed: int = flag(42, "random seed")
 
     def resolved(self):
-        """Fill the stage-dependent defaults, and the task files' (once: a resolved config keeps its choice)."""
-        defaults = STAGE_DEFAULTS[self.stage]
-        out = dict(source=pin_source(self.source or defaults["source"]),
-                   device_batch_size=self.resolved_batch().device_batch_size,
-                   init_lr_frac=self.init_lr_frac if self.init_lr_frac >= 0 else defaults["init_lr_frac"],
-                   eval_every=self.eval_every if self.eval_every >= 0 else defaults["eval_every"],
-                   task_data=task_data_dir(self.task_data))
-        return ChatTrainConfig(**{**asdict(self), **out})
-
-    def resolved_batch(self):
-        """The config with the stage's default device batch filled in (AUTO stays: the worker resolves it)."""
-        B = self.device_batch_size
-        return replace(self, device_batch_size=B if B >= 0 else STAGE_DEFAULTS[self.stage]["device_batch_size"])
+        """The source pinned (every worker loads the same model) and the task files' location filled in (once: a
+        resolved config keeps its choice)."""
+        return replace(self, source=pin_source(self.source), task_data=task_data_dir(self.task_data))
 
 
-# what the stages start from and at: nanochat's values
-STAGE_DEFAULTS = {"mid": dict(source="base", device_batch_size=AUTO, init_lr_frac=1.0, eval_every=150),
-                  "sft": dict(source="mid", device_batch_size=4, init_lr_frac=0.02, eval_every=100)}
+@dataclass
+class MidTrainConfig(ChatTrainConfig):
+    """Midtraining: packed conversations, every token trained, a token budget per step."""
+    stage: ClassVar[str] = "mid"
+    source: str = flag("base", "model to start from: base|mid under the storage root, a model directory "
+                               "(Hugging Face export or nanochat layout) or a Hugging Face Hub repo id "
+                               "owner/name[@revision]")
+    device_batch_size: int = flag(AUTO, "rows per micro-batch; auto (the default): on a GPU the largest whose planned "
+                                        "memory peak fits (python -m nanochat.dryrun), elsewhere the largest up to "
+                                        "32; either way one that divides the global batch", type=int_or_auto)
+    total_batch_size: int = flag(524288, "tokens per optimizer step over all workers")
+    num_iterations: int = flag(-1, "optimizer steps (-1: one pass over the training mixture)")
+    init_lr_frac: float = flag(1.0, "learning rates start at this fraction of the base ones")
+    eval_every: int = flag(150, "steps between validation bits-per-byte evals")
+    eval_tokens: int = flag(20 * 524288, "validation tokens per bits-per-byte eval")
+    buffer_size: int = flag(100, "conversations buffered for best-fit packing")
+
+
+@dataclass
+class SFTConfig(ChatTrainConfig):
+    """Chat SFT: one conversation per row, only the assistant's tokens trained, conversations per step."""
+    stage: ClassVar[str] = "sft"
+    source: str = flag("mid", "model to start from: base|mid under the storage root, a model directory "
+                              "(Hugging Face export or nanochat layout) or a Hugging Face Hub repo id "
+                              "owner/name[@revision]")
+    device_batch_size: int = flag(4, "conversations per micro-batch; auto: on a GPU the largest whose planned memory "
+                                     "peak fits, elsewhere the largest up to 32", type=int_or_auto)
+    target_examples_per_step: int = flag(32, "conversations per optimizer step over all workers")
+    num_epochs: int = flag(1, "passes over the training mixture (when --num-iterations is -1)")
+    num_iterations: int = flag(-1, "optimizer steps (-1: --num-epochs passes over the training mixture)")
+    init_lr_frac: float = flag(0.02, "learning rates start at this fraction of the base ones, then decay linearly "
+                                     "to 0")
+    eval_every: int = flag(100, "steps between validation loss evals")
+    eval_steps: int = flag(100, "validation batches per loss eval")
+    eval_metrics_every: int = flag(200, "steps between MMLU / ARC-Easy accuracy evals (-1: never)")
+    eval_metrics_max_problems: int = flag(1024, "problems per accuracy eval")
+
+
+STAGE_CONFIGS = {"mid": MidTrainConfig, "sft": SFTConfig}
 
 
 def output_dir(cfg, base_dir=None):
@@ -342,11 +353,11 @@ def chat_train_worker(cfg, ctx=None, run_id=None, resume_step=None, tokenizer=No
            f"{plan.grad_accum_steps} accumulation steps x {B} rows x {W} workers, from {cfg.source} {tag}")
     meta = dict(model_config=asdict(config), user_config=asdict(cfg), stage=cfg.stage, source=cfg.source,
                 source_step=source_meta.get("step"), run_id=run_id, device_batch_size=B, max_seq_len=T)
-    state = train_loop(model, optimizer, plan.batches(loader_state), num_iterations=plan.num_iterations,
-                       grad_accum_steps=plan.grad_accum_steps, schedule=plan.schedule, ctx=ctx,
-                       tokens_per_step=plan.tokens_per_step, flops_per_token=model.estimate_flops(),
-                       evals=plan.evals, save_every=cfg.save_every, meta=meta, loop_state=loop_state,
-                       loader_state=loader_state)
+    step_fn = supervised_step(model, optimizer, plan.batches(loader_state), grad_accum_steps=plan.grad_accum_steps,
+                              schedule=plan.schedule, ctx=ctx, tokens_per_step=plan.tokens_per_step,
+                              flops_per_token=model.estimate_flops())
+    state = run_loop(model, optimizer, step_fn, num_iterations=plan.num_iterations, ctx=ctx, evals=plan.evals,
+                     save_every=cfg.save_every, meta=meta, loop_state=loop_state, loader_state=loader_state)
     summary = dict(step=state.step, num_iterations=plan.num_iterations, stage=cfg.stage,
                    total_training_time=state.total_training_time, checkpoint_dir=ctx.checkpoint_dir,
                    **state.best_eval, **({"resizes": "; ".join(state.resizes)} if state.resizes else {}))
@@ -356,10 +367,20 @@ def chat_train_worker(cfg, ctx=None, run_id=None, resume_step=None, tokenizer=No
     return summary
 
 
+def stage_flag():
+    """The --stage flag alone: it picks the config whose flags (and defaults) the rest of the command line has."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--stage", choices=sorted(STAGE_CONFIGS), default="mid",
+                        help="the stage to train; --help lists its flags and defaults (default: mid)")
+    return parser
+
+
 def main(argv=None):
     """One process (or one torchrun rank)."""
     from nanochat.checkpoint_manager import find_resume_step
-    cfg = ChatTrainConfig.parse(argv, "midtraining / SFT in one process").resolved()
+    config_cls = STAGE_CONFIGS[stage_flag().parse_known_args(argv)[0].stage]
+    parser = argparse.ArgumentParser(description=f"{config_cls.__doc__} In one process.", parents=[stage_flag()])
+    cfg = config_cls.from_args(config_cls.add_args(parser).parse_args(argv)).resolved()
     root = get_base_dir()
     ctx = local_context(output_dir(cfg, root), cfg.device_type, cfg.seed, base_dir=root)
     resume_step = find_resume_step(ctx.checkpoint_dir) if cfg.resume else None

@@ -26,7 +26,7 @@ import torch
 from nanochat import cuda_runtime
 from nanochat.base_train import BaseTrainConfig, batch_hyperparameters, model_config
 from nanochat.chat_rl import RLConfig, backprop_group, rollout_batch
-from nanochat.chat_train import ChatTrainConfig
+from nanochat.chat_train import MidTrainConfig, SFTConfig
 from nanochat.common import get_peak_flops
 from nanochat.core_eval import evaluate_example
 from nanochat.dataloader import rows_to_device
@@ -54,10 +54,10 @@ def dryrun_tokenizer():
                                               special_tokens=special), "<|bos|>")
 
 
-def stage_config(config_cls, flags, **extra):
+def stage_config(config_cls, flags):
     """A stage's config from a preset's flags (flags of other layers, such as Ray's, are left out)."""
     args, _ = config_cls.parser().parse_known_args(to_argv(flags))
-    return replace(config_cls.from_args(args), **extra)
+    return config_cls.from_args(args)
 
 
 def generation(stage, config, tokenizer, prompt_len, num_samples, max_new_tokens, gpu, backprop_batch=0):
@@ -183,11 +183,11 @@ def plan_preset(preset, depth=0, device_batch_size="auto", gpu=GPUS["h100"], wor
 
     B = B or auto("base_train", T, total)
     plans = [training_step("base_train", config, B, T, total, world, hp["num_iterations"], gpu)]
-    mid = stage_config(ChatTrainConfig, flags.get("mid_train", {}), stage="mid").resolved_batch()
+    mid = stage_config(MidTrainConfig, flags.get("mid_train", {}))
     Tm = min(mid.max_seq_len, T)
     Bm = mid.device_batch_size or auto("mid_train", Tm, mid.total_batch_size)
     plans.append(training_step("mid_train", config, Bm, Tm, mid.total_batch_size, world, 0, gpu))
-    sft = stage_config(ChatTrainConfig, flags.get("chat_sft", {}), stage="sft").resolved_batch()
+    sft = stage_config(SFTConfig, flags.get("chat_sft", {}))
     Ts = min(sft.max_seq_len, T)
     Bs = sft.device_batch_size or auto("chat_sft", Ts, sft.target_examples_per_step * Ts)
     plans.append(training_step("chat_sft", config, Bs, Ts, 0, world, 0, gpu, padded=True))

@@ -1,13 +1,14 @@
 """
-The per-worker training loop shared by base, mid and SFT training.
+The per-worker training loop every training stage shares (base, mid, SFT, RL).
 
-`train_loop` is a plain function: it takes the model, the optimizer, an iterator of (inputs, targets, loader_state)
-micro-batches, the schedules, the evals and a `WorkerContext`. Launchers differ only in the context they pass:
+`run_loop` is a plain function: it takes the model, the optimizer, a step function (one optimizer step: for
+next-token training `supervised_step`'s, over an iterator of (inputs, targets, loader_state) micro-batches and the
+schedules; RL brings its own), the evals and a `WorkerContext`. Launchers differ only in the context they pass:
 a plain process (tests, GPU benchmarks, torchrun) uses WorkerContext as is; Ray Train passes one whose
 `on_checkpoint` calls `ray.train.report` (see ray_jobs/ray_train.py). Nothing here imports Ray.
 
 Loop: it runs num_iterations + 1 iterations so the final eval and save see step N; per iteration:
-evals (all ranks), samples (rank 0), save, stop if last, then one optimizer step over grad_accum micro-batches.
+evals (all ranks), samples (rank 0), save, stop if last, then one optimizer step (step_fn).
 """
 import json
 import math
@@ -314,11 +315,3 @@ def supervised_step(model, optimizer, batches, *, grad_accum_steps, schedule, ct
         return StepResult(line, text, loader_state)
     return step_fn
 
-
-def train_loop(model, optimizer, batches, *, num_iterations, grad_accum_steps, schedule, ctx, tokens_per_step,
-               flops_per_token, compiled_model=None, **loop_kwargs):
-    """Next-token training to step num_iterations: run_loop with supervised_step. Returns the final LoopState."""
-    step_fn = supervised_step(model, optimizer, batches, grad_accum_steps=grad_accum_steps, schedule=schedule,
-                              ctx=ctx, tokens_per_step=tokens_per_step, flops_per_token=flops_per_token,
-                              compiled_model=compiled_model)
-    return run_loop(model, optimizer, step_fn, num_iterations=num_iterations, ctx=ctx, **loop_kwargs)

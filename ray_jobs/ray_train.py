@@ -241,12 +241,9 @@ def pick_eval_mode(run, num_workers, ray_data):
     return mode
 
 
-def stage_parser(config_cls, description, defaults=None):
+def stage_parser(config_cls, description):
     """A training stage's command line: the launcher's flags (LaunchConfig) and the stage config's."""
-    parser = common.LaunchConfig.parser(description)
-    config_cls.add_args(parser)
-    parser.set_defaults(**(defaults or {}))
-    return parser
+    return config_cls.add_args(common.LaunchConfig.parser(description))
 
 
 def launch(argv, *, parser, stage, config_cls, worker_fn, output_dir, world_size_error, worker_kwargs=None,

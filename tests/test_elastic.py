@@ -223,7 +223,7 @@ def test_sft_fed_by_ray_data_goes_on_after_losing_a_node(stage_storage, tiny_tok
     source checkpoint, checkpoints, metrics and Ray Train's records all in it), one training worker and its render
     actor on each, evaluating on both: a node removed mid-run, the restarted group resumes from the bucket and the
     stage ends at its exact last step on one worker."""
-    from nanochat.chat_train import ChatTrainConfig, chat_train_worker
+    from nanochat.chat_train import SFTConfig, chat_train_worker
     from nanochat.checkpoint_manager import save_checkpoint
     from ray_jobs.ray_train import run_trainer
     for key, value in ELASTIC_ENV.items():
@@ -236,10 +236,10 @@ def test_sft_fed_by_ray_data_goes_on_after_losing_a_node(stage_storage, tiny_tok
     save_checkpoint(join(s3_root, "base_checkpoints", "elastic"), 5, model_state, None, read_meta(base, 5))
     n_steps = 40
     # the evals of step 0 run on both workers (val loss, MMLU / ARC accuracy strided over the ranks)
-    cfg = ChatTrainConfig(stage="sft", source="base", max_seq_len=64, device_batch_size=2,
-                          target_examples_per_step=4, num_iterations=n_steps, eval_every=20, eval_steps=2,
-                          save_every=4, eval_metrics_every=20, eval_metrics_max_problems=8,
-                          task_data=os.path.join(stage_storage, "task_data"), mixture_scale=0.0005)
+    cfg = SFTConfig(source="base", max_seq_len=64, device_batch_size=2, target_examples_per_step=4,
+                    num_iterations=n_steps, eval_every=20, eval_steps=2, save_every=4, eval_metrics_every=20,
+                    eval_metrics_max_problems=8, task_data=os.path.join(stage_storage, "task_data"),
+                    mixture_scale=0.0005)
     ckpt = join(s3_root, "chatsft_checkpoints", "elastic")
     makedirs(ckpt)
     metrics = join(ckpt, "metrics.jsonl")

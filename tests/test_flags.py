@@ -82,8 +82,8 @@ def test_a_resolved_config_keeps_its_task_data_wherever_it_is_resolved_again(mon
     """A training worker resolves the config it was sent again: it must not pick the task files up from its own
     environment (the entry point decided them, possibly as "": the Hub)."""
     from nanochat.chat_rl import RLConfig
-    from nanochat.chat_train import ChatTrainConfig
-    for config in (ChatTrainConfig(stage="sft"), RLConfig()):
+    from nanochat.chat_train import SFTConfig
+    for config in (SFTConfig(), RLConfig()):
         monkeypatch.delenv("NANOCHAT_TASK_DATA", raising=False)
         at_entry = config.resolved()
         monkeypatch.setenv("NANOCHAT_TASK_DATA", "/the/worker/node's/own")

@@ -309,10 +309,10 @@ def test_training_stages_name_their_output_after_a_directory_or_repo(hub, export
     from nanochat import chat_rl, chat_train
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     commit = hub.add_repo("me/tiny-chat", exports["hf"])
-    cfg = chat_train.ChatTrainConfig(stage="sft", source=exports["hf"]).resolved()
+    cfg = chat_train.SFTConfig(source=exports["hf"]).resolved()
     assert cfg.source == exports["hf"]
     assert chat_train.output_dir(cfg) == str(tmp_path / "chatsft_checkpoints" / "tiny-hf")
-    cfg = chat_train.ChatTrainConfig(stage="mid", source=exports["hf"], model_tag="mine").resolved()
+    cfg = chat_train.MidTrainConfig(source=exports["hf"], model_tag="mine").resolved()
     assert chat_train.output_dir(cfg) == str(tmp_path / "mid_checkpoints" / "mine")
     cfg = chat_rl.RLConfig(source="me/tiny-chat").resolved()  # pinned: every worker trains from one commit
     assert cfg.source == f"hf://me/tiny-chat@{commit}"

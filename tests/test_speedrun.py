@@ -44,13 +44,13 @@ def test_overrides_parse_and_reject_unknown_stages():
 
 
 def test_stage_flags_become_a_command_line_a_stage_parses():
-    from nanochat.chat_train import ChatTrainConfig
+    from nanochat.chat_train import SFTConfig
     argv = to_argv({"num-iterations": 5, "resume": True, "use-ray-data": None, "save-every": 0})
     assert argv == ["--num-iterations", "5", "--resume", "--save-every", "0"]
     # false turns a flag off (a preset's True can be overridden with --set stage.flag=false)
     assert to_argv({"resume": False}) == ["--no-resume"]
-    assert ChatTrainConfig.parse(to_argv({"resume": False, "num-iterations": 5})).resume is False
-    assert ChatTrainConfig.parse(to_argv({"resume": True})).resume is True
+    assert SFTConfig.parse(to_argv({"resume": False, "num-iterations": 5})).resume is False
+    assert SFTConfig.parse(to_argv({"resume": True})).resume is True
 
 
 def test_every_stage_flag_is_checked_before_anything_runs(tmp_path, capsys):
