@@ -14,20 +14,25 @@ from collections import deque
 import torch
 import torch.nn.functional as F
 
+from nanochat.gpt import attention, attention_mask
+
 
 class KVCache:
     """Keys/values for every layer, laid out (L, B, T_max, H_kv, D) as in nanochat. Each row keeps its own
-    position (cache_seqlens), so rows may sit at different positions (continuous batching)."""
+    position (cache_seqlens), so rows may sit at different positions (continuous batching). The forward uses it
+    through the cache interface (gpt.NoCache states it)."""
 
     def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device="cpu", dtype=torch.float32):
         shape = (num_layers, batch_size, seq_len, num_heads, head_dim)
         self.k_cache = torch.zeros(shape, device=device, dtype=dtype)
         self.v_cache = torch.zeros(shape, device=device, dtype=dtype)
         self.cache_seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
-        self.positions = (0, 0)  # host copy of (min, max) of cache_seqlens; None: unknown (read it from the device)
+        self.span = (0, 0)  # host copy of (min, max) of cache_seqlens; None: unknown (read it from the device)
         self.prev_embedding = None  # (B, 1, C): last token's normed embedding, needed by smear during decode
         self.n_layers, self.batch_size, self.max_seq_len = num_layers, batch_size, seq_len
-        self.write = None  # where this forward's new keys go, set by begin()
+        self.step = None  # this forward's (T, lo, hi, flat write index or None), set by begin()
+        self.plans = {}  # window -> (first key, key stop, mask, is_causal) in this forward, shared by its layers
+        self.queries = None
 
     @classmethod
     def for_model(cls, model, batch_size, seq_len):
@@ -41,49 +46,75 @@ class KVCache:
 
     @cache_seqlens.setter
     def cache_seqlens(self, value):  # set from outside: the host copy of the positions no longer holds
-        self._cache_seqlens, self.positions = value, None
+        self._cache_seqlens, self.span = value, None
 
     def position_range(self):
         """(lo, hi) of the rows' positions: kept on the host while every change goes through this class (the Engine
         never waits on the device for it), else read from the device."""
-        if self.positions is None:  # host sync (once, after positions were set from outside)
-            self.positions = tuple(int(p) for p in torch.aminmax(self.cache_seqlens))
-        return self.positions
+        if self.span is None:  # host sync (once, after positions were set from outside)
+            self.span = tuple(int(p) for p in torch.aminmax(self.cache_seqlens))
+        return self.span
 
     def get_pos(self):
         lo, hi = self.position_range()
         return lo if lo == hi else int(self.cache_seqlens[0])  # host sync: rows at different positions
 
     def begin(self, T):
-        """Before a forward of T new tokens per row: the rows' position range (lo, hi), a check that they fit, and
-        where insert() will write them (a slice when every row is at the same position, as in the Engine; else one
-        flat index per new token)."""
+        """Before a forward of T new tokens per row: a check that they fit, their positions (a slice when every row
+        is at the same position, as in the Engine) and where insert() writes them (there a slice; else one flat
+        index per new token)."""
         lo, hi = self.position_range()
         if hi + T > self.max_seq_len:
             raise ValueError(f"KV cache overflow: position {hi + T - 1} >= cache length {self.max_seq_len}")
-        flat = None
-        if lo != hi:
-            pos = self.cache_seqlens.long()[:, None] + torch.arange(T, device=self.cache_seqlens.device)
-            rows = torch.arange(self.batch_size, device=pos.device)[:, None]
-            flat = (rows * self.k_cache.size(2) + pos).view(-1)
-        self.write = (T, lo, flat)
-        return lo, hi
+        positions, flat = slice(lo, lo + T), None
+        if lo != hi:  # a layer's rows are contiguous, in the cache and in a view of some of its rows
+            positions = self.cache_seqlens.long()[:, None] + torch.arange(T, device=self.cache_seqlens.device)
+            rows = torch.arange(self.batch_size, device=positions.device)[:, None]
+            flat = (rows * self.max_seq_len + positions).view(-1)
+        self.step, self.plans = (T, lo, hi, flat), {}
+        self.queries = None if lo == hi else positions  # the queries' positions as a tensor, for masks
+        return positions, hi + T
 
-    def insert(self, layer_idx, k, v, key_start, key_stop):
-        """Write k, v (B, T, H, D) at each row's current position; return the layer's keys and values at positions
-        key_start .. key_stop - 1."""
-        B, T, H, D = k.shape
-        if self.write is None or self.write[0] != T:
-            self.begin(T)
-        _, lo, flat = self.write
+    def insert(self, layer_idx, k, v):
+        """Write k, v (B, T, H, D) at each row's current position (as begin() set it); return the layer's keys and
+        values."""
+        T, lo, _, flat = self.step
         k_layer, v_layer = self.k_cache[layer_idx], self.v_cache[layer_idx]
         if flat is None:
             k_layer[:, lo:lo + T] = k
             v_layer[:, lo:lo + T] = v
-        else:  # a layer's rows are contiguous, in the cache and in a view of some of its rows
+        else:
+            B, _, H, D = k.shape
             k_layer.view(-1, H, D).index_copy_(0, flat, k.reshape(B * T, H, D).to(k_layer.dtype))
             v_layer.view(-1, H, D).index_copy_(0, flat, v.reshape(B * T, H, D).to(v_layer.dtype))
-        return k_layer[:, key_start:key_stop], v_layer[:, key_start:key_stop]
+        return k_layer, v_layer
+
+    def attend(self, layer_idx, q, k, v, window):
+        """Insert k, v; attention of q (B, T, Hq, D) over the keys of its row within window, this forward's
+        included."""
+        start, stop, mask, is_causal = self.plans[window] if window in self.plans else self._plan(window)
+        k_layer, v_layer = self.insert(layer_idx, k, v)
+        return attention(q, k_layer[:, start:stop], v_layer[:, start:stop], mask=mask, is_causal=is_causal)
+
+    def _plan(self, window):
+        """Which keys the layers of one window read in this forward, and how they mask them."""
+        T, lo, hi, _ = self.step
+        if lo == hi == 0 and T - 1 <= window:  # a prompt from the start, within the window: plain causal
+            plan = (0, T, None, True)
+        elif lo == hi and T == 1:  # decode, rows in step (the Engine): the window is a slice of the cache
+            plan = (max(0, hi - window), hi + 1, None, False)
+        else:  # a mask (slots past a row's own position are masked too)
+            if self.queries is None:  # rows in step: their positions once per forward
+                self.queries = torch.arange(lo, lo + T, device=self.cache_seqlens.device)[None]
+            plan = (0, hi + T, attention_mask(self.queries, hi + T, window), False)
+        self.plans[window] = plan
+        return plan
+
+    def previous(self, x):
+        """Each token's previous token in x (B, T, C), the kept one before a row's first (None on a fresh cache);
+        keeps each row's last."""
+        prev, self.prev_embedding = self.prev_embedding, x[:, -1:]
+        return None if prev is None else torch.cat([prev, x[:, :-1]], dim=1)
 
     def last_rows(self, x):
         """(B, T, ...) -> (B, 1, ...): every row's last position (rows here are never padded)."""
@@ -92,11 +123,11 @@ class KVCache:
     def advance(self, n):
         self._cache_seqlens += n
         lo, hi = self.position_range()
-        self.positions, self.write = (lo + n, hi + n), None
+        self.span, self.step = (lo + n, hi + n), None
 
     def reset(self):
         self._cache_seqlens.zero_()
-        self.positions, self.prev_embedding, self.write = (0, 0), None, None
+        self.span, self.prev_embedding, self.step = (0, 0), None, None
 
     def prefill(self, other):
         """Copy a (batch-1) cache into every row of this one."""
@@ -106,7 +137,7 @@ class KVCache:
         self.k_cache[:, :, :pos] = other.k_cache[:, :1, :pos]
         self.v_cache[:, :, :pos] = other.v_cache[:, :1, :pos]
         self._cache_seqlens.fill_(pos)
-        self.positions = (pos, pos)
+        self.span = (pos, pos)
         if other.prev_embedding is not None:
             self.prev_embedding = other.prev_embedding[:1].expand(self.batch_size, -1, -1).clone()
 

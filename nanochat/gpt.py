@@ -76,7 +76,7 @@ def has_ve(layer_idx, n_layer):
 
 
 def apply_rotary_emb(x, cos, sin):
-    # split-halves rotation (not interleaved); x is (B, T, H, D), cos/sin broadcast as (B|1, T, 1, D/2)
+    # split-halves rotation (not interleaved); x is (B, T, H, D), cos/sin (B|1, T, 1, D/2) or (T, 1, D/2)
     d = x.shape[-1] // 2
     x1, x2 = x[..., :d], x[..., d:]
     return torch.cat([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], dim=-1)
@@ -90,7 +90,7 @@ class Linear(nn.Linear):
 
 
 # -----------------------------------------------------------------------------
-# Attention masks. A key j is visible from a query at absolute position i iff j <= i and i - j <= window.
+# Attention. A key j is visible from a query at absolute position i iff j <= i and i - j <= window.
 
 def attention_mask(q_pos, k_len, window):
     """Boolean mask (B|1, 1, Tq, k_len) for queries at absolute positions q_pos (B|1, Tq). With a KV cache, slots
@@ -99,16 +99,11 @@ def attention_mask(q_pos, k_len, window):
     return ((diff >= 0) & (diff <= window))[:, None]
 
 
-@dataclass
-class AttentionPlan:
-    """How the layers of one window size attend in this forward: keys [key_start, key_stop) of the input or the
-    cache, and then a causal mask (is_causal), an explicit mask, FlexAttention, or nothing (one new token per row,
-    all rows at one position: the key range alone is the window)."""
-    key_start: int
-    key_stop: int
-    mask: torch.Tensor | None = None
-    is_causal: bool = False
-    flex: bool = False
+def attention(q, k, v, mask=None, is_causal=False):
+    """SDPA of q (B, Tq, Hq, D) over k, v (B, Tk, H, D) -> (B, Tq, Hq, D), GQA when H < Hq."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    y = cuda_runtime.attention(q, k, v, mask=mask, is_causal=is_causal, enable_gqa=q.size(1) != k.size(1))
+    return y.transpose(1, 2)
 
 
 def flex_wanted(idx, training):
@@ -118,25 +113,14 @@ def flex_wanted(idx, training):
     return idx.is_cuda and training and cuda_runtime.faked() is None
 
 
-def plan_attention(positions, T, window, lo, hi, cached, flex_ok):
-    """positions (B|1, T) are absolute; lo..hi the range of the rows' cache positions (0, 0 without a cache)."""
-    key_stop = hi + T
-    if lo == hi and lo == 0 and T - 1 <= window:  # from the start, within the window: plain causal
-        return AttentionPlan(0, T, is_causal=True)
-    if cached and lo == hi and T == 1:  # decode, rows in step (the Engine): the window is a slice of the cache
-        return AttentionPlan(max(0, hi - window), key_stop)
-    if not cached and flex_ok:
-        return AttentionPlan(0, T, flex=True)
-    return AttentionPlan(0, key_stop, mask=attention_mask(positions, key_stop, window))
-
-
 _flex_cache = {}
 
 
 def flex_sliding_window_attention(q, k, v, window):
-    """CUDA fast path for sliding windows: FlexAttention with a block-sparse mask, never materializing T x T."""
+    """CUDA fast path for sliding windows: FlexAttention with a block-sparse mask, never materializing T x T. q, k, v
+    and the output laid out as attention()'s."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    T = q.size(2)
+    T = q.size(1)
     key = (T, window, q.device)
     if key not in _flex_cache:
         def mask_mod(b, h, qi, ki):
@@ -144,7 +128,49 @@ def flex_sliding_window_attention(q, k, v, window):
         block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=T, KV_LEN=T, device=q.device)
         _flex_cache[key] = (torch.compile(flex_attention, dynamic=False), block_mask)
     fn, block_mask = _flex_cache[key]
-    return fn(q, k, v, block_mask=block_mask, enable_gqa=q.size(1) != k.size(1))
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    return fn(q, k, v, block_mask=block_mask, enable_gqa=q.size(1) != k.size(1)).transpose(1, 2)
+
+
+class NoCache:
+    """What a forward continues from, here nothing: training and evaluation, every row from position 0.
+
+    Every cache has this interface (engine.KVCache: rows in step or each at its own position; paged_cache.PackedBatch:
+    several requests' new tokens end to end in one row), so the forward has one path:
+      begin(T) -> (positions, end): before a forward of T new tokens per row; the tokens' absolute positions (a slice
+          when every row's are the same, else a (B|1, T) tensor) and one past the highest. The one host sync of a
+          forward, if it has one, is here.
+      attend(layer_idx, q, k, v, window) -> (B, T, Hq, D): store the new keys and values k, v (B, T, H, D) where
+          they go, and attend each query over the keys it sees (its row's, within window).
+      previous(x) -> (B, T, C), or None when every row starts here: each token's previous token in x (B, T, C) or,
+          for a row's first, the one the cache kept; keeps each row's last for the next forward (smear).
+      last_rows(x) -> (B, 1, ...): each row's last position.
+      advance(T): after the forward, the rows hold their new tokens."""
+
+    def __init__(self, flex):
+        self.flex, self.masks = flex, {}
+
+    def begin(self, T):
+        return slice(0, T), T
+
+    def attend(self, layer_idx, q, k, v, window):
+        T = q.size(1)
+        if T - 1 <= window:  # within the window: plain causal
+            return attention(q, k, v, is_causal=True)
+        if self.flex:
+            return flex_sliding_window_attention(q, k, v, window)
+        if window not in self.masks:  # one mask per window, shared by its layers
+            self.masks[window] = attention_mask(torch.arange(T, device=q.device)[None], T, window)
+        return attention(q, k, v, mask=self.masks[window])
+
+    def previous(self, x):
+        return None
+
+    def last_rows(self, x):
+        return x[:, -1:]
+
+    def advance(self, T):
+        pass
 
 
 class CausalSelfAttention(nn.Module):
@@ -166,7 +192,7 @@ class CausalSelfAttention(nn.Module):
         use_ve = config.use_value_embeds and has_ve(layer_idx, config.n_layer)
         self.ve_gate = Linear(self.ve_gate_channels, self.n_kv_head, bias=False) if use_ve else None
 
-    def forward(self, x, ve, cos_sin, window, plan, kv_cache):
+    def forward(self, x, ve, cos_sin, window, cache):
         B, T, C = x.size()
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -177,18 +203,7 @@ class CausalSelfAttention(nn.Module):
         cos, sin = cos_sin
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         q, k = norm(q) * self.qk_scale, norm(k) * self.qk_scale
-        if plan is None:  # requests of different lengths packed into one row (serving): the cache attends per row
-            return self.c_proj(kv_cache.attend(self.layer_idx, q, k, v, window).reshape(B, T, C))
-        gqa = self.n_head != self.n_kv_head
-        if kv_cache is not None:  # the keys this window sees, from the cache (this forward's included)
-            k, v = kv_cache.insert(self.layer_idx, k, v, plan.key_start, plan.key_stop)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D) for SDPA
-        if plan.flex:
-            y = flex_sliding_window_attention(q, k, v, window)
-        else:
-            y = cuda_runtime.attention(q, k, v, mask=plan.mask, is_causal=plan.is_causal, enable_gqa=gqa)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.c_proj(y)
+        return self.c_proj(cache.attend(self.layer_idx, q, k, v, window).reshape(B, T, C))
 
 
 class MLP(nn.Module):
@@ -207,8 +222,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, ve, cos_sin, window, plan, kv_cache):
-        x = x + self.attn(norm(x), ve, cos_sin, window, plan, kv_cache)
+    def forward(self, x, ve, cos_sin, window, cache):
+        x = x + self.attn(norm(x), ve, cos_sin, window, cache)
         return x + self.mlp(norm(x))
 
 
@@ -358,31 +373,24 @@ class GPT(nn.Module):
 
     # -------------------------------------------------------------------------
 
-    def _rotary(self, positions, lo, hi, T):
-        """cos/sin -> (B|1, T, 1, D/2) for absolute positions (B, T), or, with positions None, for lo .. lo + T - 1 in
-        every row (a slice, no gather); the tables grow when hi + T passes them."""
-        if hi + T > self.cos.size(0):
-            self.rotary_seq_len = hi + T + 128
+    def _rotary(self, positions, end):
+        """cos/sin of the tokens' absolute positions (a slice, or a (B|1, T) tensor), shaped to broadcast against
+        (B, T, H, D/2); the tables grow when end (one past the highest position) passes them."""
+        if end > self.cos.size(0):
+            self.rotary_seq_len = end + 128
             self.cos, self.sin = self._precompute_rotary(self.rotary_seq_len, self.cos.device)
-        if positions is None:
-            return self.cos[None, lo:lo + T, None], self.sin[None, lo:lo + T, None]
-        return self.cos[positions][:, :, None], self.sin[positions][:, :, None]
+        return self.cos[positions].unsqueeze(-2), self.sin[positions].unsqueeze(-2)
 
-    def _smear(self, x, kv_cache):
+    def _smear(self, x, cache):
         """x[t] += lambda * sigmoid(gate(x[t][:24])) * x[t-1]. Before a row's first token is the cache's embedding of
-        the row's last token, or nothing (zeros: the first token of a sequence stays as it is)."""
-        prev = None if kv_cache is None else kv_cache.prev_embedding  # (B, 1, C) normed, pre-smear
-        if kv_cache is not None:
-            kv_cache.prev_embedding = kv_cache.last_rows(x)
-
+        the row's last token, or nothing (the first token of a sequence stays as it is)."""
         def gate(cur):
             return self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(cur[..., :24]))
-        if getattr(kv_cache, "packed", False):
-            return x + gate(x) * kv_cache.previous_rows(x, prev)
-        if prev is None:  # the first token has nothing before it (and stays out of the gate's matmul)
+        previous = cache.previous(x)  # normed, pre-smear embeddings
+        if previous is None:  # the first token has nothing before it (and stays out of the gate's matmul)
             cur = x[:, 1:]
             return torch.cat([x[:, :1], cur + gate(cur) * x[:, :-1]], dim=1) if x.size(1) > 1 else x
-        return x + gate(x) * torch.cat([prev, x[:, :-1]], dim=1)
+        return x + gate(x) * previous
 
     def token_embedding(self, idx):
         """The normed input embedding of tokens (what smear mixes, and what a KV cache keeps of a row's last
@@ -392,29 +400,16 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", last_only=False):
         """Logits (B, T, vocab), or the loss with targets. kv_cache: continue its rows (and extend them); a
         PackedBatch: idx is one row of its rows' new tokens end to end. last_only: logits at each row's last position
-        only (B, 1, vocab; a PackedBatch's rows: R, 1, vocab), all that sampling needs."""
-        B, T = idx.size()
+        only (B, 1, vocab; a PackedBatch's rows: R, 1, vocab), all that sampling needs. Every cache kind, and NoCache
+        without one, takes the same path (see NoCache for their interface)."""
+        T = idx.size(1)
         cfg = self.config
-        lo, hi = (0, 0) if kv_cache is None else kv_cache.begin(T)  # (begin: the one host sync of a forward)
-        packed = getattr(kv_cache, "packed", False)  # one row holding several requests' tokens (PackedBatch)
-        if packed:
-            positions = kv_cache.positions
-            cos_sin = self._rotary(positions, lo, hi, 1)
-        elif lo == hi:  # every row at the same position (training, the Engine)
-            positions = torch.arange(lo, lo + T, device=idx.device)[None]
-            cos_sin = self._rotary(None, lo, hi, T)
-        else:  # each row continues from its own cache position (continuous batching)
-            positions = kv_cache.cache_seqlens.to(idx.device).long()[:, None] + torch.arange(T, device=idx.device)
-            cos_sin = self._rotary(positions, lo, hi, T)
-
+        cache = NoCache(flex_wanted(idx, self.training)) if kv_cache is None else kv_cache
+        positions, end = cache.begin(T)  # (the one host sync of a forward, if any)
+        cos_sin = self._rotary(positions, end)
         x = self.token_embedding(idx)
         if cfg.use_smear:
-            x = self._smear(x, kv_cache)
-
-        # one plan (and mask, if any) per distinct window, shared by its layers; a packed cache attends itself
-        flex_ok = flex_wanted(idx, self.training)
-        plans = {w: None if packed else plan_attention(positions, T, w, lo, hi, kv_cache is not None, flex_ok)
-                 for w in set(self.window_sizes)}
+            x = self._smear(x, cache)
 
         x0 = x
         backout_layer = cfg.n_layer // 2
@@ -423,17 +418,15 @@ class GPT(nn.Module):
             if cfg.use_resid_lambdas:
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
-            w = self.window_sizes[i]
-            x = block(x, ve, cos_sin, w, plans[w], kv_cache)
+            x = block(x, ve, cos_sin, self.window_sizes[i], cache)
             if cfg.use_backout and i == backout_layer:
                 x_backout = x
-        if kv_cache is not None:
-            kv_cache.advance(T)
+        cache.advance(T)
         if x_backout is not None:
             x = x - self.backout_lambda.to(x.dtype) * x_backout
         x = norm(x)
         if last_only:
-            x = x[:, -1:] if kv_cache is None else kv_cache.last_rows(x)
+            x = cache.last_rows(x)
         logits = self.lm_head(x)[..., :cfg.vocab_size].float()
         logits = cfg.softcap * torch.tanh(logits / cfg.softcap)
         if targets is None:

@@ -169,8 +169,8 @@ class PackedBatch:
 
     The linear layers see one long row; attention (attend) is per group of rows: rows decoding one token whose
     lengths are within 2x of each other together (their keys padded to the longest: at most half is padding), and
-    each longer row (a prompt chunk) on its own."""
-    packed = True
+    each longer row (a prompt chunk) on its own. The forward uses it through the cache interface (gpt.NoCache
+    states it)."""
 
     def __init__(self, pool, rows, new_lens, prev=None):
         self.pool, self.rows, self.new_lens = pool, rows, list(new_lens)
@@ -235,9 +235,9 @@ class PackedBatch:
         return [np.sort(g) for g in groups] + [np.array([i]) for i in np.flatnonzero(new > 1)]
 
     def begin(self, T):
-        """(lowest, highest) position of this forward's tokens."""
+        """The positions of this forward's tokens (1, N) and one past the highest (no host sync: numpy)."""
         assert T == len(self.write_slots), "a packed batch is one row of all its rows' new tokens"
-        return int(self.lengths.min()), int((self.lengths + np.array(self.new_lens)).max()) - 1
+        return self.positions, int((self.lengths + np.array(self.new_lens)).max())
 
     def attend(self, layer_idx, q, k, v, window):
         """Write k, v (1, N, H, D) into the rows' slots; return attention (1, N, Hq, D) of each row's queries over
@@ -278,8 +278,10 @@ class PackedBatch:
             g.masks[window] = start, ((diff >= 0) & (diff <= window))[:, None]
         return g.masks[window]
 
-    def previous_rows(self, x, prev):
-        """(1, N, C) -> each token's previous token in its row (prev, or zeros, for a row's first token)."""
+    def previous(self, x):
+        """(1, N, C) -> each token's previous token in its row (prev, or zeros, for a row's first token); keeps each
+        row's last as prev_embedding."""
+        prev, self.prev_embedding = self.prev_embedding, self.last_rows(x)
         first = prev[:, 0] if prev is not None else x.new_zeros(self.batch_size, x.size(-1))
         return torch.cat([first, x[0]])[self._previous][None]
 

@@ -27,8 +27,9 @@ def test_kv_cache_shapes_advance_reset_prefill():
     assert cache.get_pos() == 0 and cache.prev_embedding is None
     one = KVCache(batch_size=1, num_heads=2, seq_len=6, head_dim=8, num_layers=4)
     k = torch.randn(1, 6, 2, 8)
+    one.begin(6)
     for layer in range(4):
-        one.insert(layer, k * layer, k * -layer, 0, 6)
+        one.insert(layer, k * layer, k * -layer)
     one.advance(6)
     one.prev_embedding = torch.randn(1, 1, 64)
     cache.prefill(one)
@@ -43,7 +44,7 @@ def test_kv_cache_shapes_advance_reset_prefill():
 def test_kv_cache_overflow_is_an_error():
     cache = KVCache(batch_size=1, num_heads=1, seq_len=4, head_dim=2, num_layers=1)
     with pytest.raises(ValueError, match="overflow"):
-        cache.insert(0, torch.zeros(1, 5, 1, 2), torch.zeros(1, 5, 1, 2), 0, 5)
+        cache.begin(5)
 
 
 def test_rows_at_different_positions_match_separate_runs(model):
@@ -65,6 +66,28 @@ def test_rows_at_different_positions_match_separate_runs(model):
     for row in range(2):
         torch.testing.assert_close(out[row], refs[row][0], rtol=1e-4, atol=1e-4)
 
+
+def test_every_way_of_filling_the_cache_gives_the_plain_forwards_logits(model):
+    """Each of KVCache's attention paths against the forward without a cache: a prompt from the start, chunks that
+    continue the cache (masked; past the short window), single tokens, and rows at their own positions taking
+    several tokens at once."""
+    assert model.window_sizes[0] == 128  # S layers: chunks below reach past their window
+    idx = torch.randint(0, TINY_VOCAB, (2, 200), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(idx)
+        cache = KVCache.for_model(model, 2, 200)
+        bounds = [0, 100, 137, 138, 158, 159, 200]
+        out = torch.cat([model(idx[:, a:b], kv_cache=cache) for a, b in zip(bounds, bounds[1:])], dim=1)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        cache = KVCache.for_model(model, 2, 200)  # row 0 continues at 150, row 1 at 140
+        model(idx[:, :150], kv_cache=cache)
+        cache.cache_seqlens = torch.tensor([150, 140], dtype=torch.int32)
+        cache.prev_embedding = model.token_embedding(torch.stack([idx[0, 149:150], idx[1, 139:140]]))
+        for n in (8, 1, 5):
+            start = cache.cache_seqlens.tolist()
+            got = model(torch.stack([idx[row, p:p + n] for row, p in enumerate(start)]), kv_cache=cache)
+            for row, p in enumerate(start):
+                torch.testing.assert_close(got[row], ref[row, p:p + n], rtol=1e-4, atol=1e-4)
 
 def test_sample_next_token_modes():
     logits = torch.tensor([[0.0, 5.0, 1.0, 2.0]]).repeat(64, 1)

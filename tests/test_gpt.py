@@ -267,11 +267,11 @@ def test_attention_mask_semantics():
 def test_flex_attention_path_matches_masked_sdpa():
     # the CUDA fast path for sliding windows; FlexAttention also compiles on CPU, so it is checked here
     torch.manual_seed(0)
-    q, k, v = torch.randn(1, 4, 256, 16), torch.randn(1, 2, 256, 16), torch.randn(1, 2, 256, 16)
+    q, k, v = torch.randn(1, 256, 4, 16), torch.randn(1, 256, 2, 16), torch.randn(1, 256, 2, 16)
     y = flex_sliding_window_attention(q, k, v, 128)
     mask = attention_mask(torch.arange(256)[None], 256, 128)
-    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    ref = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(y, ref.transpose(1, 2), rtol=1e-4, atol=1e-4)
 
 
 def test_training_through_the_flex_path_matches_the_masked_path(monkeypatch):
