@@ -10,6 +10,8 @@ concurrency levels, and the throughput ratio of the highest level to 1 client (c
     python -m bench.bench_serve --workload multi-turn --turns 10 [--request-rate 2] [--max-concurrency 8]
     python -m bench.bench_serve --workload shared-prefix | single [--url URL]   # vLLM's benchmark report
     python -m bench.bench_serve --long-prompt 2000 --seq-len 4096   # ITL of running streams while it prefills
+    python -m bench.bench_serve --constrained 4 [--streams 4]   # free streams' ITL beside 4 JSON-schema-constrained
+                                                                # streams vs beside 4 free ones (the mask's cost)
 
 --workload (bench/serve_load.py) runs in-process against our scheduler with and without the prefix cache and
 against nanochat's way of serving (one request at a time per worker, Engine.generate), and prints the ratios.
@@ -29,7 +31,8 @@ import time
 from collections import Counter
 from urllib.parse import urlparse
 
-from bench.serve_load import Http, InProcess, OneAtATime, long_prompt_itl, percentile, run_workload, summarize
+from bench.serve_load import (Http, InProcess, OneAtATime, free_rows_itl, long_prompt_itl, percentile, run_workload,
+                              summarize)
 
 
 def build_local(args):
@@ -287,6 +290,34 @@ def run_long_prompt(args, model, tokenizer):
     return out
 
 
+def run_constrained(args, model, tokenizer):
+    """Rounds alternating the two batches (constrained others / free others), on the scheduler's own thread as in
+    run_long_prompt: the free streams' median ITL each way, and the slowdown."""
+    scheduler = local_scheduler(args, model, tokenizer, args.max_batch)
+    itl = {True: [], False: []}
+
+    def measure():
+        try:
+            free_rows_itl(scheduler, tokenizer, args.streams, args.constrained, True, 16)  # warm-up, grammar compile
+            for _ in range(args.rounds):
+                for constrained in (False, True):
+                    itl[constrained].append(free_rows_itl(scheduler, tokenizer, args.streams, args.constrained,
+                                                          constrained, args.max_tokens))
+        finally:
+            scheduler.stop(timeout=0)
+    client = threading.Thread(target=measure)
+    scheduler.run(on_ready=client.start)
+    client.join()
+    free, constrained = percentile(itl[False], 50), percentile(itl[True], 50)
+    out = dict(free_streams=args.streams, others=args.constrained, rounds=args.rounds,
+               itl_ms_beside_free=round(1000 * free, 3), itl_ms_beside_constrained=round(1000 * constrained, 3),
+               slowdown=round(constrained / free, 3))
+    print(f"{args.streams} free streams beside {args.constrained} others: ITL median {out['itl_ms_beside_free']} ms "
+          f"when the others are free, {out['itl_ms_beside_constrained']} ms when they are JSON-schema constrained: "
+          f"{out['slowdown']}x")
+    return out
+
+
 PROMPTS = ["Why is the sky blue?", "Write a haiku about the sea.", "What is 12*34?", "Tell me a joke.",
            "Explain recursion in one sentence.", "List three prime numbers.", "What is the capital of France?",
            "Summarize the plot of Hamlet."]
@@ -328,7 +359,12 @@ def main():
                         help="workers of the one-request-at-a-time baseline (nanochat: one per GPU)")
     parser.add_argument("--long-prompt", type=int, default=0,
                         help="instead: ITL of --streams running streams while a prompt of this many tokens arrives")
-    parser.add_argument("--streams", type=int, default=4, help="running streams for --long-prompt")
+    parser.add_argument("--streams", type=int, default=4, help="running streams for --long-prompt; free streams for "
+                                                               "--constrained")
+    parser.add_argument("--constrained", type=int, default=0,
+                        help="measure the free streams' ITL beside this many JSON-schema-constrained streams vs beside "
+                             "as many free ones")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds for --constrained")
     args = parser.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     if args.url:
@@ -339,6 +375,10 @@ def main():
         max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
         prefill_slowdown=args.prefill_slowdown)
 
+    if args.constrained:
+        out = run_constrained(args, model, tokenizer)
+        print(json.dumps(dict(bench="serve-constrained", **where, max_tokens=args.max_tokens, **out)))
+        return
     if args.long_prompt:
         out = run_long_prompt(args, model, tokenizer)
         print(json.dumps(dict(bench="serve-long-prompt", **where, **out)))

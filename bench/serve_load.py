@@ -169,6 +169,46 @@ def long_prompt_itl(server, tokenizer, streams=4, long_tokens=2000, max_tokens=2
                 p99_over_median=round(percentile(during, 99) / median, 2) if during and median else None)
 
 
+# a schema a random-weight model never finishes within a few hundred tokens: its rows stay in the batch throughout
+OPEN_ENDED = {"type": "json_schema", "json_schema": {"name": "notes", "schema": {
+    "type": "object", "properties": {"notes": {"type": "array", "items": {"type": "string"}}}, "required": ["notes"]}}}
+
+
+def free_rows_itl(server, tokenizer, free=4, others=4, constrained=True, max_tokens=128):
+    """Median inter-token gap of `free` unconstrained streams decoding beside `others` streams that are constrained
+    by a JSON schema (constrained=True) or are free as well: the same batch either way, so the difference is the
+    constrained rows' mask work. Gaps count until the first stream ends (the batch stays the same)."""
+    from serve.scheduler import SamplingParams
+    log, done = [], threading.Event()
+
+    def sink(name):
+        def put(ev):  # on the scheduler thread
+            log.append((time.perf_counter(), name, ev))
+            if "done" in ev:
+                done.set()
+        return put
+    prompt = tokenizer.render_for_completion([{"role": "user", "content": QUESTIONS[1]},
+                                              {"role": "assistant", "content": ""}])
+    running = [server.submit(prompt, SamplingParams(max_tokens=max_tokens, temperature=0.8, seed=i), sink(i))
+               for i in range(free)]
+    running += [server.submit(prompt, SamplingParams(max_tokens=max_tokens, temperature=0.8, seed=100 + i,
+                                                     response_format=OPEN_ENDED if constrained else None),
+                              sink(("other", i)))
+                for i in range(others)]
+    done.wait(600)
+    for r in running:
+        r.cancel()
+    end = next(t for t, _, ev in list(log) if "done" in ev)
+    last, gaps = {}, []
+    for t, name, ev in list(log):
+        if t > end or "text" not in ev or not ev["tokens"]:
+            continue
+        if name in last and isinstance(name, int):
+            gaps.append((t - last[name]) / ev["tokens"])
+        last[name] = t
+    return percentile(gaps[len(gaps) // 4:], 50)  # (the first quarter: prefill and warm-up)
+
+
 def percentile(values, q):
     if not values:
         return None

@@ -1,6 +1,7 @@
 """The side-by-side bench harness (bench/side_by_side.py, which bench_train, bench_engine and paired_run share), run
 with this checkout on both sides: the workers build the same model, so their outputs must agree exactly and the
-timing must come back. And the structured-outputs bench (bench/bench_structured.py) on llguidance, at a small vocab."""
+timing must come back. The structured-outputs bench (bench/bench_structured.py) on llguidance at a small vocab, and
+the serve bench's measure of what constrained rows cost the free ones beside them."""
 import json
 import os
 import subprocess
@@ -42,3 +43,12 @@ def test_structured_bench_measures_llguidance():
         assert result["llguidance"][case]["mask_doc_us"]["n"] > 20  # every token of the document was masked
         assert result["llguidance"][case]["compile_ms"] > 0
     assert result["serve.structured_apply_us"]["p50"] > 0
+
+
+def test_serve_bench_measures_free_rows_beside_constrained_ones():
+    out = subprocess.run([sys.executable, "-m", "bench.bench_serve", "--constrained", "1", "--streams", "1",
+                          "--rounds", "1", "--max-tokens", "24", "--depth", "1", "--vocab-size", "512",
+                          "--device", "cpu"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["itl_ms_beside_free"] > 0 and result["itl_ms_beside_constrained"] > 0 and result["slowdown"] > 0
