@@ -148,6 +148,10 @@ class ChatCliConfig(ArgsMixin):
     json_schema: str | None = flag(None, "a JSON schema file: every reply is JSON that it accepts (constrained "
                                          "decoding)")
 
+    @property
+    def response_format(self):
+        return response_format(self.json_schema)
+
 
 def response_format(path):
     """--json-schema FILE -> the response_format it asks for (None without one)."""
@@ -164,7 +168,6 @@ def response_format(path):
 
 def main(argv=None):
     args = ChatCliConfig.parse(argv, __doc__)
-    args.response_format = response_format(args.json_schema)
     if args.seed is None and not args.url:
         args.seed = random.getrandbits(31)
 
