@@ -57,11 +57,14 @@ def sse(obj):
 
 
 async def collect(service, batch):
-    """The whole answer of a batch: ([text per request], [its final event])."""
-    texts, dones = [[] for _ in batch.requests], [None] * len(batch.requests)
+    """The whole answer of a batch: ([text per request], [its final event], [its tokens' TokenLogprob, where it
+    asked for them])."""
+    n = len(batch.requests)
+    texts, dones, logprobs = [[] for _ in range(n)], [None] * n, [[] for _ in range(n)]
     async for i, ev in service.events(batch):
         if "text" in ev:
             texts[i].append(ev["text"])
+            logprobs[i] += ev.get("logprobs", ())
         else:
             dones[i] = ev
-    return ["".join(t) for t in texts], dones
+    return ["".join(t) for t in texts], dones, logprobs

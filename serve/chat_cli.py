@@ -17,6 +17,7 @@ import random
 import sys
 import uuid
 from dataclasses import dataclass
+from functools import cached_property
 
 from nanochat.flags import ArgsMixin, flag, storage_flag
 from nanochat.storage import is_uri
@@ -88,6 +89,7 @@ class RemoteChat:
     def __init__(self, args):
         self.args = args
         self.url = args.url.rstrip("/") + "/v1/chat/completions"
+        self.response_format = args.response_format
         self.clear()
 
     def clear(self):
@@ -101,8 +103,8 @@ class RemoteChat:
                 "top_k": self.args.top_k, "max_tokens": self.args.max_tokens}
         if self.args.seed is not None:
             body["seed"] = self.args.seed
-        if self.args.response_format:
-            body["response_format"] = self.args.response_format
+        if self.response_format:
+            body["response_format"] = self.response_format
         key = self.args.api_key or os.environ.get("NANOCHAT_API_KEY")
         headers = {"X-Session-Id": self.session, **({"Authorization": f"Bearer {key}"} if key else {})}
         parts = []
@@ -148,7 +150,7 @@ class ChatCliConfig(ArgsMixin):
     json_schema: str | None = flag(None, "a JSON schema file: every reply is JSON that it accepts (constrained "
                                          "decoding)")
 
-    @property
+    @cached_property  # read once; LocalChat / RemoteChat read it at start-up, so a bad file fails there
     def response_format(self):
         return response_format(self.json_schema)
 

@@ -36,7 +36,7 @@ def add_chat_routes(app, service, access):
         req = await read_body(request, ChatRequest)
         prompt, batch = await chat_job(service, req, request.headers.get("x-session-id"))
         if not req.stream:
-            (text,), (done,) = await collect(service, batch)
+            (text,), (done,), _ = await collect(service, batch)
             return {"response": text, "finish_reason": done["finish_reason"],
                     "usage": usage(len(prompt), done["completion_tokens"], done["cached_tokens"])}
 

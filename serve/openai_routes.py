@@ -11,7 +11,7 @@ import uuid
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from serve.api_common import read_body, sse
+from serve.api_common import collect, read_body, sse
 from serve.protocol import (MAX_PROMPTS, ApiError, ChatCompletionRequest, TextCompletionRequest, conversation,
                             sampling_params, usage)
 from serve.tools import call_schema, check_tools, forced_calls, may_be_call, parse_calls, render
@@ -137,15 +137,9 @@ def add_openai_routes(app, service, access):
             return parse_calls(text, tools) if mode == "auto" else None
 
         if not req.stream:
-            texts, entries, dones = [[] for _ in params], [[] for _ in params], [None] * len(params)
-            async for i, ev in service.events(batch):
-                if "text" in ev:
-                    texts[i].append(ev["text"])
-                    entries[i] += ev.get("logprobs", ())
-                else:
-                    dones[i] = ev
+            texts, dones, entries = await collect(service, batch)
             choices = []
-            for i, (text, done) in enumerate(zip(map("".join, texts), dones)):
+            for i, (text, done) in enumerate(zip(texts, dones)):
                 calls = calls_in(text, done)
                 message = {"role": "assistant", "content": None, "tool_calls": calls} if calls else \
                     {"role": "assistant", "content": text}

@@ -132,6 +132,13 @@ def _in_range(name, value, lo, hi):
         raise ApiError(400, f"{name} must be between {lo} and {hi} (got {value})", param=name)
 
 
+def text_of(content):
+    """A message's content as text: a string as it is, the text parts of a list joined, nothing as ""."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    return "".join(p.text for p in content if p.type == "text")
+
+
 def conversation(messages):
     """nanochat's limits -> the messages as [{role, content}]. ApiError 400 names the limit."""
     if not messages:
@@ -143,8 +150,7 @@ def conversation(messages):
         if m.role not in ("user", "assistant", "system") or (m.role == "system" and i > 0):
             raise ApiError(400, f"message {i}: role must be 'user' or 'assistant' ('system' only first), "
                                 f"got {m.role!r}", param=f"messages.{i}.role")
-        content = m.content if isinstance(m.content, str) or m.content is None else \
-            "".join(p.text for p in m.content if p.type == "text")
+        content = text_of(m.content)
         if not content:
             raise ApiError(400, f"message {i}: content is empty", param=f"messages.{i}.content")
         if len(content) > MAX_MESSAGE_CHARS:

@@ -16,7 +16,7 @@ The format (documented in the README):
 import json
 import uuid
 
-from serve.protocol import ApiError, Message
+from serve.protocol import ApiError, Message, text_of
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 INSTRUCTIONS = ("You can call these functions. To call one, reply with nothing but "
@@ -90,12 +90,6 @@ def render(messages, tools):
         else:
             out.insert(0, Message(role="system", content=describe(tools)))
     return out
-
-
-def text_of(content):
-    if content is None or isinstance(content, str):
-        return content or ""
-    return "".join(p.text for p in content if p.type == "text")
 
 
 def call_schema(tools, mode):
