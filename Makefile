@@ -25,8 +25,9 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) -m ray_jobs.speedrun --preset demo $(ARGS)
 
+# two test processes, a file each at a time (a file's tests share their fixtures); longest files first (conftest)
 test: install
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder $(ARGS)
 
 test-fast: install  # the unit tests that start no Ray, Serve app or browser
 	$(PY) -m pytest -q -m "not ray" $(ARGS)

@@ -38,9 +38,15 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__ in RAY_MODULES:
             item.add_marker(pytest.mark.ray)
+    # `make test` hands whole files to two workers in collection order: the longest files go first, so neither
+    # worker is left running one of them alone at the end
+    items.sort(key=lambda item: LONGEST_MODULES.index(item.module.__name__)
+               if item.module.__name__ in LONGEST_MODULES else len(LONGEST_MODULES))
 
 
 RAY_MODULES = {"test_speedrun", "test_web_ui"}  # drive Ray or a browser through subprocesses
+# the test files over ~100 s each on this box, longest first (pytest --durations)
+LONGEST_MODULES = ["test_speedrun", "test_elastic", "test_base_train", "test_chat_rl", "test_serve"]
 
 
 @pytest.fixture(scope="session")
