@@ -41,7 +41,7 @@ import torch
 from nanochat import cuda_runtime
 from nanochat.engine import ToolUse, sample_next_token
 from nanochat.paged_cache import BlockPool, PackedBatch, PagedRow, block_bytes
-from serve.structured import grammar_compiler
+from serve.structured import grammar_compiler, mask_rows
 
 logger = logging.getLogger("nanochat.serve")
 
@@ -478,9 +478,7 @@ class Scheduler:
         get exactly the tokens they would get alone."""
         constrained = [i for i, r in enumerate(reqs) if r.constraint is not None]
         if constrained:  # their forbidden tokens to -inf (on a copy: log-probabilities stay the model's own)
-            logits = logits.clone()
-            for i in constrained:
-                reqs[i].constraint.apply(logits[i])
+            logits = mask_rows(logits.clone(), constrained, [reqs[i].constraint for i in constrained])
         # softcapped logits are finite unless the model broke (NaN): a row's max tells, in one pass over the batch
         # (-inf, a forbidden token's, is no harm)
         finite = torch.isfinite(logits.amax(dim=-1))

@@ -43,6 +43,7 @@ what it cannot do; bench/bench_structured.py compares it with xgrammar and outli
     unpack_bitmask(bitmask, width)                       # int32 [..., words] -> bool [..., width] (True: allowed)
     forbidden_tokens(bitmask, width)                     # its complement (True: forbidden)
     mask_logits(logits, forbidden)                       # logits[forbidden] = -inf, in place
+    mask_rows(logits, rows, matchers)                    # the batch's matchers on their rows, in one pass
 
 Tokens past the tokenizer's vocabulary (a model whose logits are wider than the tokenizer) are never allowed, nor
 are special tokens other than the end tokens. Compilers and compiled grammars may be shared between threads; a
@@ -111,6 +112,17 @@ def mask_logits(logits, forbidden):
         np.copyto(logits.numpy(), -np.inf, where=forbidden.numpy())
         return logits
     return logits.masked_fill_(forbidden.to(logits.device), float("-inf"))
+
+
+def mask_rows(logits, rows, matchers):
+    """Each matcher's next-token mask on its row of logits [batch, width], in place: one bitmask for them all,
+    unpacked and applied in one pass (per-row numpy calls cost more than the masking itself at small vocabularies)."""
+    bitmask = allocate_bitmask(len(rows), matchers[0].vocab_size)
+    for k, matcher in enumerate(matchers):
+        matcher.fill_bitmask(bitmask[k])
+    index = torch.tensor(rows, device=logits.device)
+    logits[index] = apply_bitmask(logits[index], bitmask)
+    return logits
 
 
 def _reason(message):

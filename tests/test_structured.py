@@ -210,6 +210,13 @@ def test_apply_masks_padding_and_batched_bitmask_matches_rows(compiler, tiny_tok
     assert torch.equal(logits[2, :V], expected[2, :V]) and torch.isinf(logits[2, V:]).all()
     with pytest.raises(ValueError, match="int32 CPU tensor"):
         a.fill_bitmask(torch.zeros(3, dtype=torch.int32))
+    # the scheduler's way: the matchers of some rows of a batch, in one pass; the other rows untouched
+    batch = torch.randn(4, width)
+    expected = batch.clone()
+    a.apply(expected[3])
+    b.apply(expected[1])
+    assert structured.mask_rows(batch, [3, 1], [a, b]) is batch
+    assert torch.equal(batch, expected)
     low = torch.randn(3, width).to(torch.bfloat16)  # not numpy's: the masked_fill_ path (as on an accelerator)
     expected = low.float()
     structured.apply_bitmask(low, bitmask)
