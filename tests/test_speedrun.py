@@ -16,7 +16,6 @@ import yaml
 
 from nanochat import storage
 from ray_jobs.speedrun import PRESETS, STAGES, parse_overrides, to_argv
-from test_jobs_common import RAY_LINE
 
 TINY_RUN = [  # the demo preset, cut down to a few steps and problems per stage
     "base_train.num-iterations=6", "base_train.eval-every=3", "base_train.save-every=3",
@@ -276,9 +275,6 @@ def test_demo_speedrun_as_ray_job_on_two_nodes_with_an_s3_root(ray_head, s3_root
     for item in TINY_RUN:
         argv += ["--set", item]
     logs = submit_job(address, env, argv)
-    # the console shows the pipeline's lines, not Ray's: at most a handful from Ray per stage
-    from_ray = [line for line in logs.splitlines() if RAY_LINE.search(line)]
-    assert len(from_ray) <= 30 and not any("PlacementGroupCleaner" in line for line in from_ray), "\n".join(from_ray)
     # 4 CPUs in the cluster, 1 per training worker: the stage left on auto took Ray Data, its default path
     assert sum("--loader auto: ray" in line for line in logs.splitlines()) == 1, logs[-3000:]
     report = logs.strip().splitlines()[-1]  # the contract: the report's path is the last line
