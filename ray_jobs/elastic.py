@@ -20,8 +20,6 @@ from ray.train.v2._internal.callbacks.placement_group_callback import PlacementG
 from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy, NoopDecision, ResizeDecision
 from ray.train.torch import TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-from ray.util.state import list_nodes
-from ray.util.state.exception import RayStateApiException
 
 from ray_jobs.elastic_actors import ping
 
@@ -119,10 +117,12 @@ class ElasticPolicy(ElasticScalingPolicy):
 
 
 class ElasticTorchTrainer(TorchTrainer):
-    """TorchTrainer whose controller uses `scaling_policy` (None: the one Ray Train builds from the ScalingConfig).
-    Without Ray's state API (a cluster started without the dashboard) it also leaves out Ray Train's placement-group
-    cleaner: that actor can only ask the state API whether the controller lives, so there it does nothing but log a
-    warning every second, and costs a process per run."""
+    """TorchTrainer whose controller uses `scaling_policy` (None: the one Ray Train builds from the ScalingConfig),
+    without Ray Train's placement-group cleaner. That detached actor asks the state API, every second, whether the
+    controller lives, and finds the cluster by the machine's default address (RAY_ADDRESS, else the last `ray start`
+    on the head): with no dashboard it only logs a warning a second, and with a second Ray instance on the machine it
+    asks that one. Nothing here needs it: it removes the group's placement group when the controller dies and the
+    driver lives on, but a stage whose controller dies fails its job, and a job's placement groups end with it."""
 
     def __init__(self, *args, scaling_policy, **kwargs):
         super().__init__(*args, **kwargs)
@@ -131,17 +131,6 @@ class ElasticTorchTrainer(TorchTrainer):
     def _initialize_and_run_controller(self, **controller_kwargs):
         if self.scaling_policy is not None:
             controller_kwargs["scaling_policy"] = self.scaling_policy
-        if not state_api_available():
-            controller_kwargs["callbacks"] = [cb for cb in controller_kwargs["callbacks"]
-                                              if not isinstance(cb, PlacementGroupCleanerCallback)]
+        controller_kwargs["callbacks"] = [cb for cb in controller_kwargs["callbacks"]
+                                          if not isinstance(cb, PlacementGroupCleanerCallback)]
         return super()._initialize_and_run_controller(**controller_kwargs)
-
-
-def state_api_available():
-    """Whether Ray's state API (served by the dashboard) answers on this cluster. The cluster is named by its GCS
-    address: the default ("auto") fails outright when the machine runs another Ray instance too."""
-    try:
-        list_nodes(address=ray.get_runtime_context().gcs_address, limit=1, timeout=5)
-        return True
-    except RayStateApiException:
-        return False

@@ -16,6 +16,7 @@ import yaml
 
 from nanochat import storage
 from ray_jobs.speedrun import PRESETS, STAGES, parse_overrides, to_argv
+from test_jobs_common import RAY_LINE
 
 TINY_RUN = [  # the demo preset, cut down to a few steps and problems per stage
     "base_train.num-iterations=6", "base_train.eval-every=3", "base_train.save-every=3",
@@ -267,14 +268,19 @@ def checkout_copy(dest):
     return dest
 
 
-def test_demo_speedrun_as_ray_job_on_two_nodes_with_an_s3_root(ray_head, s3_root, tmp_path):
-    """The README's `ray job submit ... --storage s3://...` on a 2-node cluster whose nodes share only a bucket."""
+def test_demo_speedrun_as_ray_job_on_two_nodes_with_an_s3_root(ray_head, s3_root, tmp_path, ray_local):
+    """The README's `ray job submit ... --storage s3://...` on a 2-node cluster whose nodes share only a bucket.
+    Another Ray instance runs on the machine meanwhile (ray_local), as a user's second cluster might: nothing of the
+    job may address that one."""
     address, env, ray_temp = ray_head
     root = s3_root
     argv = ["--preset", "demo", "--storage", root, "--num-actors", "1"]
     for item in TINY_RUN:
         argv += ["--set", item]
     logs = submit_job(address, env, argv)
+    # the console shows the pipeline's lines, not Ray's: at most a handful from Ray per stage
+    from_ray = [line for line in logs.splitlines() if RAY_LINE.search(line)]
+    assert len(from_ray) <= 30 and not any("PlacementGroupCleaner" in line for line in from_ray), "\n".join(from_ray)
     # 4 CPUs in the cluster, 1 per training worker: the stage left on auto took Ray Data, its default path
     assert sum("--loader auto: ray" in line for line in logs.splitlines()) == 1, logs[-3000:]
     report = logs.strip().splitlines()[-1]  # the contract: the report's path is the last line
