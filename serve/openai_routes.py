@@ -14,7 +14,7 @@ from fastapi.responses import StreamingResponse
 from serve.api_common import collect, read_body, sse
 from serve.protocol import (MAX_PROMPTS, ApiError, ChatCompletionRequest, TextCompletionRequest, conversation,
                             sampling_params, usage)
-from serve.tools import call_schema, check_tools, forced_calls, may_be_call, parse_calls, render
+from serve.tools import call_schema, check_tools, forced_calls, may_be_call, parse_calls, render, tool_call
 
 
 class CompletionLogprobs:
@@ -157,16 +157,27 @@ def add_openai_routes(app, service, access):
             return chunk([{"index": i, "delta": {"content": text}, "logprobs": logprobs_of(entries),
                            "finish_reason": None}])
 
+        def arguments(i, call):
+            return chunk([{"index": i, "delta": {"tool_calls": [dict(call, index=0)]}, "logprobs": None,
+                           "finish_reason": None}])
+
         async def stream():
             completion_tokens = cached_tokens = 0
-            # a reply that is (or may still turn out to be) a tool call is held back, then sent as one
-            held = [{"text": "", "logprobs": []} if mode else None for _ in params]
+            # a named function's arguments are the generated text itself: streamed as they come, as OpenAI streams
+            # them (the call's id and name first). Any other reply that is (or may still turn out to be) a tool call
+            # is held back, then sent as one.
+            named = mode in tools
+            held = [{"text": "", "logprobs": []} if mode and not named else None for _ in params]
             for i in range(len(params)):  # the role comes first, as OpenAI sends it
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None}])
+                if named:
+                    yield arguments(i, tool_call(mode, ""))
             try:
                 async for i, ev in service.events(batch):
-                    if "text" in ev and held[i] is None:
+                    if "text" in ev and named:
+                        yield arguments(i, {"function": {"arguments": ev["text"]}})
+                    elif "text" in ev and held[i] is None:
                         yield content(i, ev["text"], ev.get("logprobs", ()))
                     elif "text" in ev:
                         held[i]["text"] += ev["text"]
@@ -178,7 +189,9 @@ def add_openai_routes(app, service, access):
                         completion_tokens += ev["completion_tokens"]
                         cached_tokens = max(cached_tokens, ev["cached_tokens"])
                         finish_reason = ev["finish_reason"]
-                        if held[i] is not None:
+                        if named and finish_reason == "stop":  # complete: the grammar saw to it
+                            finish_reason = "tool_calls"
+                        elif held[i] is not None:
                             calls = calls_in(held[i]["text"], ev)
                             if calls:
                                 yield chunk([{"index": i, "delta": {"tool_calls": [dict(call, index=k) for k, call

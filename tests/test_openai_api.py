@@ -277,12 +277,22 @@ def test_forced_tool_calls_validate_and_come_back_into_the_conversation(client):
     (call,) = out.choices[0].message.tool_calls
     tool = {"get_weather": WEATHER, "get_time": CLOCK}[call.function.name]
     jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
-    # streamed, as OpenAI streams calls: a tool_calls delta, then finish_reason "tool_calls"
-    chunks = list(client.chat.completions.create(model="m", messages=ask, tools=[WEATHER], tool_choice=named,
-                                                 seed=0, temperature=1.0, max_tokens=200, stream=True))
-    deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or ()]
-    assert deltas and deltas[0].function.name == "get_weather" and chunks[-1].choices[0].finish_reason == "tool_calls"
-    jsonschema.validate(json.loads("".join(d.function.arguments for d in deltas)), WEATHER["function"]["parameters"])
+    # streamed, as OpenAI streams a named call: its id and name, then the arguments in fragments as they are
+    # generated, then finish_reason "tool_calls"; cut short by max_tokens, "length"
+    for max_tokens, finish in ((200, "tool_calls"), (4, "length")):
+        chunks = list(client.chat.completions.create(model="m", messages=ask, tools=[WEATHER], tool_choice=named,
+                                                     seed=0, temperature=1.0, max_tokens=max_tokens, stream=True))
+        deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or ()]
+        assert deltas[0].id.startswith("call_") and deltas[0].function.name == "get_weather", deltas[0]
+        assert all(d.index == 0 and d.id is None and d.function.name is None for d in deltas[1:]), deltas
+        assert chunks[-1].choices[0].finish_reason == finish and not any(c.choices[0].delta.content for c in chunks
+                                                                         if c.choices)
+        text = "".join(d.function.arguments for d in deltas)
+        if finish == "tool_calls":
+            assert len(deltas) > 3, deltas  # fragments, not one delta at the end
+            jsonschema.validate(json.loads(text), WEATHER["function"]["parameters"])
+        else:
+            assert 1 < len(deltas) <= 1 + 4 and text.startswith("{"), deltas  # a fragment per token at most
     # the call and its result go back into the conversation; "none" answers in text
     history = ask + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
                      {"role": "tool", "tool_call_id": call.id, "content": "21 C and sunny"}]
