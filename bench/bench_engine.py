@@ -40,6 +40,7 @@ from nanochat.engine import Engine
 model.eval()
 class Tokenizer:  # what the Engines ask of a tokenizer when no tool is used
     def encode_special(self, s): return spec["specials"][s]
+    def get_special_tokens(self): return list(spec["specials"])
     def get_bos_token_id(self): return spec["specials"]["<|bos|>"]
     def turn_end_ids(self): return {spec["specials"][s] for s in spec["turn_end"]}
 engine = Engine(model, Tokenizer())

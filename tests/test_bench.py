@@ -1,6 +1,6 @@
 """The side-by-side bench harness (bench/side_by_side.py, which bench_train, bench_engine and paired_run share), run
 with this checkout on both sides: the workers build the same model, so their outputs must agree exactly and the
-timing must come back. The structured-outputs bench (bench/bench_structured.py) on llguidance at a small vocab, and
+timing must come back (the training step, the Engine's decode). The structured-outputs bench (bench/bench_structured.py) on llguidance at a small vocab, and
 the serve bench's measure of what constrained rows cost the free ones beside them."""
 import json
 import os
@@ -22,6 +22,14 @@ def test_train_step_side_by_side():
                        "--vocab-size", "512", "--steps", "2", "--rounds", "1")
     assert result["first_loss_rel_diff"] == 0.0  # same code, weights, batch and learning rates
     assert result["ours_ms"] > 0 and result["nanochat_ms"] > 0 and result["vs_nanochat"] > 0
+
+
+def test_engine_decode_side_by_side():
+    """Our Engine in a worker (with the bench's stand-in tokenizer) beside the in-process Engine and scheduler."""
+    result = run_bench("bench_engine.py", "--depth", "1", "--seq-len", "32", "--vocab-size", "512",
+                       "--tokenizer-vocab", "300", "--new-tokens", "8", "--num-samples", "2", "--rounds", "1")
+    assert result["outputs_identical"] and result["scheduler_identical"] and result["nanochat_identical"]
+    assert result["ours_worker_tok_per_sec"] > 0 and result["nanochat_worker_tok_per_sec"] > 0
 
 
 def test_paired_run_from_each_sides_own_initialization():
