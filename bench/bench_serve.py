@@ -36,14 +36,15 @@ from bench.serve_load import (Http, InProcess, OneAtATime, free_rows_itl, long_p
 
 
 def build_local(args):
-    """A random-weight model (special tokens masked, so every reply runs to max_tokens) and a tokenizer."""
-    import pydoc_data.topics
+    """A random-weight model (special tokens masked, so every reply runs to max_tokens) and a tokenizer (trained on
+    enough text for a 65536 vocabulary)."""
     import torch
+    from bench.bench_structured import training_text
     from nanochat.common import autodetect_device_type
     from nanochat.gpt import GPTConfig, build_model
     from nanochat.tokenizer import RustBPETokenizer
     device = torch.device(args.device or autodetect_device_type())
-    tokenizer = RustBPETokenizer.train_from_iterator(iter(pydoc_data.topics.topics.values()), args.vocab_size)
+    tokenizer = RustBPETokenizer.train_from_iterator(iter(training_text()), args.vocab_size)
     config = GPTConfig.from_depth(args.depth, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,
                                   sequence_len=args.seq_len, vocab_size=tokenizer.get_vocab_size())
     torch.manual_seed(0)
