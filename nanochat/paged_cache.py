@@ -40,6 +40,7 @@ class BlockPool:
         self.evictable = OrderedDict()  # cached blocks nobody uses, least recently used first
         self.index = {}  # key -> block: the prefix cache
         self.entry = {}  # block -> (key, parent key, tokens) of the prefix it holds
+        self.notes = {}  # key -> what a server keeps beside a cached prefix (annotate); leaves with its block
         self.evictions = 0  # cached blocks reused for something else
 
     @classmethod
@@ -78,6 +79,7 @@ class BlockPool:
                 block, _ = self.evictable.popitem(last=False)
                 key = self.entry.pop(block)[0]
                 del self.index[key]
+                self.notes.pop(key, None)
                 self.evictions += 1
             self.refs[block] = 1
             out.append(block)
@@ -128,6 +130,17 @@ class BlockPool:
             self.index[key] = block
             self.entry[block] = (key, parent, chunk)
         return key
+
+
+    def annotate(self, key, note):
+        """Keep `note` beside the cached prefix `key` (whichever block holds it) until it leaves the cache (ignored
+        for a prefix that is not cached)."""
+        if key in self.index:
+            self.notes[key] = note
+
+    def note(self, key):
+        """What annotate() kept beside the cached prefix `key`, or None."""
+        return self.notes.get(key)
 
 
 def block_bytes(num_layers, block_size, num_kv_heads, head_dim, dtype):

@@ -333,14 +333,19 @@ class Scheduler:
         """KV memory for a request at the head of the queue: the cached blocks of its prompt's longest prefix and
         new blocks for the rest of what it may fill. False (nothing taken) when the pool cannot hold it yet."""
         pool = self.pool
-        # prompt log-probabilities come from the prefill's own logits, so such a prompt is computed in full (its
-        # blocks still enter the prefix cache for the requests after it)
-        blocks, keys = pool.match(req.prompt) if req.params.prompt_logprobs is None else ([], [])
+        blocks, keys = pool.match(req.prompt)
+        cached_logprobs = []
+        if req.params.prompt_logprobs is not None:  # only the blocks whose positions' log-probabilities were kept
+            cached_logprobs = self._cached_prompt_logprobs(req, keys)
+            kept = len(cached_logprobs) // pool.block_size
+            pool.release(blocks[kept:])
+            blocks, keys = blocks[:kept], keys[:kept]
         fresh = pool.allocate(pool.blocks_for(self._reserved_tokens(req.prompt, req.params)) - len(blocks))
         if fresh is None:
             pool.release(blocks)
             return False
         req._start(self.device, self.tokenizer)
+        req.prompt_logprobs = cached_logprobs
         req.kv = PagedRow(blocks + fresh, length=len(blocks) * pool.block_size)
         req.keys, req.cached_tokens = keys, req.kv.length
         if req.cached_tokens and self.smear:  # smear continues from the last cached token's embedding
@@ -465,11 +470,26 @@ class Scheduler:
                 req.prompt_logprobs += itertools.islice(entries, min(n, len(req.prompt) - 1 - start))
 
     def _register_full_blocks(self, req):
-        """Put the request's blocks that are now full into the prefix cache."""
+        """Put the request's blocks that are now full into the prefix cache, with the log-probabilities their
+        positions gave (the prompt tokens after each), when the request computed them: (top, entries)."""
         bs = self.pool.block_size
         for b in range(len(req.keys), req.kv.length // bs):
             parent = req.keys[-1] if req.keys else None
             req.keys.append(self.pool.register(req.kv.blocks[b], parent, req.fed_tokens(b * bs, (b + 1) * bs)))
+            if req.params.prompt_logprobs is not None and len(req.prompt_logprobs) >= (b + 1) * bs:
+                self.pool.annotate(req.keys[-1], (req.params.prompt_logprobs, req.prompt_logprobs[b * bs:(b + 1) * bs]))
+
+    def _cached_prompt_logprobs(self, req, keys):
+        """The prompt log-probabilities kept beside the leading cached blocks (keys) of its prompt: as many blocks as
+        have them with at least the request's top alternatives and predict its next token (a block's last position
+        predicts the token after it, which the block's key does not fix)."""
+        top, bs, out = req.params.prompt_logprobs, self.pool.block_size, []
+        for b, key in enumerate(keys):
+            note = self.pool.note(key)
+            if note is None or note[0] < top or note[1][-1].token != req.prompt[(b + 1) * bs]:
+                break
+            out += [TokenLogprob(e.token, e.logprob, e.top[:top]) for e in note[1]]
+        return out
 
     def _sample(self, reqs, logits):
         """One token per request with its own parameters and generator; one host sync for the whole batch.

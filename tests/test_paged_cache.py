@@ -1,4 +1,4 @@
-"""nanochat/paged_cache.py: block allocation, the prefix cache (match, register, LRU eviction), and the model's
+"""nanochat/paged_cache.py: block allocation, the prefix cache (match, register, LRU eviction, notes), and the model's
 forward over rows packed into one giving the logits of a plain forward."""
 import random
 
@@ -60,6 +60,20 @@ def test_unused_cached_blocks_are_evicted_least_recently_used_first():
     p.release(a)
     assert p.allocate(2) is not None and p.evictions == 1
     assert p.match([3, 4, 0])[0] == [] and p.match([1, 2, 0])[0] == a  # b's prefix left the cache, a's stayed
+
+
+def test_a_note_stays_beside_its_cached_prefix_until_the_prefix_leaves():
+    p = pool(num_blocks=3, block_size=2)  # 2 usable
+    a, b = p.allocate(1), p.allocate(1)
+    key = p.register(a[0], None, [1, 2])
+    private = p.register(b[0], None, [1, 2])  # the same prefix: cached in a only, so the note is the prefix's
+    p.annotate(private, "kept")
+    p.annotate(hash(("not", "cached")), "dropped")
+    assert private == key and p.note(key) == "kept" and len(p.notes) == 1
+    p.release(a + b)
+    assert p.note(key) == "kept"  # unused but still cached
+    p.allocate(2)  # a is reused for something else: its prefix and its note leave
+    assert p.note(key) is None and p.notes == {}
 
 
 def test_a_prefix_computed_twice_keeps_one_copy_in_the_cache():

@@ -586,24 +586,35 @@ def collect_events(scheduler, prompt, params):
 
 
 def test_prompt_logprobs_come_from_the_prefill_chunked_and_past_the_prefix_cache(model, tiny_tokenizer):
+    """A prompt's log-probabilities come from its prefill's logits, chunk by chunk. Its cached blocks are reused
+    only where their positions' log-probabilities were kept (at least as many top alternatives, and the token after
+    the block the same): the rest is computed."""
     prompt = tiny_tokenizer.encode(PROMPTS[1] + " " + PROMPTS[4], prepend="<|bos|>")
+    other = prompt[:8] + [prompt[8] + 1] + prompt[9:]  # the token after the first two blocks (of 4) differs
+    references = {}
     with torch.no_grad():
-        reference = torch.log_softmax(model(torch.tensor([prompt]))[0].float(), dim=-1)
+        for p in (prompt, other):
+            references[tuple(p)] = torch.log_softmax(model(torch.tensor([p]))[0].float(), dim=-1)
     s = Scheduler(model, tiny_tokenizer, max_batch=2, block_size=4, prefill_chunk=5, prefill_slowdown=0).start()
     try:
         collect_events(s, prompt, SamplingParams(max_tokens=3, temperature=0.0))  # its blocks enter the cache
-        for _ in range(2):  # chunks of 5 tokens; the second time with the prompt's blocks cached
-            events = collect_events(s, prompt, SamplingParams(max_tokens=0, prompt_logprobs=3))
+        full = (len(prompt) - 1) // 4 * 4  # the cached tokens of a full match
+        # no log-probabilities kept yet: computed (and kept); then read back; 5 alternatives: computed again (and
+        # kept with 5); 2 alternatives from those 5; another prompt shares 2 blocks, but the token after them differs
+        for p, top, cached in ((prompt, 3, 0), (prompt, 3, full), (prompt, 5, 0), (prompt, 2, full), (other, 2, 4)):
+            events = collect_events(s, p, SamplingParams(max_tokens=0, prompt_logprobs=top))
             assert [sorted(e) for e in events] == [["prompt_logprobs"], ["cached_tokens", "completion_tokens", "done",
                                                                            "finish_reason", "prompt_tokens"]]
             entries, done = events[0]["prompt_logprobs"], events[1]
             assert done["finish_reason"] == "length" and done["completion_tokens"] == 0, done
-            assert [e.token for e in entries] == prompt[1:]
-            for p, e in enumerate(entries):  # position p's logits predict token p + 1
-                assert e.logprob == pytest.approx(reference[p, prompt[p + 1]].item(), abs=1e-4)
-                top = reference[p].topk(3)
-                assert [t for t, _ in e.top] == top.indices.tolist()
-                assert [v for _, v in e.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+            assert done["cached_tokens"] == cached, (top, done)
+            assert [e.token for e in entries] == p[1:]
+            reference = references[tuple(p)]
+            for i, e in enumerate(entries):  # position i's logits predict token i + 1
+                assert e.logprob == pytest.approx(reference[i, p[i + 1]].item(), abs=1e-4)
+                best = reference[i].topk(top)
+                assert [t for t, _ in e.top] == best.indices.tolist()
+                assert [v for _, v in e.top] == pytest.approx(best.values.tolist(), abs=1e-4)
     finally:
         s.stop()
 
