@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from nanochat import cuda_runtime
 from nanochat.common import get_compute_dtype
+from nanochat.lm_loss import fused_loss_applies, lm_head_loss
 
 
 @dataclass
@@ -427,6 +428,9 @@ class GPT(nn.Module):
         x = norm(x)
         if last_only:
             x = cache.last_rows(x)
+        if targets is not None and fused_loss_applies(x, self.lm_head.weight, loss_reduction):
+            return lm_head_loss(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), cfg.vocab_size,
+                                cfg.softcap)
         logits = self.lm_head(x)[..., :cfg.vocab_size].float()
         logits = cfg.softcap * torch.tanh(logits / cfg.softcap)
         if targets is None:
