@@ -126,18 +126,20 @@ def training_step(stage, config, B, T, total_batch, world, steps, gpu, padded=Fa
     return measure(stage, gpu, run)
 
 
-_peaks = {}  # (model config, T, world) -> (fixed, per row): a plan does not depend on the GPU's size
+_peaks = {}  # (model config, T, world) -> {rows: planned peak}: a plan does not depend on the GPU's size
 
 
 def planned_peak(config, T, world, gpu):
-    """peak(rows) -> planned bytes per GPU of a training step of `rows` x T tokens. The peak is linear in the rows:
-    planned at 1 and 2."""
-    key = (astuple(config), T, world)
-    if key not in _peaks:
-        at = {b: training_step("plan", config, b, T, b * T * world, world, 0, gpu).peak_bytes for b in (1, 2)}
-        _peaks[key] = (2 * at[1] - at[2], at[2] - at[1])
-    fixed, per_row = _peaks[key]
-    return lambda rows: fixed + rows * per_row
+    """peak(rows) -> planned bytes per GPU of a training step of `rows` x T tokens, each size planned once (a fake
+    step costs the same at any size). Not extrapolated from small sizes: the peak is the largest of several phases'
+    (a chunk of the fused loss at a few rows, the backward's activations at many), so it is not linear in the rows."""
+    sizes = _peaks.setdefault((astuple(config), T, world), {})
+
+    def peak(rows):
+        if rows not in sizes:
+            sizes[rows] = training_step("plan", config, rows, T, rows * T * world, world, 0, gpu).peak_bytes
+        return sizes[rows]
+    return peak
 
 
 def usable_bytes(gpu):
@@ -149,7 +151,8 @@ def largest_fitting(peak, rows_per_worker, gpu):
     """The largest divisor of rows_per_worker (so gradient accumulation keeps the global batch) whose planned peak
     fits the GPU with MARGIN to spare; 0 when not even one row fits."""
     budget = usable_bytes(gpu)
-    return max((b for b in range(1, rows_per_worker + 1) if rows_per_worker % b == 0 and peak(b) <= budget), default=0)
+    sizes = [b for b in range(rows_per_worker, 0, -1) if rows_per_worker % b == 0]
+    return next((b for b in sizes if peak(b) <= budget), 0)  # largest first: the peak grows with the rows
 
 
 def resolve_device_batch(B, config, T, total_batch, world_size, device, compiled):

@@ -55,6 +55,9 @@ with cuda_runtime.pretend(small):
     except ValueError as e:
         resolve["gpu_too_big"] = str(e)
     resolve["gpu_too_big_compiled"] = memory_plan.resolve_device_batch(too_big, config, T, total, 8, cuda, True)
+# auto's choice fits a plan of the step at that size made afresh (not from the planner's cache)
+resolve["auto_replanned"] = memory_plan.training_step("check", config, resolve["gpu_auto"], T,
+                                                      resolve["gpu_auto"] * T * 8, 8, 0, small).peak_bytes
 out["resolve"] = resolve
 
 
@@ -187,6 +190,7 @@ def test_base_training_resolves_its_device_batch_at_start_up(probe):
     resolve, rows = probe["resolve"], probe["auto"]["2"]["fits"]
     assert resolve["cpu_auto"] == max(int(b) for b in rows if int(b) <= 32)  # CPU: the largest divisor up to 32
     assert resolve["gpu_auto"] == resolve["fitting"] > 0  # GPU: the largest that fits
+    assert resolve["auto_replanned"] <= 0.5e9 * (1 - 0.10)  # and a fresh plan at that size agrees
     too_big, fitting = resolve["too_big"], resolve["fitting"]
     assert f"--device-batch-size {too_big} plans a peak of" in resolve["gpu_too_big"]
     assert f"{fitting} rows fit" in resolve["gpu_too_big"]
