@@ -171,8 +171,10 @@ def add_openai_routes(app, service, access):
             for i in range(len(params)):  # the role comes first, as OpenAI sends it
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None}])
-                if named:
-                    yield arguments(i, tool_call(mode, ""))
+                if named:  # the call's id and name, its arguments to follow
+                    header = tool_call(mode, {})
+                    header["function"]["arguments"] = ""
+                    yield arguments(i, header)
             try:
                 async for i, ev in service.events(batch):
                     if "text" in ev and named:

@@ -103,9 +103,8 @@ def call_schema(tools, mode):
 
 
 def tool_call(name, arguments):
-    """A call as OpenAI returns it; `arguments` a value, or already JSON text (a streamed call's first delta: "")."""
     return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": name, "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments)}}
+            "function": {"name": name, "arguments": json.dumps(arguments)}}
 
 
 def forced_calls(text, tools, mode):
