@@ -159,15 +159,17 @@ class PagedRow:
 class _AttentionGroup:
     """Rows attended in one call: `size` rows of `width` new tokens each (tokens: their places in the packed row,
     row by row), reading keys 0 .. keys - 1 of their blocks (reads: (size, keys) slots, scratch past a row's end).
-    first: the lowest position of their queries. fresh: one row whose keys are all new (a whole prompt). base: for one
-    row in consecutive blocks, the slot of its position 0 (its keys are a slice of the pool: no gather). whole: the
-    group is every token of the forward, in order."""
+    first: the lowest position of their queries. fresh: one row whose keys are all new (a whole prompt). base, for
+    rows each in consecutive blocks, evenly spaced (one row, or rows admitted together with the same reservation):
+    the slot of the first row's position 0, and row_stride slots to the next row's (their keys are a strided view of
+    the pool: no gather). whole: the group is every token of the forward, in order."""
     size: int
     width: int
     keys: int
     first: int
     fresh: bool
     base: int | None = None
+    row_stride: int = 0
     whole: bool = False
     tokens: torch.Tensor = None
     reads: torch.Tensor = None
@@ -214,9 +216,11 @@ class PackedBatch:
             width, keys = int(new[members[0]]), int((lengths[members] + new[members]).max())
             group = _AttentionGroup(len(members), width, keys, int(lengths[members].min()),
                                     fresh=width > 1 and lengths[members[0]] == 0)
-            used = table[members[0], :pool.blocks_for(keys)]
-            if len(members) == 1 and (np.diff(used) == 1).all():
-                group.base, reads = int(used[0]) * bs, np.zeros(0, dtype=np.int64)
+            used = table[members, :pool.blocks_for(keys)]
+            bases = used[:, 0] * bs
+            if (np.diff(used, axis=1) == 1).all() and (np.diff(bases, 2) == 0).all() and (np.diff(bases) > 0).all():
+                group.base, reads = int(bases[0]), np.zeros(0, dtype=np.int64)
+                group.row_stride = int(bases[1] - bases[0]) if len(members) > 1 else 0
             else:  # (slots past a row's length are masked)
                 k = np.arange(keys)
                 reads = (table[members][:, k // bs] * bs + k % bs).ravel()
@@ -268,8 +272,10 @@ class PackedBatch:
             else:
                 start, mask = self._mask(g, window)
                 shape = (g.size, g.keys - start) + k.shape[2:]
-                if g.base is not None:
-                    kg, vg = (t[g.base + start:g.base + g.keys].view(shape) for t in (k_layer, v_layer))
+                if g.base is not None:  # rows in consecutive blocks, evenly spaced: a view of the pool, no copy
+                    H, D = k.shape[2:]
+                    strides = (g.row_stride * H * D, H * D, D, 1)
+                    kg, vg = (t[g.base + start:].as_strided(shape, strides) for t in (k_layer, v_layer))
                 else:
                     read = g.reads[:, start:].reshape(-1)
                     kg, vg = (t.index_select(0, read).view(shape) for t in (k_layer, v_layer))

@@ -136,6 +136,29 @@ def test_packed_forward_matches_the_plain_forward(block_size, scattered):
         torch.testing.assert_close(torch.cat(parts), ref, rtol=1e-4, atol=1e-4)
 
 
+def test_evenly_spaced_rows_decode_from_a_view_of_the_pool():
+    """Rows in consecutive blocks at an even spacing (requests admitted together with the same reservation, as n
+    samples are) are read in one group as a strided view of the pool, with no gather: the plain forward's logits."""
+    torch.manual_seed(0)
+    model = perturbed(build_model(GPTConfig(**CONFIG)), scale=0.1).eval()
+    seqs = [torch.randint(0, 300, (45,), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    p = BlockPool.for_model(model, 20 * block_bytes(4, 16, 2, 16, torch.float32), 16)
+    rows = [PagedRow(p.allocate(3)) for _ in seqs]  # 3 blocks each, one after another
+    with torch.no_grad():
+        refs = [model(s[None])[0] for s in seqs]
+        cache = PackedBatch(p, rows, [40] * 3)
+        model(torch.cat([s[:40] for s in seqs])[None], kv_cache=cache)
+        prev, got = cache.prev_embedding, []
+        for t in range(40, 45):
+            cache = PackedBatch(p, rows, [1] * 3, prev)
+            (group,) = cache.groups
+            assert group.size == 3 and group.base is not None and group.row_stride == 3 * 16
+            got.append(model(torch.stack([s[t] for s in seqs])[None], kv_cache=cache)[0])
+            prev = cache.prev_embedding
+    for i, ref in enumerate(refs):
+        torch.testing.assert_close(torch.stack([g[i] for g in got]), ref[40:], rtol=1e-4, atol=1e-4)
+
+
 def test_last_only_logits_are_each_rows_last_token():
     model = perturbed(build_model(GPTConfig(**CONFIG)), scale=0.1).eval()
     p = BlockPool.for_model(model, 16 * block_bytes(4, 16, 2, 16, torch.float32))
