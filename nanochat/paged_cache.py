@@ -131,7 +131,6 @@ class BlockPool:
             self.entry[block] = (key, parent, chunk)
         return key
 
-
     def annotate(self, key, note):
         """Keep `note` beside the cached prefix `key` (whichever block holds it) until it leaves the cache (ignored
         for a prefix that is not cached)."""
