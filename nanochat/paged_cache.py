@@ -16,6 +16,7 @@ row, requests decoding a token beside prompts being prefilled. Their new keys go
 reads each row's keys gathered from its blocks. Block 0 is scratch: it backs reads past a row's end, which
 attention never looks at.
 """
+import itertools
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -149,30 +150,50 @@ def block_bytes(num_layers, block_size, num_kv_heads, head_dim, dtype):
 
 @dataclass
 class PagedRow:
-    """One request's place in the pool: its blocks and how many of its positions hold keys."""
+    """One request's place in the pool: its blocks (fixed for its life) and how many of its positions hold keys.
+    consecutive: how many of its first blocks follow one another in the pool (their keys are one slice of it)."""
     blocks: list
     length: int = 0
+
+    def __post_init__(self):
+        run = min(1, len(self.blocks))
+        while run < len(self.blocks) and self.blocks[run] == self.blocks[0] + run:
+            run += 1
+        self.consecutive = run
+
+    def slots(self, start, stop, block_size):
+        """The pool slots of its positions start .. stop - 1 (a range per block)."""
+        out = []
+        while start < stop:
+            block = start // block_size
+            end = min(stop, (block + 1) * block_size)
+            shift = (self.blocks[block] - block) * block_size  # position p of this block is slot p + shift
+            out += range(start + shift, end + shift)
+            start = end
+        return out
 
 
 @dataclass
 class _AttentionGroup:
     """Rows attended in one call: `size` rows of `width` new tokens each (tokens: their places in the packed row,
     row by row), reading keys 0 .. keys - 1 of their blocks (reads: (size, keys) slots, scratch past a row's end).
-    first: the lowest position of their queries. fresh: one row whose keys are all new (a whole prompt). base, for
-    rows each in consecutive blocks, evenly spaced (one row, or rows admitted together with the same reservation):
-    the slot of the first row's position 0, and row_stride slots to the next row's (their keys are a strided view of
+    first: the lowest position of their queries. fresh: one row whose keys are all new (a whole prompt). in_step:
+    one-token rows all at the same position (every key a window leaves is visible to each: no mask). base, for rows
+    each in consecutive blocks, evenly spaced (one row, or rows admitted together with the same reservation): the
+    slot of the first row's position 0, and row_stride slots to the next row's (their keys are a strided view of
     the pool: no gather). whole: the group is every token of the forward, in order."""
     size: int
     width: int
     keys: int
     first: int
     fresh: bool
+    in_step: bool = False
     base: int | None = None
     row_stride: int = 0
     whole: bool = False
     tokens: torch.Tensor = None
     reads: torch.Tensor = None
-    masks: dict = field(default_factory=dict)
+    plans: dict = field(default_factory=dict)
 
 
 class PackedBatch:
@@ -195,65 +216,74 @@ class PackedBatch:
             if n < 1 or row.length + n > len(row.blocks) * bs:  # would write into blocks that are not its own
                 raise ValueError(f"KV overflow: position {row.length + n - 1} is past the row's "
                                  f"{len(row.blocks)} blocks of {bs}")
-        # Index arrays built with numpy on the host, where the lengths are (a dozen small torch ops would cost ~10 us
-        # each), and moved to the device in one asynchronous copy: no host sync.
-        lengths = np.array([r.length for r in rows], dtype=np.int64)
-        new = np.array(self.new_lens, dtype=np.int64)
-        starts = np.concatenate([[0], np.cumsum(new)[:-1]])
-        R, N = len(rows), int(new.sum())
-        table = np.zeros((R, max(len(r.blocks) for r in rows)), dtype=np.int64)  # past a row's blocks: scratch
-        for i, r in enumerate(rows):
-            table[i, :len(r.blocks)] = r.blocks
-        row_of = np.repeat(np.arange(R), new)
-        positions = lengths[row_of] + np.arange(N) - starts[row_of]
-        write = table[row_of, positions // bs] * bs + positions % bs
-        # smear: each token's previous token is the one before it in its row, or the row's prev for its first token
-        previous = np.arange(R - 1, R + N - 1)
-        previous[starts] = np.arange(R)
-        self.groups, parts = [], [positions, write, starts + new - 1, previous]
+        # The index arrays are built as Python lists (a few per row: numpy's per-call cost, paid cold after each
+        # forward, was most of a decode step's host time) and go to the device in one asynchronous copy: no host
+        # sync. Only the key slots of rows that are not a view of the pool (reads) are gathered with numpy.
+        R, new = len(rows), self.new_lens
+        lengths = [r.length for r in rows]
+        starts = list(itertools.accumulate(new, initial=0))
+        N = starts.pop()
+        self.end = max(L + n for L, n in zip(lengths, new))  # one past the highest position
+        self.decode_only = N == R  # one new token per row
+        positions, write, previous = [], [], []
+        for i, (row, L, n) in enumerate(zip(rows, lengths, new)):
+            positions += range(L, L + n)
+            write += row.slots(L, L + n, bs)
+            # smear: a token's previous is the one before it in the row, or the row's prev for its first token (in
+            # the concatenation [prev of each row, this forward's tokens])
+            previous += [i, *range(R + starts[i], R + starts[i] + n - 1)]
+        last = [s + n - 1 for s, n in zip(starts, new)]
+        self.groups, index, reads = [], positions + write + last + previous, []
+        sizes = [N, N, R, N]
         for members in self._grouping(lengths, new):
-            width, keys = int(new[members[0]]), int((lengths[members] + new[members]).max())
-            group = _AttentionGroup(len(members), width, keys, int(lengths[members].min()),
-                                    fresh=width > 1 and lengths[members[0]] == 0)
-            used = table[members, :pool.blocks_for(keys)]
-            bases = used[:, 0] * bs
-            if (np.diff(used, axis=1) == 1).all() and (np.diff(bases, 2) == 0).all() and (np.diff(bases) > 0).all():
-                group.base, reads = int(bases[0]), np.zeros(0, dtype=np.int64)
-                group.row_stride = int(bases[1] - bases[0]) if len(members) > 1 else 0
-            else:  # (slots past a row's length are masked)
-                k = np.arange(keys)
-                reads = (table[members][:, k // bs] * bs + k % bs).ravel()
-            tokens = (starts[members][:, None] + np.arange(width)).ravel()
+            size, width = len(members), new[members[0]]
+            ls = [lengths[i] for i in members]
+            group = _AttentionGroup(size, width, max(ls) + width, min(ls), fresh=width > 1 and ls[0] == 0,
+                                    in_step=width == 1 and min(ls) == max(ls))
+            blocks_read = pool.blocks_for(group.keys)
+            bases = [rows[i].blocks[0] * bs for i in members]
+            stride = bases[1] - bases[0] if size > 1 else 0
+            if all(rows[i].consecutive >= blocks_read for i in members) and (size == 1 or stride > 0) and \
+                    all(b - a == stride for a, b in zip(bases, bases[1:])):
+                group.base, group.row_stride = bases[0], stride
+                reads.append(np.zeros(0, dtype=np.int64))
+            else:  # (slots past a row's length are masked; past its blocks, scratch block 0)
+                table = np.zeros((size, blocks_read), dtype=np.int64)
+                for j, i in enumerate(members):
+                    used = rows[i].blocks[:blocks_read]
+                    table[j, :len(used)] = used
+                k = np.arange(group.keys)
+                reads.append((table[:, k // bs] * bs + k % bs).ravel())
+            tokens = [t for i in members for t in range(starts[i], starts[i] + width)]
             group.whole = len(tokens) == N  # every token, in order: no gather of queries, no scatter of outputs
             self.groups.append(group)
-            parts += [tokens, reads]
-        packed = torch.from_numpy(np.concatenate(parts))
+            index += tokens
+            sizes.append(len(tokens))
+        packed = torch.from_numpy(np.concatenate([np.array(index, dtype=np.int64), *reads]))
         device = pool.k.device
         if cuda_runtime.pin_memory(device):
             packed = packed.pin_memory()
-        packed = packed.to(device, non_blocking=True)
-        split = packed.split([len(a) for a in parts])
+        split = packed.to(device, non_blocking=True).split(sizes + [len(r) for r in reads])
         self.positions, self.write_slots, self._last, self._previous = split[0][None], split[1], split[2], split[3]
-        for g, tokens, reads in zip(self.groups, split[4::2], split[5::2]):
-            g.tokens, g.reads = tokens, reads.view(g.size, -1)
-        self.lengths = lengths
+        for g, tokens, read in zip(self.groups, split[4:], split[4 + len(self.groups):]):
+            g.tokens, g.reads = tokens, read.view(g.size, -1)
 
     @staticmethod
     def _grouping(lengths, new):
         """Row indices (ascending) of each attention group: one-token rows taken longest first, a new group whenever
         a row's keys are fewer than half the group's longest; every longer row alone."""
         groups = []
-        for i in sorted(np.flatnonzero(new == 1), key=lambda i: -lengths[i]):
+        for i in sorted((i for i, n in enumerate(new) if n == 1), key=lambda i: -lengths[i]):
             if groups and 2 * (lengths[i] + 1) >= lengths[groups[-1][0]] + 1:
                 groups[-1].append(i)
             else:
                 groups.append([i])
-        return [np.sort(g) for g in groups] + [np.array([i]) for i in np.flatnonzero(new > 1)]
+        return [sorted(g) for g in groups] + [[i] for i, n in enumerate(new) if n > 1]
 
     def begin(self, T):
         """The positions of this forward's tokens (1, N) and one past the highest (no host sync: numpy)."""
         assert T == len(self.write_slots), "a packed batch is one row of all its rows' new tokens"
-        return self.positions, int((self.lengths + np.array(self.new_lens)).max())
+        return self.positions, self.end
 
     def attend(self, layer_idx, q, k, v, window):
         """Write k, v (1, N, H, D) into the rows' slots; return attention (1, N, Hq, D) of each row's queries over
@@ -269,16 +299,15 @@ class PackedBatch:
                 kg, vg = (t[0, g.tokens][None].transpose(1, 2) for t in (k, v))
                 out = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, enable_gqa=gqa)
             else:
-                start, mask = self._mask(g, window)
-                shape = (g.size, g.keys - start) + k.shape[2:]
+                mask, read = g.plans[window] if window in g.plans else self._plan(g, window, k.shape[2:])
                 if g.base is not None:  # rows in consecutive blocks, evenly spaced: a view of the pool, no copy
-                    H, D = k.shape[2:]
-                    strides = (g.row_stride * H * D, H * D, D, 1)
-                    kg, vg = (t[g.base + start:].as_strided(shape, strides) for t in (k_layer, v_layer))
+                    shape, strides, offset = read
+                    kg, vg = (t.as_strided(shape, strides, t.storage_offset() + offset) for t in (k_layer, v_layer))
                 else:
-                    read = g.reads[:, start:].reshape(-1)
-                    kg, vg = (t.index_select(0, read).view(shape) for t in (k_layer, v_layer))
-                kg, vg = kg.transpose(1, 2).to(q.dtype), vg.transpose(1, 2).to(q.dtype)
+                    kg, vg = (t.index_select(0, read).view(g.size, -1, *k.shape[2:]) for t in (k_layer, v_layer))
+                kg, vg = kg.transpose(1, 2), vg.transpose(1, 2)
+                if kg.dtype != q.dtype:
+                    kg, vg = kg.to(q.dtype), vg.to(q.dtype)
                 out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, enable_gqa=gqa)
             out = out.transpose(1, 2).reshape(g.size * g.width, *q.shape[2:])
             if g.whole:
@@ -286,26 +315,36 @@ class PackedBatch:
             y.index_copy_(0, g.tokens, out)
         return y[None]
 
-    def _mask(self, g, window):
-        """The first key any row of the group sees in this window, and which keys from there each of its queries
-        sees (shared by the layers of one window)."""
-        if window not in g.masks:
-            start = max(0, g.first - window)
+    def _plan(self, g, window, head_shape):
+        """How the group reads its keys in this window (shared by the layers of one window): the mask of which keys
+        from its first one each query sees (None when all), and where the keys are: (shape, strides, slot offset
+        in elements) of the pool's view, or the slots to gather."""
+        start = max(0, g.first - window)
+        mask = None
+        if not g.in_step:
             queries = self.positions[0, g.tokens].view(g.size, g.width, 1)
             diff = queries - torch.arange(start, g.keys, device=queries.device)
-            g.masks[window] = start, ((diff >= 0) & (diff <= window))[:, None]
-        return g.masks[window]
+            mask = ((diff >= 0) & (diff <= window))[:, None]
+        if g.base is not None:
+            H, D = head_shape
+            read = ((g.size, g.keys - start, H, D), (g.row_stride * H * D, H * D, D, 1), (g.base + start) * H * D)
+        else:
+            read = g.reads[:, start:].reshape(-1)
+        g.plans[window] = mask, read
+        return g.plans[window]
 
     def previous(self, x):
         """(1, N, C) -> each token's previous token in its row (prev, or zeros, for a row's first token); keeps each
         row's last as prev_embedding."""
         prev, self.prev_embedding = self.prev_embedding, self.last_rows(x)
         first = prev[:, 0] if prev is not None else x.new_zeros(self.batch_size, x.size(-1))
+        if self.decode_only:  # each token is its row's first
+            return first[None]
         return torch.cat([first, x[0]])[self._previous][None]
 
     def last_rows(self, x):
         """(1, N, ...) -> (R, 1, ...): each row's last token."""
-        return x[0, self._last][:, None]
+        return x.transpose(0, 1) if self.decode_only else x[0, self._last][:, None]
 
     def advance(self, n):
         for row, m in zip(self.rows, self.new_lens):

@@ -136,27 +136,42 @@ def test_packed_forward_matches_the_plain_forward(block_size, scattered):
         torch.testing.assert_close(torch.cat(parts), ref, rtol=1e-4, atol=1e-4)
 
 
-def test_evenly_spaced_rows_decode_from_a_view_of_the_pool():
-    """Rows in consecutive blocks at an even spacing (requests admitted together with the same reservation, as n
-    samples are) are read in one group as a strided view of the pool, with no gather: the plain forward's logits."""
+@pytest.mark.parametrize("scattered", [False, True])
+def test_rows_in_step_decode_past_the_window(scattered):
+    """Rows at the same position (n samples of one prompt) decode in one group that needs no mask, past the 128-token
+    window too. In consecutive blocks at an even spacing (requests admitted together with the same reservation) they
+    are read as a strided view of the pool, with no gather; scattered, their keys are gathered. Either way: the plain
+    forward's logits (last_only: each row's one token)."""
     torch.manual_seed(0)
     model = perturbed(build_model(GPTConfig(**CONFIG)), scale=0.1).eval()
-    seqs = [torch.randint(0, 300, (45,), generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    p = BlockPool.for_model(model, 20 * block_bytes(4, 16, 2, 16, torch.float32), 16)
-    rows = [PagedRow(p.allocate(3)) for _ in seqs]  # 3 blocks each, one after another
+    seqs = [torch.randint(0, 300, (150,), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    p = BlockPool.for_model(model, 40 * block_bytes(4, 16, 2, 16, torch.float32), 16)
+    order = p.allocate(30)
+    if scattered:
+        random.Random(0).shuffle(order)
+    rows = [PagedRow(order[i * 10:(i + 1) * 10]) for i in range(3)]  # 10 blocks each
     with torch.no_grad():
         refs = [model(s[None])[0] for s in seqs]
-        cache = PackedBatch(p, rows, [40] * 3)
-        model(torch.cat([s[:40] for s in seqs])[None], kv_cache=cache)
+        cache = PackedBatch(p, rows, [140] * 3)
+        model(torch.cat([s[:140] for s in seqs])[None], kv_cache=cache)
         prev, got = cache.prev_embedding, []
-        for t in range(40, 45):
+        for t in range(140, 150):
             cache = PackedBatch(p, rows, [1] * 3, prev)
             (group,) = cache.groups
-            assert group.size == 3 and group.base is not None and group.row_stride == 3 * 16
-            got.append(model(torch.stack([s[t] for s in seqs])[None], kv_cache=cache)[0])
+            assert group.size == 3 and group.in_step and (group.base is None) == scattered
+            assert group.row_stride == (0 if scattered else 10 * 16)
+            got.append(model(torch.stack([s[t] for s in seqs])[None], kv_cache=cache, last_only=True)[:, 0])
+            assert all(mask is None for mask, _ in group.plans.values())
             prev = cache.prev_embedding
     for i, ref in enumerate(refs):
-        torch.testing.assert_close(torch.stack([g[i] for g in got]), ref[40:], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(torch.stack([g[i] for g in got]), ref[140:], rtol=1e-4, atol=1e-4)
+
+
+def test_a_rows_slots_and_consecutive_blocks():
+    row = PagedRow([7, 8, 9, 3, 4])
+    assert row.consecutive == 3 and PagedRow([]).consecutive == 0 and PagedRow([5]).consecutive == 1
+    assert row.slots(2, 10, 4) == [30, 31, 32, 33, 34, 35, 36, 37]  # blocks 7 and 8 follow each other
+    assert row.slots(10, 14, 4) == [38, 39, 12, 13] and row.slots(5, 5, 4) == []
 
 
 def test_last_only_logits_are_each_rows_last_token():
