@@ -17,6 +17,7 @@ reads each row's keys gathered from its blocks. Block 0 is scratch: it backs rea
 attention never looks at.
 """
 import itertools
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -232,9 +233,11 @@ class PackedBatch:
             # smear: a token's previous is the one before it in the row, or the row's prev for its first token (in
             # the concatenation [prev of each row, this forward's tokens])
             previous += [i, *range(R + starts[i], R + starts[i] + n - 1)]
-        last = [s + n - 1 for s, n in zip(starts, new)]
-        self.groups, index, reads = [], positions + write + last + previous, []
-        sizes = [N, N, R, N]
+        # what goes to the device: (owner, attribute, values), only what this forward's path reads
+        tables = [(self, "positions", positions), (self, "write_slots", write)]
+        if not self.decode_only:
+            tables += [(self, "_last", [s + n - 1 for s, n in zip(starts, new)]), (self, "_previous", previous)]
+        self.groups = []
         for members in self._grouping(lengths, new):
             size, width = len(members), new[members[0]]
             ls = [lengths[i] for i in members]
@@ -246,27 +249,30 @@ class PackedBatch:
             if all(rows[i].consecutive >= blocks_read for i in members) and (size == 1 or stride > 0) and \
                     all(b - a == stride for a, b in zip(bases, bases[1:])):
                 group.base, group.row_stride = bases[0], stride
-                reads.append(np.zeros(0, dtype=np.int64))
             else:  # (slots past a row's length are masked; past its blocks, scratch block 0)
                 table = np.zeros((size, blocks_read), dtype=np.int64)
                 for j, i in enumerate(members):
                     used = rows[i].blocks[:blocks_read]
                     table[j, :len(used)] = used
                 k = np.arange(group.keys)
-                reads.append((table[:, k // bs] * bs + k % bs).ravel())
-            tokens = [t for i in members for t in range(starts[i], starts[i] + width)]
-            group.whole = len(tokens) == N  # every token, in order: no gather of queries, no scatter of outputs
+                tables.append((group, "reads", array("q", (table[:, k // bs] * bs + k % bs).tobytes())))
+            group.whole = size * width == N  # every token, in order: no gather of queries, no scatter of outputs
+            if not group.whole:
+                tables.append((group, "tokens", [t for i in members for t in range(starts[i], starts[i] + width)]))
             self.groups.append(group)
-            index += tokens
-            sizes.append(len(tokens))
-        packed = torch.from_numpy(np.concatenate([np.array(index, dtype=np.int64), *reads]))
+        host = array("q")  # int64: a few calls for short lists, where numpy's (np.array, concatenate) cost more
+        for *_, values in tables:
+            host.extend(values)
+        packed = torch.frombuffer(host, dtype=torch.int64)
         device = pool.k.device
         if cuda_runtime.pin_memory(device):
             packed = packed.pin_memory()
-        split = packed.to(device, non_blocking=True).split(sizes + [len(r) for r in reads])
-        self.positions, self.write_slots, self._last, self._previous = split[0][None], split[1], split[2], split[3]
-        for g, tokens, read in zip(self.groups, split[4:], split[4 + len(self.groups):]):
-            g.tokens, g.reads = tokens, read.view(g.size, -1)
+        split = packed.to(device, non_blocking=True).split([len(values) for *_, values in tables])
+        for (owner, name, _), tensor in zip(tables, split):
+            setattr(owner, name, tensor)
+        self.positions = self.positions[None]
+        for g in self.groups:
+            g.reads = g.reads.view(g.size, -1) if g.reads is not None else None
 
     @staticmethod
     def _grouping(lengths, new):
@@ -294,9 +300,9 @@ class PackedBatch:
         gqa = q.size(2) != k.size(2)
         y = None if self.groups[0].whole else torch.empty_like(q[0])
         for g in self.groups:
-            qg = (q[0] if g.whole else q[0, g.tokens]).view(g.size, g.width, *q.shape[2:]).transpose(1, 2)
+            qg = self._of_group(g, q).view(g.size, g.width, *q.shape[2:]).transpose(1, 2)
             if g.fresh and g.width - 1 <= window:  # a whole prompt within the window: its own keys, plain causal
-                kg, vg = (t[0, g.tokens][None].transpose(1, 2) for t in (k, v))
+                kg, vg = (self._of_group(g, t)[None].transpose(1, 2) for t in (k, v))
                 out = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, enable_gqa=gqa)
             else:
                 mask, read = g.plans[window] if window in g.plans else self._plan(g, window, k.shape[2:])
@@ -315,6 +321,11 @@ class PackedBatch:
             y.index_copy_(0, g.tokens, out)
         return y[None]
 
+    @staticmethod
+    def _of_group(g, t):
+        """(1, N, ...) -> (tokens of the group, ...)."""
+        return t[0] if g.whole else t[0, g.tokens]
+
     def _plan(self, g, window, head_shape):
         """How the group reads its keys in this window (shared by the layers of one window): the mask of which keys
         from its first one each query sees (None when all), and where the keys are: (shape, strides, slot offset
@@ -322,7 +333,7 @@ class PackedBatch:
         start = max(0, g.first - window)
         mask = None
         if not g.in_step:
-            queries = self.positions[0, g.tokens].view(g.size, g.width, 1)
+            queries = self._of_group(g, self.positions).view(g.size, g.width, 1)
             diff = queries - torch.arange(start, g.keys, device=queries.device)
             mask = ((diff >= 0) & (diff <= window))[:, None]
         if g.base is not None:

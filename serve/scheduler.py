@@ -28,6 +28,7 @@ import asyncio
 import codecs
 import itertools
 import logging
+import math
 import queue
 import random
 import threading
@@ -117,7 +118,7 @@ class Request:
         self.text, self.sent, self.unsent_tokens = "", 0, 0
         self.unsent_logprobs = []  # TokenLogprob of the unsent tokens, when the request wants them
         self.last_token = None
-        self.prev = None  # (1, 1, C) smear state after its last fed token (models with smear)
+        self.prev = None  # smear state after its last fed token (models with smear): (tensor (R, 1, C), its row)
         self.keys = []  # prefix-cache keys of its full blocks, in order
 
     @property
@@ -350,7 +351,7 @@ class Scheduler:
         req.keys, req.cached_tokens = keys, req.kv.length
         if req.cached_tokens and self.smear:  # smear continues from the last cached token's embedding
             last = torch.tensor([[req.prompt[req.kv.length - 1]]], device=self.device)
-            req.prev = self.model.token_embedding(last)
+            req.prev = self.model.token_embedding(last), 0
         self.stats["admitted"] += 1
         self.stats["prompt_tokens"] += len(req.prompt)  # (every prompt is looked up in the prefix cache)
         self.stats["prefix_hit_tokens"] += req.cached_tokens
@@ -396,10 +397,7 @@ class Scheduler:
         ids = [req.last_token for req in decoding]
         for req, n in prefills:
             ids += req.prompt[req.kv.length:req.kv.length + n]
-        prev = None
-        if self.smear and any(r.prev is not None for r in reqs):
-            like = next(r.prev for r in reqs if r.prev is not None)
-            prev = torch.cat([r.prev if r.prev is not None else torch.zeros_like(like) for r in reqs])
+        prev = self._smear_state(reqs)
         lengths = [req.kv.length for req in reqs]
         new_lens = [1] * len(decoding) + [n for _, n in prefills]
         cache = PackedBatch(self.pool, [r.kv for r in reqs], new_lens, prev)
@@ -419,7 +417,7 @@ class Scheduler:
             logits = logits[:, -1, :]
         if cache.prev_embedding is not None:
             for i, r in enumerate(reqs):
-                r.prev = cache.prev_embedding[i:i + 1]
+                r.prev = cache.prev_embedding, i
         if decoding:
             self.stats["steps"] += 1
             self.stats["occupancy_sum"] += len(decoding)
@@ -434,11 +432,28 @@ class Scheduler:
             if reqs[i].params.max_tokens == 0:  # the prompt's log-probabilities were all it asked for
                 self._finish(reqs[i], "length")
         ready = [i for i in ready if reqs[i].finish_reason is None]
-        sampled, logits = [reqs[i] for i in ready], logits[ready]
+        sampled = [reqs[i] for i in ready]
+        if len(ready) < len(reqs):
+            logits = logits[ready]
         tokens = self._sample(sampled, logits)
         for req, token, logprob in zip(sampled, tokens, self._generated_logprobs(sampled, tokens, logits)):
             if req.finish_reason is None and not req.cancelled:  # sampling may have failed it
                 self._accept(req, token, logprob)
+
+    def _smear_state(self, reqs):
+        """(R, 1, C): the smear state of each request's last fed token (zeros for one that has none), or None when
+        none has one. Requests that stepped together last time, in the same order, take that step's tensor as it
+        is (decoding, most steps)."""
+        states = [r.prev for r in reqs]
+        if not self.smear or all(s is None for s in states):
+            return None
+        last = states[0][0] if states[0] is not None else None
+        if last is not None and len(last) == len(reqs) and all(s is not None and s[0] is last and s[1] == i
+                                                                for i, s in enumerate(states)):
+            return last
+        like = next(s for s in states if s is not None)[0]
+        return torch.cat([t[i:i + 1] if t is not None else like.new_zeros(1, *like.shape[1:])
+                          for t, i in (s or (None, 0) for s in states)])
 
     @staticmethod
     def _generated_logprobs(reqs, tokens, logits):
@@ -499,10 +514,9 @@ class Scheduler:
         constrained = [i for i, r in enumerate(reqs) if r.constraint is not None]
         if constrained:  # their forbidden tokens to -inf (on a copy: log-probabilities stay the model's own)
             logits = mask_rows(logits.clone(), constrained, [reqs[i].constraint for i in constrained])
-        # softcapped logits are finite unless the model broke (NaN): a row's max tells, in one pass over the batch
-        # (-inf, a forbidden token's, is no harm)
-        finite = torch.isfinite(logits.amax(dim=-1))
-        greedy = logits.argmax(dim=-1)
+        # softcapped logits are finite unless the model broke (NaN): a row's max tells, and max gives the greedy
+        # token in the same pass (-inf, a forbidden token's, is no harm)
+        best, greedy = logits.max(dim=-1)
         drawn = [i for i, r in enumerate(reqs) if not r.tool.forced and r.params.temperature != 0]
         sampled = {}
         if drawn:
@@ -510,8 +524,9 @@ class Scheduler:
             temperatures = torch.tensor([reqs[i].params.temperature for i in drawn], dtype=logits.dtype,
                                         device=logits.device)
             scaled = logits[rows] / temperatures[:, None]  # a tiny temperature can overflow what was finite
-            finite = finite.index_put((rows,), torch.isfinite(scaled.amax(dim=-1)))
-            scaled = torch.where(finite[rows, None], scaled, torch.zeros_like(scaled))  # nothing invalid is sampled
+            best = best.index_put((rows,), scaled.amax(dim=-1))
+            finite = torch.isfinite(best[rows, None])
+            scaled = torch.where(finite, scaled, torch.zeros_like(scaled))  # nothing invalid is sampled
             for j, i in enumerate(drawn):
                 p = reqs[i].params
                 try:
@@ -522,12 +537,14 @@ class Scheduler:
         picked = [i for i, r in enumerate(reqs) if not r.tool.forced and r.finish_reason is None]
         if not picked:
             return [None] * len(reqs)
-        tokens = torch.stack([sampled[i] if i in sampled else greedy[i] for i in picked])
-        tokens, ok = torch.stack([tokens, finite[picked].long()]).tolist()  # the one host sync of the step
+        if sampled:
+            greedy = greedy.index_put((torch.tensor(list(sampled), device=logits.device),),
+                                      torch.stack(list(sampled.values())))
+        tokens, best = greedy.tolist(), best.tolist()  # the host sync of the step (the second copy waits on nothing)
         out = [None] * len(reqs)
-        for i, token, fine in zip(picked, tokens, ok):
-            if fine:
-                out[i] = token
+        for i in picked:
+            if math.isfinite(best[i]):
+                out[i] = tokens[i]
             else:
                 self.stats["errors"] += 1
                 self._finish(reqs[i], "error", error=f"non-finite logits at temperature {reqs[i].params.temperature}")

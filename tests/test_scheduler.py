@@ -301,6 +301,31 @@ def test_a_poison_request_fails_alone(model, tiny_tokenizer):
         s.stop()
 
 
+def test_sampling_guards_each_row(model, tiny_tokenizer):
+    """_sample on crafted logits: a greedy row with a NaN (a broken model) and a row with every token forbidden
+    (-inf) end with an error; the rows beside them get their argmax (the first of tied maxima, as argmax gives) or
+    their seeded sample."""
+    from serve.scheduler import Request
+    s = Scheduler(model, tiny_tokenizer, max_batch=5)
+    events = []
+    params = [SamplingParams(temperature=0.0)] * 4 + [SamplingParams(temperature=0.8, seed=3)]
+    reqs = [Request([1], p, events.append) for p in params]
+    for r in reqs:
+        r._start(s.device, tiny_tokenizer)
+    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(0))
+    logits[0, 7] = float("nan")
+    logits[1] = float("-inf")
+    logits[2, [3, 9]] = 100.0  # a tie
+    tokens = s._sample(reqs, logits.clone())
+    assert tokens[:4] == [None, None, 3, int(logits[3].argmax())]
+    expected = torch.multinomial(torch.softmax(logits[4] / 0.8, dim=-1), 1,
+                                 generator=torch.Generator().manual_seed(3)).item()
+    assert tokens[4] == expected
+    errors = [e for e in events if e.get("finish_reason") == "error"]
+    assert len(errors) == 2 and all("non-finite logits" in e["error"] for e in errors)
+    assert [r.finish_reason for r in reqs] == ["error", "error", None, None, None]
+
+
 def test_a_prompt_that_cannot_be_prefilled_alone_fails_alone(model, tiny_tokenizer):
     """Regression: a bad prompt prefilled by itself (here: admitted while two streams decode) used to fail the whole
     step, and with it the streams decoding beside it."""
