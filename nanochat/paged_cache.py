@@ -36,6 +36,7 @@ class BlockPool:
         shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.layers = list(zip(self.k, self.v))  # each layer's (keys, values), made once: a view per forward costs
         self.num_blocks, self.block_size, self.prefix_cache = num_blocks, block_size, prefix_cache
         self.refs = [0] * num_blocks
         self.free = list(range(num_blocks - 1, 0, -1))  # blocks holding nothing worth keeping (a stack)
@@ -258,7 +259,8 @@ class PackedBatch:
                 tables.append((group, "reads", array("q", (table[:, k // bs] * bs + k % bs).tobytes())))
             group.whole = size * width == N  # every token, in order: no gather of queries, no scatter of outputs
             if not group.whole:
-                tables.append((group, "tokens", [t for i in members for t in range(starts[i], starts[i] + width)]))
+                tokens = itertools.chain.from_iterable(range(starts[i], starts[i] + width) for i in members)
+                tables.append((group, "tokens", array("q", tokens)))
             self.groups.append(group)
         host = array("q")  # int64: a few calls for short lists, where numpy's (np.array, concatenate) cost more
         for *_, values in tables:
@@ -294,51 +296,47 @@ class PackedBatch:
     def attend(self, layer_idx, q, k, v, window):
         """Write k, v (1, N, H, D) into the rows' slots; return attention (1, N, Hq, D) of each row's queries over
         its own keys within `window`."""
-        k_layer, v_layer = self.pool.k[layer_idx], self.pool.v[layer_idx]
-        k_layer.index_copy_(0, self.write_slots, k[0].to(k_layer.dtype))
-        v_layer.index_copy_(0, self.write_slots, v[0].to(v_layer.dtype))
-        gqa = q.size(2) != k.size(2)
+        k_layer, v_layer = self.pool.layers[layer_idx]
+        N, H, D = k.shape[1:]
+        k_layer.index_copy_(0, self.write_slots, k.reshape(N, H, D).to(k_layer.dtype))
+        v_layer.index_copy_(0, self.write_slots, v.reshape(N, H, D).to(v_layer.dtype))
+        gqa = q.size(2) != H
         y = None if self.groups[0].whole else torch.empty_like(q[0])
         for g in self.groups:
-            qg = self._of_group(g, q).view(g.size, g.width, *q.shape[2:]).transpose(1, 2)
+            qg = (q if g.whole else q[0, g.tokens]).view(g.size, g.width, -1, D).transpose(1, 2)
             if g.fresh and g.width - 1 <= window:  # a whole prompt within the window: its own keys, plain causal
-                kg, vg = (self._of_group(g, t)[None].transpose(1, 2) for t in (k, v))
+                kg, vg = ((t if g.whole else t[0, g.tokens]).view(1, -1, H, D).transpose(1, 2) for t in (k, v))
                 out = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, enable_gqa=gqa)
             else:
-                mask, read = g.plans[window] if window in g.plans else self._plan(g, window, k.shape[2:])
+                mask, read = g.plans[window] if window in g.plans else self._plan(g, window, H, D)
                 if g.base is not None:  # rows in consecutive blocks, evenly spaced: a view of the pool, no copy
-                    shape, strides, offset = read
-                    kg, vg = (t.as_strided(shape, strides, t.storage_offset() + offset) for t in (k_layer, v_layer))
+                    shape, strides, offset = read  # (already (rows, heads, keys, D))
+                    kg = k_layer.as_strided(shape, strides, k_layer.storage_offset() + offset)
+                    vg = v_layer.as_strided(shape, strides, v_layer.storage_offset() + offset)
                 else:
-                    kg, vg = (t.index_select(0, read).view(g.size, -1, *k.shape[2:]) for t in (k_layer, v_layer))
-                kg, vg = kg.transpose(1, 2), vg.transpose(1, 2)
+                    kg, vg = (t.index_select(0, read).view(g.size, -1, H, D).transpose(1, 2)
+                              for t in (k_layer, v_layer))
                 if kg.dtype != q.dtype:
                     kg, vg = kg.to(q.dtype), vg.to(q.dtype)
                 out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, enable_gqa=gqa)
-            out = out.transpose(1, 2).reshape(g.size * g.width, *q.shape[2:])
+            out = out.transpose(1, 2)
             if g.whole:
-                return out[None]
-            y.index_copy_(0, g.tokens, out)
+                return out.reshape(q.shape)
+            y.index_copy_(0, g.tokens, out.reshape(g.size * g.width, *q.shape[2:]))
         return y[None]
 
-    @staticmethod
-    def _of_group(g, t):
-        """(1, N, ...) -> (tokens of the group, ...)."""
-        return t[0] if g.whole else t[0, g.tokens]
-
-    def _plan(self, g, window, head_shape):
+    def _plan(self, g, window, H, D):
         """How the group reads its keys in this window (shared by the layers of one window): the mask of which keys
         from its first one each query sees (None when all), and where the keys are: (shape, strides, slot offset
-        in elements) of the pool's view, or the slots to gather."""
+        in elements) of the pool's view as (rows, heads, keys, D), or the slots to gather."""
         start = max(0, g.first - window)
         mask = None
         if not g.in_step:
-            queries = self._of_group(g, self.positions).view(g.size, g.width, 1)
+            queries = (self.positions[0] if g.whole else self.positions[0, g.tokens]).view(g.size, g.width, 1)
             diff = queries - torch.arange(start, g.keys, device=queries.device)
             mask = ((diff >= 0) & (diff <= window))[:, None]
         if g.base is not None:
-            H, D = head_shape
-            read = ((g.size, g.keys - start, H, D), (g.row_stride * H * D, H * D, D, 1), (g.base + start) * H * D)
+            read = ((g.size, H, g.keys - start, D), (g.row_stride * H * D, D, H * D, 1), (g.base + start) * H * D)
         else:
             read = g.reads[:, start:].reshape(-1)
         g.plans[window] = mask, read
