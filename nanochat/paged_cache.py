@@ -37,6 +37,7 @@ class BlockPool:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.layers = list(zip(self.k, self.v))  # each layer's (keys, values), made once: a view per forward costs
+        self.pinned_copies = cuda_runtime.pin_memory(self.k.device)  # host tables go to the device from pinned memory
         self.num_blocks, self.block_size, self.prefix_cache = num_blocks, block_size, prefix_cache
         self.refs = [0] * num_blocks
         self.free = list(range(num_blocks - 1, 0, -1))  # blocks holding nothing worth keeping (a stack)
@@ -226,17 +227,19 @@ class PackedBatch:
         starts = list(itertools.accumulate(new, initial=0))
         N = starts.pop()
         self.end = max(L + n for L, n in zip(lengths, new))  # one past the highest position
-        self.decode_only = N == R  # one new token per row
-        positions, write, previous = [], [], []
-        for i, (row, L, n) in enumerate(zip(rows, lengths, new)):
+        self.num_tokens, self.decode_only = N, N == R  # decode only: one new token per row
+        self.in_step = self.decode_only and min(lengths) == max(lengths)  # every row at the same position
+        positions, write = [], []
+        for row, L, n in zip(rows, lengths, new):
             positions += range(L, L + n)
             write += row.slots(L, L + n, bs)
-            # smear: a token's previous is the one before it in the row, or the row's prev for its first token (in
-            # the concatenation [prev of each row, this forward's tokens])
-            previous += [i, *range(R + starts[i], R + starts[i] + n - 1)]
         # what goes to the device: (owner, attribute, values), only what this forward's path reads
-        tables = [(self, "positions", positions), (self, "write_slots", write)]
+        tables = []
         if not self.decode_only:
+            # smear: a token's previous is the one before it in its row, or the row's prev for its first token (in
+            # the concatenation [prev of each row, this forward's tokens])
+            previous = array("q", itertools.chain.from_iterable([i, *range(R + s, R + s + n - 1)]
+                                                                for i, (s, n) in enumerate(zip(starts, new))))
             tables += [(self, "_last", [s + n - 1 for s, n in zip(starts, new)]), (self, "_previous", previous)]
         self.groups = []
         for members in self._grouping(lengths, new):
@@ -262,14 +265,22 @@ class PackedBatch:
                 tokens = itertools.chain.from_iterable(range(starts[i], starts[i] + width) for i in members)
                 tables.append((group, "tokens", array("q", tokens)))
             self.groups.append(group)
+        self.positions = self.write_slots = self.write_view = None
+        if self.in_step and self.groups[0].base is not None:
+            # rows in step, each in consecutive blocks, evenly spaced (n samples of one prompt): their new keys go to
+            # a strided view of the pool too, and the positions are a slice: nothing to send to the device
+            g, H, D = self.groups[0], *pool.k.shape[2:]
+            self.write_view = ((R, H, D), (g.row_stride * H * D, D, 1), (g.base + lengths[0]) * H * D)
+            return
+        tables += [(self, "positions", positions), (self, "write_slots", write)]
         host = array("q")  # int64: a few calls for short lists, where numpy's (np.array, concatenate) cost more
         for *_, values in tables:
             host.extend(values)
         packed = torch.frombuffer(host, dtype=torch.int64)
-        device = pool.k.device
-        if cuda_runtime.pin_memory(device):
+        if pool.pinned_copies:
             packed = packed.pin_memory()
-        split = packed.to(device, non_blocking=True).split([len(values) for *_, values in tables])
+        # (split_with_sizes: Tensor.split's Python wrapper costs more than the split)
+        split = packed.to(pool.k.device, non_blocking=True).split_with_sizes([len(values) for *_, values in tables])
         for (owner, name, _), tensor in zip(tables, split):
             setattr(owner, name, tensor)
         self.positions = self.positions[None]
@@ -289,8 +300,11 @@ class PackedBatch:
         return [sorted(g) for g in groups] + [[i] for i, n in enumerate(new) if n > 1]
 
     def begin(self, T):
-        """The positions of this forward's tokens (1, N) and one past the highest (no host sync: numpy)."""
-        assert T == len(self.write_slots), "a packed batch is one row of all its rows' new tokens"
+        """The positions of this forward's tokens, (1, N) (or a slice when every row decodes at the same position, as
+        n samples of one prompt do), and one past the highest."""
+        assert T == self.num_tokens, "a packed batch is one row of all its rows' new tokens"
+        if self.in_step:
+            return slice(self.end - 1, self.end), self.end
         return self.positions, self.end
 
     def attend(self, layer_idx, q, k, v, window):
@@ -298,8 +312,13 @@ class PackedBatch:
         its own keys within `window`."""
         k_layer, v_layer = self.pool.layers[layer_idx]
         N, H, D = k.shape[1:]
-        k_layer.index_copy_(0, self.write_slots, k.reshape(N, H, D).to(k_layer.dtype))
-        v_layer.index_copy_(0, self.write_slots, v.reshape(N, H, D).to(v_layer.dtype))
+        if self.write_view is not None:
+            shape, strides, offset = self.write_view
+            k_layer.as_strided(shape, strides, k_layer.storage_offset() + offset).copy_(k.view(shape))
+            v_layer.as_strided(shape, strides, v_layer.storage_offset() + offset).copy_(v.view(shape))
+        else:
+            k_layer.index_copy_(0, self.write_slots, k.reshape(N, H, D).to(k_layer.dtype))
+            v_layer.index_copy_(0, self.write_slots, v.reshape(N, H, D).to(v_layer.dtype))
         gqa = q.size(2) != H
         y = None if self.groups[0].whole else torch.empty_like(q[0])
         for g in self.groups:

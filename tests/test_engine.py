@@ -99,6 +99,9 @@ def test_sample_next_token_modes():
     assert top2 <= {1, 3} and len(top2) == 2
     anything = set(sample_next_token(logits, rng, 10.0).flatten().tolist())
     assert len(anything) >= 3
+    ties = torch.zeros(2, 40000)
+    ties[0, [5, 30000]], ties[1, [39999, 7]] = 2.0, 3.0
+    assert sample_next_token(ties, rng, temperature=0.0).flatten().tolist() == [5, 7]  # the first, as argmax
 
 
 @pytest.mark.parametrize("cfg", [

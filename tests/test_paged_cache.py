@@ -139,9 +139,9 @@ def test_packed_forward_matches_the_plain_forward(block_size, scattered):
 @pytest.mark.parametrize("scattered", [False, True])
 def test_rows_in_step_decode_past_the_window(scattered):
     """Rows at the same position (n samples of one prompt) decode in one group that needs no mask, past the 128-token
-    window too. In consecutive blocks at an even spacing (requests admitted together with the same reservation) they
-    are read as a strided view of the pool, with no gather; scattered, their keys are gathered. Either way: the plain
-    forward's logits (last_only: each row's one token)."""
+    window too. In consecutive blocks at an even spacing (requests admitted together with the same reservation) their
+    keys are read and written through a strided view of the pool, with no index tables at all; scattered, their keys
+    are gathered. Either way: the plain forward's logits (last_only: each row's one token)."""
     torch.manual_seed(0)
     model = perturbed(build_model(GPTConfig(**CONFIG)), scale=0.1).eval()
     seqs = [torch.randint(0, 300, (150,), generator=torch.Generator().manual_seed(i)) for i in range(3)]
@@ -159,6 +159,7 @@ def test_rows_in_step_decode_past_the_window(scattered):
             cache = PackedBatch(p, rows, [1] * 3, prev)
             (group,) = cache.groups
             assert group.size == 3 and group.in_step and (group.base is None) == scattered
+            assert (cache.write_view is None) == scattered  # in a view: new keys written through one too
             assert group.row_stride == (0 if scattered else 10 * 16)
             got.append(model(torch.stack([s[t] for s in seqs])[None], kv_cache=cache, last_only=True)[:, 0])
             assert all(mask is None for mask, _ in group.plans.values())

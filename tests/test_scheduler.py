@@ -205,7 +205,9 @@ class ScriptedModel(torch.nn.Module):
     def forward(self, idx, kv_cache=None, last_only=False):
         T = idx.size(1)  # (the scheduler packs its requests' tokens into one row)
         logits = torch.zeros(1, T, self.vocab)
-        for t, position in enumerate(kv_cache.positions[0].tolist()):
+        positions, _ = kv_cache.begin(T)  # a slice when every row decodes at the same position
+        positions = [positions.start] * T if isinstance(positions, slice) else positions[0].tolist()
+        for t, position in enumerate(positions):
             i = position + 1 - self.prompt_len
             logits[0, t, self.script[i] if 0 <= i < len(self.script) else self.then] = 1.0
         kv_cache.advance(T)
