@@ -424,7 +424,8 @@ class Scheduler:
             self.stats["max_active"] = max(self.stats["max_active"], len(decoding))
         self.stats["prefill_tokens"] += sum(n for _, n in prefills)
         for req in reqs:
-            self._register_full_blocks(req)
+            if req.kv.length // self.pool.block_size > len(req.keys):  # (most steps fill no block)
+                self._register_full_blocks(req)
         ready = [i for i, req in enumerate(reqs) if req.prefilled]  # (a prompt that got its last chunk too)
         for i in (i for i in ready if i >= len(decoding)):  # prompts whose last chunk was in this step
             if reqs[i].params.prompt_logprobs is not None:
@@ -444,13 +445,15 @@ class Scheduler:
         """(R, 1, C): the smear state of each request's last fed token (zeros for one that has none), or None when
         none has one. Requests that stepped together last time, in the same order, take that step's tensor as it
         is (decoding, most steps)."""
-        states = [r.prev for r in reqs]
-        if not self.smear or all(s is None for s in states):
+        if not self.smear:
             return None
-        last = states[0][0] if states[0] is not None else None
-        if last is not None and len(last) == len(reqs) and all(s is not None and s[0] is last and s[1] == i
-                                                                for i, s in enumerate(states)):
+        last = reqs[0].prev[0] if reqs[0].prev is not None else None
+        if last is not None and len(last) == len(reqs) and all(r.prev is not None and r.prev[0] is last
+                                                                and r.prev[1] == i for i, r in enumerate(reqs)):
             return last
+        states = [r.prev for r in reqs]
+        if all(s is None for s in states):
+            return None
         like = next(s for s in states if s is not None)[0]
         return torch.cat([t[i:i + 1] if t is not None else like.new_zeros(1, *like.shape[1:])
                           for t, i in (s or (None, 0) for s in states)])
