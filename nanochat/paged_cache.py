@@ -13,8 +13,9 @@ Shared blocks are never written to: a request writes only past its matched prefi
 
 PackedBatch is the model-facing view for one forward over some requests: their new tokens laid end to end in one
 row, requests decoding a token beside prompts being prefilled. Their new keys go to their own slots, and attention
-reads each row's keys gathered from its blocks. Block 0 is scratch: it backs reads past a row's end, which
-attention never looks at.
+reads each row's keys from its blocks: as a strided view of the pool where rows' blocks are consecutive and evenly
+spaced (n samples of one prompt, most rows of a fresh pool), else gathered. Block 0 is scratch: it backs reads
+past a row's end, which attention never looks at.
 """
 import itertools
 from array import array
@@ -179,7 +180,7 @@ class PagedRow:
 @dataclass
 class _AttentionGroup:
     """Rows attended in one call: `size` rows of `width` new tokens each (tokens: their places in the packed row,
-    row by row), reading keys 0 .. keys - 1 of their blocks (reads: (size, keys) slots, scratch past a row's end).
+    row by row; None when whole), reading keys 0 .. keys - 1 of their blocks (reads: (size, keys) slots, scratch past a row's end).
     first: the lowest position of their queries. fresh: one row whose keys are all new (a whole prompt). in_step:
     one-token rows all at the same position (every key a window leaves is visible to each: no mask). base, for rows
     each in consecutive blocks, evenly spaced (one row, or rows admitted together with the same reservation): the
