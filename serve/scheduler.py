@@ -422,20 +422,20 @@ class Scheduler:
             self.stats["steps"] += 1
             self.stats["occupancy_sum"] += len(decoding)
             self.stats["max_active"] = max(self.stats["max_active"], len(decoding))
-        self.stats["prefill_tokens"] += sum(n for _, n in prefills)
         for req in reqs:
             if req.kv.length // self.pool.block_size > len(req.keys):  # (most steps fill no block)
                 self._register_full_blocks(req)
-        ready = [i for i, req in enumerate(reqs) if req.prefilled]  # (a prompt that got its last chunk too)
-        for i in (i for i in ready if i >= len(decoding)):  # prompts whose last chunk was in this step
-            if reqs[i].params.prompt_logprobs is not None:
-                self._send(reqs[i], {"prompt_logprobs": reqs[i].prompt_logprobs})
-            if reqs[i].params.max_tokens == 0:  # the prompt's log-probabilities were all it asked for
-                self._finish(reqs[i], "length")
-        ready = [i for i in ready if reqs[i].finish_reason is None]
-        sampled = [reqs[i] for i in ready]
-        if len(ready) < len(reqs):
-            logits = logits[ready]
+        sampled = reqs
+        if prefills:  # the requests that sample: the decoding ones and the prompts that got their last chunk
+            self.stats["prefill_tokens"] += sum(n for _, n in prefills)
+            ready = [i for i, req in enumerate(reqs) if req.prefilled]
+            for i in (i for i in ready if i >= len(decoding)):  # prompts whose last chunk was in this step
+                if reqs[i].params.prompt_logprobs is not None:
+                    self._send(reqs[i], {"prompt_logprobs": reqs[i].prompt_logprobs})
+                if reqs[i].params.max_tokens == 0:  # the prompt's log-probabilities were all it asked for
+                    self._finish(reqs[i], "length")
+            ready = [i for i in ready if reqs[i].finish_reason is None]
+            sampled, logits = [reqs[i] for i in ready], logits[ready]
         tokens = self._sample(sampled, logits)
         for req, token, logprob in zip(sampled, tokens, self._generated_logprobs(sampled, tokens, logits)):
             if req.finish_reason is None and not req.cancelled:  # sampling may have failed it
@@ -514,13 +514,19 @@ class Scheduler:
         Guarded per row: a request whose scaled logits are not finite, or whose sampling raises, ends alone with an
         error (its row sampled from zeros meanwhile, so nothing invalid reaches the device's sampler); the others
         get exactly the tokens they would get alone."""
-        constrained = [i for i, r in enumerate(reqs) if r.constraint is not None]
+        constrained, drawn, picked = [], [], []  # constrained rows, rows that draw a sample, rows that take a token
+        for i, r in enumerate(reqs):
+            if r.constraint is not None:
+                constrained.append(i)
+            if not r.tool.forced:
+                picked.append(i)
+                if r.params.temperature != 0:
+                    drawn.append(i)
         if constrained:  # their forbidden tokens to -inf (on a copy: log-probabilities stay the model's own)
             logits = mask_rows(logits.clone(), constrained, [reqs[i].constraint for i in constrained])
         # softcapped logits are finite unless the model broke (NaN): a row's max tells, and max gives the greedy
         # token in the same pass (-inf, a forbidden token's, is no harm)
         best, greedy = logits.max(dim=-1)
-        drawn = [i for i, r in enumerate(reqs) if not r.tool.forced and r.params.temperature != 0]
         sampled = {}
         if drawn:
             rows = torch.tensor(drawn, device=logits.device)
@@ -537,7 +543,7 @@ class Scheduler:
                 except RuntimeError as e:
                     self.stats["errors"] += 1
                     self._finish(reqs[i], "error", error=f"sampling failed: {e}")
-        picked = [i for i, r in enumerate(reqs) if not r.tool.forced and r.finish_reason is None]
+        picked = [i for i in picked if reqs[i].finish_reason is None]  # (sampling may have failed some)
         if not picked:
             return [None] * len(reqs)
         if sampled:
