@@ -230,10 +230,6 @@ class PackedBatch:
         self.end = max(L + n for L, n in zip(lengths, new))  # one past the highest position
         self.num_tokens, self.decode_only = N, N == R  # decode only: one new token per row
         self.in_step = self.decode_only and min(lengths) == max(lengths)  # every row at the same position
-        positions, write = [], []
-        for row, L, n in zip(rows, lengths, new):
-            positions += range(L, L + n)
-            write += row.slots(L, L + n, bs)
         # what goes to the device: (owner, attribute, values), only what this forward's path reads
         tables = []
         if not self.decode_only:
@@ -273,6 +269,10 @@ class PackedBatch:
             g, H, D = self.groups[0], *pool.k.shape[2:]
             self.write_view = ((R, H, D), (g.row_stride * H * D, D, 1), (g.base + lengths[0]) * H * D)
             return
+        positions, write = [], []
+        for row, L, n in zip(rows, lengths, new):
+            positions += range(L, L + n)
+            write += row.slots(L, L + n, bs)
         tables += [(self, "positions", positions), (self, "write_slots", write)]
         host = array("q")  # int64: a few calls for short lists, where numpy's (np.array, concatenate) cost more
         for *_, values in tables:
