@@ -110,10 +110,19 @@ class ElasticPolicy(ElasticScalingPolicy):
         decision = super().make_decision_for_running_worker_group(worker_group_state, worker_group_status)
         if isinstance(decision, ResizeDecision):  # first a checkpoint at the workers' next step boundary
             self.pending = decision
-            grown = decision.num_workers > worker_group_state.num_workers
-            ray.get(self.handover.request.remote("grown" if grown else "shrunk"), timeout=10)
+            ray.get(self.handover.request.remote(self._resize_reason(decision, worker_group_state)), timeout=10)
             return NoopDecision()
         return decision
+
+
+    def _resize_reason(self, decision, worker_group_state):
+        """Why the group resizes: it grows, or it shrinks because one of its nodes is draining (a preemption notice:
+        this check can see the drain before the workers see Ray's preemption info, and the resize is the same
+        event), or for another reason."""
+        if decision.num_workers > worker_group_state.num_workers:
+            return "grown"
+        draining = set(ray._private.state.state.get_draining_nodes() or {})
+        return "preempted" if self.group_nodes & draining else "shrunk"
 
 
 class ElasticTorchTrainer(TorchTrainer):

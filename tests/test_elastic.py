@@ -6,6 +6,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from nanochat.base_train import base_train_worker, checkpoint_dir, world_size_er
 from nanochat.checkpoint_manager import list_steps, load_checkpoint, read_meta
 from nanochat import storage
 from nanochat.storage import join, makedirs
-from ray_jobs.elastic import parse_num_workers, world_sizes
+from ray_jobs.elastic import ElasticPolicy, parse_num_workers, world_sizes
 from test_base_train import (TINY, ListBatches, adam_step_budgets, noise_floor_params, once,  # noqa: F401
                              plain_run, rows)
 from test_chat_train import stage_storage  # noqa: F401 (fixture)
@@ -76,6 +77,23 @@ def test_parse_num_workers_and_world_sizes():
     assert sizes == [1, 2, 4] and skipped == {3: "8 rows do not split over 3", 5: "8 rows do not split over 5"}
     with pytest.raises(ValueError, match="3 workers: 8 rows do not split over 3"):
         world_sizes(3, 3, lambda w: "" if 8 % w == 0 else f"8 rows do not split over {w}")
+
+
+def test_a_shrink_while_a_group_node_drains_is_a_preemption(monkeypatch):
+    """Regression: the policy's capacity check leaves draining nodes out, so it could see a drain before the workers
+    saw Ray's preemption info, and the group then handed over as "shrunk" (seen once in a full run): a shrink while
+    one of the group's nodes drains is the preemption."""
+    import ray
+    from ray.train import ScalingConfig
+    from ray.train.v2._internal.execution.scaling_policy import ResizeDecision
+    policy = ElasticPolicy(ScalingConfig(num_workers=(1, 2)), [1, 2], handover=None)
+    policy.group_nodes = {"node-a", "node-b"}
+    running = SimpleNamespace(num_workers=2)
+    monkeypatch.setattr(ray._private.state.state, "get_draining_nodes", lambda: {"node-b": 1796400645311})
+    assert policy._resize_reason(ResizeDecision(1, {"CPU": 1}), running) == "preempted"
+    monkeypatch.setattr(ray._private.state.state, "get_draining_nodes", lambda: {"node-c": 1796400645311})
+    assert policy._resize_reason(ResizeDecision(1, {"CPU": 1}), running) == "shrunk"
+    assert policy._resize_reason(ResizeDecision(2, {"CPU": 1}), SimpleNamespace(num_workers=1)) == "grown"
 
 
 def test_base_batch_is_the_same_at_every_world_size_of_the_range(tiny_tokenizer):
