@@ -66,9 +66,14 @@ def _unresponsive(node_ids):
     return {node for node, ref in pings.items() if ref not in ready}
 
 
+def _draining_nodes():
+    """The ids of the nodes Ray is draining (a preemption notice, a scale-down)."""
+    return set(ray._private.state.state.get_draining_nodes() or {})
+
+
 def _live_capacity(resources_per_worker, excluded=()):
     """Workers that fit on the nodes that are alive, not draining and not excluded (total resources)."""
-    excluded = set(excluded) | set(ray._private.state.state.get_draining_nodes() or {})
+    excluded = set(excluded) | _draining_nodes()
     need = {k: v for k, v in resources_per_worker.items() if v > 0}
     total = 0
     for node in ray.nodes():
@@ -114,15 +119,13 @@ class ElasticPolicy(ElasticScalingPolicy):
             return NoopDecision()
         return decision
 
-
     def _resize_reason(self, decision, worker_group_state):
         """Why the group resizes: it grows, or it shrinks because one of its nodes is draining (a preemption notice:
         this check can see the drain before the workers see Ray's preemption info, and the resize is the same
         event), or for another reason."""
         if decision.num_workers > worker_group_state.num_workers:
             return "grown"
-        draining = set(ray._private.state.state.get_draining_nodes() or {})
-        return "preempted" if self.group_nodes & draining else "shrunk"
+        return "preempted" if self.group_nodes & _draining_nodes() else "shrunk"
 
 
 class ElasticTorchTrainer(TorchTrainer):
