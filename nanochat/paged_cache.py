@@ -180,12 +180,12 @@ class PagedRow:
 @dataclass
 class _AttentionGroup:
     """Rows attended in one call: `size` rows of `width` new tokens each (tokens: their places in the packed row,
-    row by row; None when whole), reading keys 0 .. keys - 1 of their blocks (reads: (size, keys) slots, scratch past a row's end).
-    first: the lowest position of their queries. fresh: one row whose keys are all new (a whole prompt). in_step:
-    one-token rows all at the same position (every key a window leaves is visible to each: no mask). base, for rows
-    each in consecutive blocks, evenly spaced (one row, or rows admitted together with the same reservation): the
-    slot of the first row's position 0, and row_stride slots to the next row's (their keys are a strided view of
-    the pool: no gather). whole: the group is every token of the forward, in order."""
+    row by row; None when whole), reading keys 0 .. keys - 1 of their blocks (reads: (size, keys) slots, scratch
+    past a row's end). first: the lowest position of their queries. fresh: one row whose keys are all new (a whole
+    prompt). in_step: one-token rows all at the same position (every key a window leaves is visible to each: no
+    mask). base, for rows each in consecutive blocks, evenly spaced (one row, or rows admitted together with the
+    same reservation): the slot of the first row's position 0, and row_stride slots to the next row's (their keys
+    are a strided view of the pool: no gather). whole: the group is every token of the forward, in order."""
     size: int
     width: int
     keys: int
@@ -198,6 +198,12 @@ class _AttentionGroup:
     tokens: torch.Tensor = None
     reads: torch.Tensor = None
     plans: dict = field(default_factory=dict)
+
+
+def _pool_view(layer, view):
+    """view = (shape, strides, offset in elements) of one layer's keys or values in the pool -> that strided view."""
+    shape, strides, offset = view
+    return layer.as_strided(shape, strides, layer.storage_offset() + offset)
 
 
 class PackedBatch:
@@ -314,9 +320,9 @@ class PackedBatch:
         k_layer, v_layer = self.pool.layers[layer_idx]
         N, H, D = k.shape[1:]
         if self.write_view is not None:
-            shape, strides, offset = self.write_view
-            k_layer.as_strided(shape, strides, k_layer.storage_offset() + offset).copy_(k.view(shape))
-            v_layer.as_strided(shape, strides, v_layer.storage_offset() + offset).copy_(v.view(shape))
+            shape = self.write_view[0]
+            _pool_view(k_layer, self.write_view).copy_(k.view(shape))
+            _pool_view(v_layer, self.write_view).copy_(v.view(shape))
         else:
             k_layer.index_copy_(0, self.write_slots, k.reshape(N, H, D).to(k_layer.dtype))
             v_layer.index_copy_(0, self.write_slots, v.reshape(N, H, D).to(v_layer.dtype))
@@ -330,9 +336,7 @@ class PackedBatch:
             else:
                 mask, read = g.plans[window] if window in g.plans else self._plan(g, window, H, D)
                 if g.base is not None:  # rows in consecutive blocks, evenly spaced: a view of the pool, no copy
-                    shape, strides, offset = read  # (already (rows, heads, keys, D))
-                    kg = k_layer.as_strided(shape, strides, k_layer.storage_offset() + offset)
-                    vg = v_layer.as_strided(shape, strides, v_layer.storage_offset() + offset)
+                    kg, vg = _pool_view(k_layer, read), _pool_view(v_layer, read)  # (already (rows, heads, keys, D))
                 else:
                     kg, vg = (t.index_select(0, read).view(g.size, -1, H, D).transpose(1, 2)
                               for t in (k_layer, v_layer))

@@ -1,7 +1,8 @@
 """The side-by-side bench harness (bench/side_by_side.py, which bench_train, bench_engine and paired_run share), run
 with this checkout on both sides: the workers build the same model, so their outputs must agree exactly and the
-timing must come back (the training step, the Engine's decode). The structured-outputs bench (bench/bench_structured.py) on llguidance at a small vocab, and
-the serve bench's measure of what constrained rows cost the free ones beside them."""
+timing must come back (the training step, the Engine's decode). The structured-outputs bench
+(bench/bench_structured.py) on llguidance at a small vocab, and the serve bench's measure of what constrained rows
+cost the free ones beside them."""
 import json
 import os
 import subprocess
